@@ -1,1 +1,37 @@
-//! placeholder
+//! # sa-core: the formats and machinery of sa-image, without any network server
+//!
+//! sa-image backs a whole disk up onto `shard-agent` daemons on an office's desk PCs. This crate
+//! holds everything both sides agree on:
+//!
+//! * [`layout`]: a volume is cut into fixed-size stripes (default 4 MiB), each into `k` data
+//!   shards plus `m` parity shards, placed on `k + m` distinct agents ([`layout::rotate_placement`]).
+//! * [`keys`]: one 32-byte master key (the recovery key) derives every key by HKDF-SHA256; the
+//!   owner's Ed25519 identity proves ownership to agents, which never hold a secret.
+//! * [`seal`]: a stripe's id is a keyed BLAKE3 of its plaintext; stripes are encrypted with
+//!   AES-256-GCM under a synthetic nonce, so equal stripes give equal shards (dedupe, resumable).
+//! * [`codec`]: the erasure code (XOR for `m = 1`, Reed-Solomon otherwise).
+//! * [`stripe`]: plaintext → id → ciphertext → shards → framed shard files, and back.
+//! * [`shard`]: the shard file format (fixed header, crc32c) an agent can check without a key.
+//! * [`manifest`], [`catalog`]: what a snapshot is, sealed and replicated to every agent.
+//! * [`store`]: the [`store::ShardRead`]/[`store::ShardWrite`] traits, a local directory store
+//!   (what an agent serves) and a remote agent client.
+//! * [`wire`]: the agent protocol (frames, handshake, requests).
+//!
+//! Formats are versioned and carry magics; readers refuse versions they do not know.
+//! Errors are typed ([`Error`]) so callers can reconstruct around a lost or corrupt shard.
+
+pub mod catalog;
+pub mod codec;
+pub mod enc;
+pub mod error;
+pub mod keys;
+pub mod layout;
+pub mod manifest;
+pub mod seal;
+pub mod shard;
+pub mod size;
+pub mod store;
+pub mod stripe;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,106 @@
+//! Typed errors of sa-core.
+//!
+//! Library functions return [`Error`]; binaries wrap it in `anyhow` and print it with the fix.
+//! Variants name what went wrong so that a reader can reconstruct around a bad shard
+//! ([`Error::ShardMissing`], [`Error::ShardCorrupt`], [`Error::AgentUnreachable`]) instead of
+//! giving up.
+
+use std::io;
+
+/// Result alias for sa-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in sa-core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A local file or directory operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A shard is not stored where the manifest says it is.
+    #[error("shard not found")]
+    ShardMissing,
+    /// A shard exists but fails its checks (header, crc32c, identity).
+    #[error("corrupt shard: {0}")]
+    ShardCorrupt(String),
+    /// A stored object (manifest, blob) does not parse.
+    #[error("malformed {what}: {why}")]
+    Malformed {
+        /// Which kind of object.
+        what: &'static str,
+        /// Why it was rejected.
+        why: String,
+    },
+    /// An object was written by a newer (or unknown) format version.
+    #[error("{what} has format version {found}, this build reads version {supported}; upgrade sa-image")]
+    UnsupportedVersion {
+        /// Which kind of object.
+        what: &'static str,
+        /// The version found.
+        found: u16,
+        /// The version this build reads.
+        supported: u16,
+    },
+    /// Authenticated decryption failed: wrong key, or tampered data.
+    #[error("authentication failed for {0}: wrong key, or the data was altered")]
+    AuthFailed(String),
+    /// Too few shards of a stripe survive to rebuild it.
+    #[error("not enough shards: {have} usable of the {need} needed")]
+    NotEnoughShards {
+        /// Usable shards.
+        have: usize,
+        /// Shards needed (k).
+        need: usize,
+    },
+    /// A store ran out of space (agent quota or disk).
+    #[error("store is full: {0}")]
+    Full(String),
+    /// The agent could not be reached.
+    #[error("agent {addr} unreachable: {why}")]
+    AgentUnreachable {
+        /// Address tried.
+        addr: String,
+        /// Why the connection failed.
+        why: String,
+    },
+    /// The agent refused us (authentication).
+    #[error("agent {addr} refused access: {why}")]
+    Refused {
+        /// Address of the agent.
+        addr: String,
+        /// The agent's reason.
+        why: String,
+    },
+    /// The peer broke the wire protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The agent reported an error of its own.
+    #[error("agent error: {0}")]
+    Remote(String),
+    /// Invalid parameters (layout, sizes, key text).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Wraps an io error with what we were doing.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { what: what.into(), source }
+    }
+
+    /// A short helper for malformed objects.
+    pub fn malformed(what: &'static str, why: impl Into<String>) -> Self {
+        Error::Malformed { what, why: why.into() }
+    }
+
+    /// True when the failure is about this one shard (missing, corrupt, agent gone), so
+    /// a reader should treat the shard as missing and reconstruct around it.
+    pub fn is_shard_loss(&self) -> bool {
+        !matches!(self, Error::Invalid(_) | Error::UnsupportedVersion { .. })
+    }
+}

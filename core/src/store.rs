@@ -1,0 +1,44 @@
+//! Where shards live: the [`ShardRead`] / [`ShardWrite`] traits and their two implementations,
+//! a local directory ([`DirStore`], also what an agent serves) and a remote agent
+//! ([`AgentClient`]). Checking, decryption and reconstruction are layers above a store
+//! ([`crate::stripe`]), never flags inside one.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::shard::ShardKey;
+pub use crate::wire::StoreStat;
+
+pub mod dir;
+pub mod remote;
+
+pub use dir::DirStore;
+pub use remote::AgentClient;
+
+/// The read side of a store.
+#[async_trait]
+pub trait ShardRead: Send + Sync {
+    /// Fetches a whole shard file (header + payload), unchecked.
+    async fn get_shard(&self, key: &ShardKey) -> Result<Vec<u8>>;
+    /// Fetches a catalog blob.
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>>;
+    /// Lists catalog blob names starting with `prefix`.
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Reports usage.
+    async fn stat(&self) -> Result<StoreStat>;
+}
+
+/// The write side of a store.
+#[async_trait]
+pub trait ShardWrite: ShardRead {
+    /// Stores a whole shard file. Visible only whole; durable after [`ShardWrite::sync`].
+    async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()>;
+    /// Deletes a shard (missing is not an error).
+    async fn delete_shard(&self, key: &ShardKey) -> Result<()>;
+    /// Stores a catalog blob, durably, before returning.
+    async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()>;
+    /// Deletes a catalog blob (missing is not an error).
+    async fn delete_blob(&self, name: &str) -> Result<()>;
+    /// Durability barrier: every shard stored before this call survives a crash after it.
+    async fn sync(&self) -> Result<()>;
+}

@@ -1,0 +1,450 @@
+//! A store in a local directory: what `shard-agent` serves, and usable directly (tests, a USB disk).
+//!
+//! Layout under the root:
+//! ```text
+//! agent-id          16 random bytes (hex), made on first start: the agent's stable id
+//! shards/VOL/SS/ID.N  shard files (see crate::shard), names made here from the key, never from the wire
+//! blobs/NAME        catalog blobs (names checked: [A-Za-z0-9._-], no leading dot)
+//! tmp/              files being written; emptied at start
+//! ```
+//! Crash safety: a file is written under `tmp/`, `fsync`ed, then renamed into place, so it is
+//! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
+//! `fsync` of every directory touched since the last sync); blobs are made durable at once.
+//! Uses only portable `std` (agents run on Windows and macOS desk PCs too).
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::keys::{hex, random_bytes, unhex};
+use crate::shard::{check_shard, ShardKey};
+use crate::store::{ShardRead, ShardWrite, StoreStat};
+
+/// A shard store in a directory.
+#[derive(Clone)]
+pub struct DirStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    quota: u64,
+    agent_id: [u8; 16],
+    used: AtomicU64,
+    shards: AtomicU64,
+    tmp_seq: AtomicU64,
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::io(what, e)
+}
+
+/// Checks a blob name from the wire: no separators, no `..`, no hidden files.
+pub fn check_blob_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid blob name {name:?}")))
+    }
+}
+
+impl DirStore {
+    /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none.
+    pub fn open(root: &Path, quota: u64) -> Result<Self> {
+        for sub in ["shards", "blobs", "tmp"] {
+            fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {}", root.join(sub).display())))?;
+        }
+        let id_path = root.join("agent-id");
+        let agent_id = match fs::read_to_string(&id_path) {
+            Ok(text) => {
+                let b = unhex(text.trim()).filter(|b| b.len() == 16).ok_or_else(|| {
+                    Error::malformed("agent-id file", format!("{} does not hold 32 hex digits", id_path.display()))
+                })?;
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&b);
+                id
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let id: [u8; 16] = random_bytes();
+                write_durable(root, &root.join("tmp").join("agent-id.new"), &id_path, hex(&id).as_bytes())?;
+                id
+            }
+            Err(e) => return Err(Error::io(format!("cannot read {}", id_path.display()), e)),
+        };
+        // Leftovers of writes interrupted by a crash are never visible; remove them.
+        if let Ok(entries) = fs::read_dir(root.join("tmp")) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let (used_shards, count) = dir_usage(&root.join("shards"))?;
+        let (used_blobs, _) = dir_usage(&root.join("blobs"))?;
+        Ok(DirStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                quota,
+                agent_id,
+                used: AtomicU64::new(used_shards + used_blobs),
+                shards: AtomicU64::new(count),
+                tmp_seq: AtomicU64::new(0),
+                dirty_dirs: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// The agent's stable id.
+    pub fn agent_id(&self) -> [u8; 16] {
+        self.inner.agent_id
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn shard_path(&self, key: &ShardKey) -> PathBuf {
+        self.inner.root.join("shards").join(key.rel_path())
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let n = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner.root.join("tmp").join(format!("w{}-{n}", std::process::id()))
+    }
+
+    /// Reserves `len` bytes of quota, or fails with [`Error::Full`].
+    fn reserve(&self, len: u64) -> Result<()> {
+        let prev = self.inner.used.fetch_add(len, Ordering::SeqCst);
+        if self.inner.quota > 0 && prev + len > self.inner.quota {
+            self.inner.used.fetch_sub(len, Ordering::SeqCst);
+            return Err(Error::Full(format!(
+                "quota of {} bytes reached ({} used); raise --quota or add agents",
+                self.inner.quota, prev
+            )));
+        }
+        Ok(())
+    }
+
+    fn release(&self, len: u64) {
+        self.inner.used.fetch_sub(len, Ordering::SeqCst);
+    }
+
+    /// Stores a shard file after checking that it is a sound shard for `key`.
+    pub fn put_shard_blocking(&self, key: &ShardKey, file: &[u8]) -> Result<()> {
+        let h = check_shard(file)?;
+        if h.key != *key {
+            return Err(Error::Invalid(format!("shard file is {} but was sent as {}", h.key.short(), key.short())));
+        }
+        let path = self.shard_path(key);
+        let old = fs::metadata(&path).map(|m| m.len()).ok();
+        let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
+        // Only growth counts against the quota: re-sending a shard replaces it.
+        self.reserve(len.saturating_sub(old_len))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let result = (|| {
+            fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+            let tmp = self.tmp_path();
+            write_synced(&tmp, file)?;
+            fs::rename(&tmp, &path).map_err(io(format!("cannot rename into {}", path.display())))
+        })();
+        match result {
+            Ok(()) => {
+                self.release(old_len.saturating_sub(len));
+                if old.is_none() {
+                    self.inner.shards.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.insert(dir.clone());
+                if let Some(parent) = dir.parent() {
+                    dirty.insert(parent.to_path_buf());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.release(len.saturating_sub(old_len));
+                Err(full_if_no_space(e))
+            }
+        }
+    }
+
+    /// Reads a shard file.
+    pub fn get_shard_blocking(&self, key: &ShardKey) -> Result<Vec<u8>> {
+        read_or_missing(&self.shard_path(key))
+    }
+
+    /// Deletes a shard file.
+    pub fn delete_shard_blocking(&self, key: &ShardKey) -> Result<()> {
+        let path = self.shard_path(key);
+        if let Ok(meta) = fs::metadata(&path) {
+            fs::remove_file(&path).map_err(io(format!("cannot delete {}", path.display())))?;
+            self.release(meta.len());
+            self.inner.shards.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Stores a blob durably (temp, fsync, rename, fsync dir).
+    pub fn put_blob_blocking(&self, name: &str, data: &[u8]) -> Result<()> {
+        check_blob_name(name)?;
+        let path = self.inner.root.join("blobs").join(name);
+        let old = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let len = data.len() as u64;
+        self.reserve(len.saturating_sub(old))?;
+        match write_durable(&self.inner.root.join("blobs"), &self.tmp_path(), &path, data) {
+            Ok(()) => {
+                self.release(old.saturating_sub(len));
+                Ok(())
+            }
+            Err(e) => {
+                self.release(len.saturating_sub(old));
+                Err(full_if_no_space(e))
+            }
+        }
+    }
+
+    /// Reads a blob.
+    pub fn get_blob_blocking(&self, name: &str) -> Result<Vec<u8>> {
+        check_blob_name(name)?;
+        read_or_missing(&self.inner.root.join("blobs").join(name))
+    }
+
+    /// Lists blob names with a prefix, sorted.
+    pub fn list_blobs_blocking(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.inner.root.join("blobs");
+        let mut names = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io(format!("cannot list {}", dir.display())))? {
+            let e = e.map_err(io("cannot list blobs"))?;
+            if let Some(name) = e.file_name().to_str() {
+                if name.starts_with(prefix) && check_blob_name(name).is_ok() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Deletes a blob durably.
+    pub fn delete_blob_blocking(&self, name: &str) -> Result<()> {
+        check_blob_name(name)?;
+        let dir = self.inner.root.join("blobs");
+        let path = dir.join(name);
+        if let Ok(meta) = fs::metadata(&path) {
+            fs::remove_file(&path).map_err(io(format!("cannot delete {}", path.display())))?;
+            self.release(meta.len());
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every shard stored so far durable: fsync of each directory touched.
+    pub fn sync_blocking(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = {
+            let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+            dirty.drain().collect()
+        };
+        for (i, d) in dirs.iter().enumerate() {
+            if let Err(e) = sync_dir(d) {
+                // Put back what we did not sync, so a retry covers it.
+                let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.extend(dirs[i..].iter().cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Usage figures.
+    pub fn stat_blocking(&self) -> StoreStat {
+        StoreStat {
+            agent_id: self.inner.agent_id,
+            used: self.inner.used.load(Ordering::SeqCst),
+            quota: self.inner.quota,
+            shards: self.inner.shards.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn full_if_no_space(e: Error) -> Error {
+    match &e {
+        Error::Io { source, what } if source.raw_os_error() == Some(28) => {
+            Error::Full(format!("disk full: {what}; free space or move the agent's directory"))
+        }
+        _ => e,
+    }
+}
+
+fn read_or_missing(path: &Path) -> Result<Vec<u8>> {
+    match fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::ShardMissing),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
+fn write_synced(tmp: &Path, data: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io(format!("cannot create {}", tmp.display())))?;
+    let r = f.write_all(data).and_then(|_| f.sync_data());
+    if let Err(e) = r {
+        drop(f);
+        let _ = fs::remove_file(tmp);
+        return Err(Error::io(format!("cannot write {}", tmp.display()), e));
+    }
+    Ok(())
+}
+
+fn write_durable(dir: &Path, tmp: &Path, path: &Path, data: &[u8]) -> Result<()> {
+    write_synced(tmp, data)?;
+    fs::rename(tmp, path).map_err(io(format!("cannot rename into {}", path.display())))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Opening a directory to fsync it works on Unix; on Windows renames are durable once
+    // the call returns and directories cannot be opened this way, so skip it there.
+    if cfg!(unix) {
+        let f = File::open(dir).map_err(io(format!("cannot open {}", dir.display())))?;
+        f.sync_all().map_err(io(format!("cannot fsync {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+fn dir_usage(dir: &Path) -> Result<(u64, u64)> {
+    let mut bytes = 0;
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("cannot list {}", d.display()), e)),
+        };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                files += 1;
+            }
+        }
+    }
+    Ok((bytes, files))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("store task", std::io::Error::other(e.to_string())))?
+}
+
+#[async_trait]
+impl ShardRead for DirStore {
+    async fn get_shard(&self, key: &ShardKey) -> Result<Vec<u8>> {
+        let (s, k) = (self.clone(), *key);
+        blocking(move || s.get_shard_blocking(&k)).await
+    }
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>> {
+        let (s, n) = (self.clone(), name.to_string());
+        blocking(move || s.get_blob_blocking(&n)).await
+    }
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>> {
+        let (s, p) = (self.clone(), prefix.to_string());
+        blocking(move || s.list_blobs_blocking(&p)).await
+    }
+    async fn stat(&self) -> Result<StoreStat> {
+        Ok(self.stat_blocking())
+    }
+}
+
+#[async_trait]
+impl ShardWrite for DirStore {
+    async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
+        let (s, k) = (self.clone(), *key);
+        blocking(move || s.put_shard_blocking(&k, &file)).await
+    }
+    async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
+        let (s, k) = (self.clone(), *key);
+        blocking(move || s.delete_shard_blocking(&k)).await
+    }
+    async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let (s, n) = (self.clone(), name.to_string());
+        blocking(move || s.put_blob_blocking(&n, &data)).await
+    }
+    async fn delete_blob(&self, name: &str) -> Result<()> {
+        let (s, n) = (self.clone(), name.to_string());
+        blocking(move || s.delete_blob_blocking(&n)).await
+    }
+    async fn sync(&self) -> Result<()> {
+        let s = self.clone();
+        blocking(move || s.sync_blocking()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::encode_shard;
+
+    fn key(i: u8) -> ShardKey {
+        ShardKey { volume: [1; 16], stripe: [i; 32], index: 0 }
+    }
+
+    #[tokio::test]
+    async fn put_get_delete_and_persisted_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        let f = encode_shard(&key(1), 4, 2, &[5; 100]);
+        s.put_shard(&key(1), f.clone()).await.unwrap();
+        s.sync().await.unwrap();
+        assert_eq!(s.get_shard(&key(1)).await.unwrap(), f);
+        assert!(matches!(s.get_shard(&key(2)).await, Err(Error::ShardMissing)));
+        s.put_blob("snap-a", vec![1, 2, 3]).await.unwrap();
+        assert_eq!(s.list_blobs("snap-").await.unwrap(), vec!["snap-a".to_string()]);
+        let id = s.agent_id();
+        let used = s.stat().await.unwrap().used;
+        assert_eq!(used, f.len() as u64 + 3);
+        drop(s);
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        assert_eq!(s.agent_id(), id, "stable id");
+        assert_eq!(s.stat().await.unwrap().used, used, "usage rescanned");
+        s.delete_shard(&key(1)).await.unwrap();
+        assert_eq!(s.stat().await.unwrap().shards, 0);
+    }
+
+    #[tokio::test]
+    async fn quota_is_enforced_and_bad_input_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 1000).unwrap();
+        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
+        s.put_shard(&key(1), f).await.unwrap();
+        let g = encode_shard(&key(2), 4, 2, &[5; 600]);
+        assert!(matches!(s.put_shard(&key(2), g.clone()).await, Err(Error::Full(_))));
+        // Overwriting the same shard does not double-count.
+        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
+        s.put_shard(&key(1), f).await.unwrap();
+        // A shard sent under another key, or corrupt, is refused.
+        assert!(s.put_shard(&key(3), g.clone()).await.is_err());
+        let mut bad = g;
+        bad[200] ^= 1;
+        assert!(s.put_shard(&key(2), bad).await.is_err());
+        for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
+            assert!(s.put_blob(name, vec![1]).await.is_err(), "{name:?}");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! A store on a remote `shard-agent`, reached over TCP with the [`crate::wire`] protocol.
+//!
+//! Each client keeps a small pool of authenticated connections (at most
+//! [`MAX_CONNECTIONS`] at once), so many shards travel to one agent in parallel. A request that
+//! fails on a pooled connection (the agent restarted, say) is retried once on a fresh one;
+//! after that the failure is the caller's, as [`Error::AgentUnreachable`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::shard::ShardKey;
+use crate::store::{ShardRead, ShardWrite, StoreStat};
+use crate::wire::{auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION};
+
+/// Most connections one client opens to one agent.
+pub const MAX_CONNECTIONS: usize = 8;
+/// How long to wait for a TCP connection and handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take before the agent counts as gone.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A client of one agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: String,
+    keys: Arc<Keys>,
+    agent_id: [u8; 16],
+    idle: Mutex<Vec<TcpStream>>,
+    slots: Semaphore,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentClient({})", self.inner.addr)
+    }
+}
+
+async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
+    let unreachable = |why: String| Error::AgentUnreachable { addr: addr.to_string(), why };
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        s.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        write_frame(&mut s, &Handshake::Hello { version: PROTOCOL_VERSION }.frame())
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (kind, body) = read_frame(&mut s)
+            .await?
+            .ok_or_else(|| unreachable("closed the connection during the handshake".into()))?;
+        let (agent_id, nonce) = match Handshake::parse(kind, &body) {
+            Ok(Handshake::Challenge { version, agent_id, nonce }) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(Error::Protocol(format!(
+                        "agent {addr} speaks protocol version {version}, this sa-image speaks {PROTOCOL_VERSION}"
+                    )));
+                }
+                (agent_id, nonce)
+            }
+            _ => return Err(Error::Protocol(format!("{addr} did not answer like a shard-agent"))),
+        };
+        let auth = Handshake::Auth { owner: keys.owner_id().0, signature: keys.sign(&auth_message(&agent_id, &nonce)) };
+        write_frame(&mut s, &auth.frame()).await.map_err(|e| unreachable(e.to_string()))?;
+        let (kind, body) = read_frame(&mut s)
+            .await?
+            .ok_or_else(|| unreachable("closed the connection during the handshake".into()))?;
+        match Response::parse(kind, body)? {
+            Response::Ok => Ok((s, agent_id)),
+            Response::Error { message, .. } => Err(Error::Refused { addr: addr.to_string(), why: message }),
+            _ => Err(Error::Protocol(format!("{addr} sent an unexpected handshake answer"))),
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(unreachable(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))),
+    }
+}
+
+impl AgentClient {
+    /// Connects and authenticates to the agent at `addr` (`host:port`).
+    pub async fn connect(addr: &str, keys: Arc<Keys>) -> Result<Self> {
+        let (stream, agent_id) = open(addr, &keys).await?;
+        Ok(AgentClient {
+            inner: Arc::new(Inner {
+                addr: addr.to_string(),
+                keys,
+                agent_id,
+                idle: Mutex::new(vec![stream]),
+                slots: Semaphore::new(MAX_CONNECTIONS),
+            }),
+        })
+    }
+
+    /// The agent's address.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The agent's stable id.
+    pub fn agent_id(&self) -> [u8; 16] {
+        self.inner.agent_id
+    }
+
+    async fn exchange(&self, stream: &mut TcpStream, req: &Request) -> Result<Response> {
+        let fut = async {
+            write_frame(stream, &req.frame()).await.map_err(|e| Error::io("send", e))?;
+            let (kind, body) =
+                read_frame(stream).await?.ok_or_else(|| Error::Protocol("connection closed".into()))?;
+            Response::parse(kind, body)
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Protocol(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))),
+        }
+    }
+
+    /// Sends a request and returns the agent's answer; an agent's error becomes an [`Error`].
+    pub async fn call(&self, req: &Request) -> Result<Response> {
+        let _slot = self.inner.slots.acquire().await.map_err(|_| Error::Protocol("client closed".into()))?;
+        let pooled = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (resp, stream) = match pooled {
+            Some(mut s) => match self.exchange(&mut s, req).await {
+                Ok(r) => (r, s),
+                // A pooled connection may have gone stale: retry once on a fresh one.
+                Err(_) => self.fresh_exchange(req).await?,
+            },
+            None => self.fresh_exchange(req).await?,
+        };
+        self.inner.idle.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+        match resp {
+            Response::Error { code, message } => Err(code.into_error(message)),
+            r => Ok(r),
+        }
+    }
+
+    async fn fresh_exchange(&self, req: &Request) -> Result<(Response, TcpStream)> {
+        let (mut s, id) = open(&self.inner.addr, &self.inner.keys).await?;
+        if id != self.inner.agent_id {
+            return Err(Error::Refused {
+                addr: self.inner.addr.clone(),
+                why: "a different agent now answers at this address".into(),
+            });
+        }
+        let r = self
+            .exchange(&mut s, req)
+            .await
+            .map_err(|e| Error::AgentUnreachable { addr: self.inner.addr.clone(), why: e.to_string() })?;
+        Ok((r, s))
+    }
+
+    async fn expect_ok(&self, req: &Request) -> Result<()> {
+        match self.call(req).await? {
+            Response::Ok => Ok(()),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
+
+    async fn expect_data(&self, req: &Request) -> Result<Vec<u8>> {
+        match self.call(req).await? {
+            Response::Data(d) => Ok(d),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
+}
+
+#[async_trait]
+impl ShardRead for AgentClient {
+    async fn get_shard(&self, key: &ShardKey) -> Result<Vec<u8>> {
+        self.expect_data(&Request::GetShard { key: *key }).await
+    }
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>> {
+        self.expect_data(&Request::GetBlob { name: name.to_string() }).await
+    }
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>> {
+        match self.call(&Request::ListBlobs { prefix: prefix.to_string() }).await? {
+            Response::Names(n) => Ok(n),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
+    async fn stat(&self) -> Result<StoreStat> {
+        match self.call(&Request::Stat).await? {
+            Response::Stat(s) => Ok(s),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
+}
+
+#[async_trait]
+impl ShardWrite for AgentClient {
+    async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
+        self.expect_ok(&Request::PutShard { key: *key, data: file }).await
+    }
+    async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
+        self.expect_ok(&Request::DeleteShard { key: *key }).await
+    }
+    async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        self.expect_ok(&Request::PutBlob { name: name.to_string(), data }).await
+    }
+    async fn delete_blob(&self, name: &str) -> Result<()> {
+        self.expect_ok(&Request::DeleteBlob { name: name.to_string() }).await
+    }
+    async fn sync(&self) -> Result<()> {
+        self.expect_ok(&Request::Sync).await
+    }
+}

@@ -1,0 +1,139 @@
+//! A stripe's way to shards and back: hash, encrypt, split, add parity, frame — and the reverse.
+//!
+//! This is the CPU-heavy part of every command; callers run it off the async reactor
+//! (`spawn_blocking` or a thread pool).
+
+use std::sync::Arc;
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::layout::Layout;
+use crate::seal::{StripeId, TAG_LEN};
+use crate::shard::{encode_shard, open_shard, ShardKey, VolumeId, SHARD_HEADER_LEN};
+
+/// Encodes and decodes the stripes of one volume under one key and layout.
+pub struct StripeCodec {
+    keys: Arc<Keys>,
+    layout: Layout,
+    volume: VolumeId,
+    codec: Codec,
+}
+
+/// A stripe ready to upload: its id and one framed shard file per shard index.
+pub struct EncodedStripe {
+    /// The stripe's id.
+    pub id: StripeId,
+    /// Framed shard files, index `0..k+m`.
+    pub shards: Vec<Vec<u8>>,
+}
+
+impl StripeCodec {
+    /// A codec for a volume.
+    pub fn new(keys: Arc<Keys>, layout: Layout, volume: VolumeId) -> Result<Self> {
+        let codec = Codec::new(layout.k as usize, layout.m as usize)?;
+        Ok(StripeCodec { keys, layout, volume, codec })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The key of shard `index` of stripe `id`.
+    pub fn key(&self, id: &StripeId, index: usize) -> ShardKey {
+        ShardKey { volume: self.volume, stripe: *id, index: index as u8 }
+    }
+
+    /// The id a plaintext stripe will have.
+    pub fn stripe_id(&self, plain: &[u8]) -> StripeId {
+        self.keys.stripe_id(plain)
+    }
+
+    /// Encrypts a stripe (given its id), splits it into `k` data shards, adds `m` parity shards
+    /// and frames each.
+    pub fn encode(&self, id: StripeId, mut buf: Vec<u8>) -> EncodedStripe {
+        let shard_len = self.layout.shard_len(buf.len());
+        let k = self.layout.k as usize;
+        self.keys.seal_stripe(&id, &mut buf);
+        buf.resize(shard_len * k, 0);
+        let data: Vec<&[u8]> = buf.chunks(shard_len).collect();
+        let parity = self.codec.encode(&data);
+        let (k8, m8) = (self.layout.k, self.layout.m);
+        let shards = data
+            .iter()
+            .copied()
+            .chain(parity.iter().map(|p| p.as_slice()))
+            .enumerate()
+            .map(|(i, payload)| encode_shard(&self.key(&id, i), k8, m8, payload))
+            .collect();
+        EncodedStripe { id, shards }
+    }
+
+    /// Checks a fetched shard file for shard `index` of stripe `id` and strips its header.
+    /// A failure means: treat this shard as missing.
+    pub fn check(&self, id: &StripeId, index: usize, plain_len: usize, mut file: Vec<u8>) -> Result<Vec<u8>> {
+        let key = self.key(id, index);
+        let payload_len = open_shard(&file, &key, self.layout.k, self.layout.m)?.len();
+        if payload_len != self.layout.shard_len(plain_len) {
+            return Err(Error::ShardCorrupt(format!(
+                "shard {} is {payload_len} bytes, expected {}",
+                key.short(),
+                self.layout.shard_len(plain_len)
+            )));
+        }
+        file.drain(..SHARD_HEADER_LEN);
+        Ok(file)
+    }
+
+    /// Rebuilds a stripe's plaintext from checked shard payloads (`k + m` entries, `None` for
+    /// missing; any `k` present suffice), then decrypts and verifies it against its id.
+    pub fn decode(&self, id: &StripeId, plain_len: usize, mut payloads: Vec<Option<Vec<u8>>>) -> Result<Vec<u8>> {
+        let k = self.layout.k as usize;
+        self.codec.reconstruct_data(&mut payloads)?;
+        let mut buf = Vec::with_capacity(self.layout.shard_len(plain_len) * k);
+        for p in payloads.iter().take(k) {
+            buf.extend_from_slice(p.as_deref().unwrap_or_default());
+        }
+        buf.truncate(plain_len + TAG_LEN);
+        self.keys.open_stripe(id, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Recomputes the parity of complete data payloads (for `verify`).
+    pub fn parity_of(&self, data: &[&[u8]]) -> Vec<Vec<u8>> {
+        self.codec.encode(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterKey;
+
+    #[test]
+    fn encode_decode_with_losses() {
+        let keys = Arc::new(MasterKey::from_bytes([1; 32]).derive());
+        let layout = Layout::new(1 << 20, 256 * 1024, 4, 2).unwrap();
+        let sc = StripeCodec::new(keys, layout, [7; 16]).unwrap();
+        let plain: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let id = sc.stripe_id(&plain);
+        let enc = sc.encode(id, plain.clone());
+        assert_eq!(enc.shards.len(), 6);
+        let check = |i: usize, f: &Vec<u8>| sc.check(&id, i, plain.len(), f.clone()).unwrap();
+        // Lose shards 0 and 3; corrupt none.
+        let payloads: Vec<Option<Vec<u8>>> = enc
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, f)| if i == 0 || i == 3 { None } else { Some(check(i, f)) })
+            .collect();
+        assert_eq!(sc.decode(&id, plain.len(), payloads).unwrap(), plain);
+        // A flipped payload byte is caught by the check.
+        let mut bad = enc.shards[1].clone();
+        bad[SHARD_HEADER_LEN + 10] ^= 1;
+        assert!(sc.check(&id, 1, plain.len(), bad).is_err());
+        // Shard 2 offered as shard 1 is caught.
+        assert!(sc.check(&id, 1, plain.len(), enc.shards[2].clone()).is_err());
+    }
+}

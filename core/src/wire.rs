@@ -1,0 +1,498 @@
+//! The agent wire protocol (version 1), spoken over TCP between sa-image and `shard-agent`.
+//!
+//! Every message is a frame: `u32 length (LE, of what follows) | u8 kind | body`. Lengths are
+//! checked against [`MAX_FRAME`] before anything is allocated.
+//!
+//! ```text
+//! client -> agent  HELLO      magic "SA-AGENT", version u16
+//! agent  -> client CHALLENGE  version u16, agent id [16], nonce [32]
+//! client -> agent  AUTH       owner id [32], Ed25519 signature [64] over
+//!                             "sa-agent-auth-v1" | agent id | nonce
+//! agent  -> client OK | ERROR (then closes)
+//! then requests, each answered in order on that connection:
+//!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key
+//!   PUT_BLOB name data | GET_BLOB name | LIST_BLOBS prefix | DELETE_BLOB name
+//!   SYNC (make every shard written so far durable) | STAT
+//! answers: OK | DATA bytes | NAMES list | STAT fields | ERROR code message
+//! ```
+//! A shard key is `volume id [16] | stripe id [32] | index u8`. The agent holds only the owner's
+//! public id: it can check a signature but cannot decrypt anything.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::enc::{Reader, Writer};
+use crate::error::{Error, Result};
+use crate::shard::ShardKey;
+
+/// Magic the client sends first.
+pub const AGENT_MAGIC: [u8; 8] = *b"SA-AGENT";
+/// Protocol version.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame accepted (a 64 MiB stripe's shard plus headers).
+pub const MAX_FRAME: usize = (64 << 20) + 4096;
+/// Domain separation for the authentication signature.
+pub const AUTH_CONTEXT: &[u8] = b"sa-agent-auth-v1";
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const CHALLENGE: u8 = 2;
+    pub const AUTH: u8 = 3;
+    pub const PUT_SHARD: u8 = 10;
+    pub const GET_SHARD: u8 = 11;
+    pub const DELETE_SHARD: u8 = 12;
+    pub const PUT_BLOB: u8 = 13;
+    pub const GET_BLOB: u8 = 14;
+    pub const LIST_BLOBS: u8 = 15;
+    pub const DELETE_BLOB: u8 = 16;
+    pub const SYNC: u8 = 17;
+    pub const STAT: u8 = 18;
+    pub const OK: u8 = 100;
+    pub const DATA: u8 = 101;
+    pub const NAMES: u8 = 102;
+    pub const STAT_REPLY: u8 = 103;
+    pub const ERROR: u8 = 104;
+}
+
+/// Error codes an agent sends back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No such shard or blob.
+    NotFound,
+    /// Quota or disk full.
+    Full,
+    /// The request was malformed.
+    BadRequest,
+    /// The agent's disk failed.
+    Io,
+    /// Authentication failed.
+    Unauthorized,
+    /// The stored or uploaded shard fails its checks.
+    Corrupt,
+}
+
+impl ErrorCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 1,
+            ErrorCode::Full => 2,
+            ErrorCode::BadRequest => 3,
+            ErrorCode::Io => 4,
+            ErrorCode::Unauthorized => 5,
+            ErrorCode::Corrupt => 6,
+        }
+    }
+    fn from_u16(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::NotFound,
+            2 => ErrorCode::Full,
+            3 => ErrorCode::BadRequest,
+            5 => ErrorCode::Unauthorized,
+            6 => ErrorCode::Corrupt,
+            _ => ErrorCode::Io,
+        }
+    }
+
+    /// The code for a store error, as an agent reports it.
+    pub fn of(e: &Error) -> Self {
+        match e {
+            Error::ShardMissing => ErrorCode::NotFound,
+            Error::Full(_) => ErrorCode::Full,
+            Error::ShardCorrupt(_) => ErrorCode::Corrupt,
+            Error::Invalid(_) | Error::Malformed { .. } | Error::UnsupportedVersion { .. } => ErrorCode::BadRequest,
+            _ => ErrorCode::Io,
+        }
+    }
+
+    /// The client-side error for a code and the agent's message.
+    pub fn into_error(self, message: String) -> Error {
+        match self {
+            ErrorCode::NotFound => Error::ShardMissing,
+            ErrorCode::Full => Error::Full(message),
+            ErrorCode::Corrupt => Error::ShardCorrupt(message),
+            _ => Error::Remote(message),
+        }
+    }
+}
+
+/// What an agent reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreStat {
+    /// The agent's stable id.
+    pub agent_id: [u8; 16],
+    /// Bytes stored (shards and blobs).
+    pub used: u64,
+    /// Quota in bytes, 0 for none.
+    pub quota: u64,
+    /// Number of shard files.
+    pub shards: u64,
+}
+
+/// The handshake messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    /// Client hello.
+    Hello {
+        /// Client's protocol version.
+        version: u16,
+    },
+    /// Agent challenge.
+    Challenge {
+        /// Agent's protocol version.
+        version: u16,
+        /// Agent's stable id.
+        agent_id: [u8; 16],
+        /// Random nonce to sign.
+        nonce: [u8; 32],
+    },
+    /// Client proof of ownership.
+    Auth {
+        /// Owner id (Ed25519 public key).
+        owner: [u8; 32],
+        /// Signature over `AUTH_CONTEXT | agent id | nonce`.
+        signature: [u8; 64],
+    },
+}
+
+/// A request after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Store a shard file.
+    PutShard {
+        /// Which shard.
+        key: ShardKey,
+        /// The whole shard file.
+        data: Vec<u8>,
+    },
+    /// Fetch a shard file.
+    GetShard {
+        /// Which shard.
+        key: ShardKey,
+    },
+    /// Delete a shard file.
+    DeleteShard {
+        /// Which shard.
+        key: ShardKey,
+    },
+    /// Store a catalog blob durably.
+    PutBlob {
+        /// Blob name.
+        name: String,
+        /// Contents.
+        data: Vec<u8>,
+    },
+    /// Fetch a catalog blob.
+    GetBlob {
+        /// Blob name.
+        name: String,
+    },
+    /// List blob names with a prefix.
+    ListBlobs {
+        /// Name prefix.
+        prefix: String,
+    },
+    /// Delete a blob.
+    DeleteBlob {
+        /// Blob name.
+        name: String,
+    },
+    /// Make every shard written so far durable.
+    Sync,
+    /// Report usage.
+    Stat,
+}
+
+/// An answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// Bytes of a shard or blob.
+    Data(Vec<u8>),
+    /// Blob names.
+    Names(Vec<String>),
+    /// Usage.
+    Stat(StoreStat),
+    /// Failure.
+    Error {
+        /// What kind.
+        code: ErrorCode,
+        /// Human text.
+        message: String,
+    },
+}
+
+fn put_key(w: &mut Writer, key: &ShardKey) {
+    w.bytes(&key.volume).bytes(&key.stripe).u8(key.index);
+}
+
+fn get_key(r: &mut Reader<'_>) -> Result<ShardKey> {
+    Ok(ShardKey { volume: r.array()?, stripe: r.array()?, index: r.u8()? })
+}
+
+/// A frame split into a small head and an optional large tail, written without copying the tail.
+pub struct Frame<'a> {
+    kind: u8,
+    head: Vec<u8>,
+    tail: &'a [u8],
+}
+
+impl Handshake {
+    /// Frames the message.
+    pub fn frame(&self) -> Frame<'static> {
+        let mut w = Writer::default();
+        let kind = match self {
+            Handshake::Hello { version } => {
+                w.bytes(&AGENT_MAGIC).u16(*version);
+                kind::HELLO
+            }
+            Handshake::Challenge { version, agent_id, nonce } => {
+                w.u16(*version).bytes(agent_id).bytes(nonce);
+                kind::CHALLENGE
+            }
+            Handshake::Auth { owner, signature } => {
+                w.bytes(owner).bytes(signature);
+                kind::AUTH
+            }
+        };
+        Frame { kind, head: w.buf, tail: &[] }
+    }
+
+    /// Parses a handshake frame.
+    pub fn parse(kind: u8, body: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(body, "handshake");
+        let msg = match kind {
+            kind::HELLO => {
+                let magic: [u8; 8] = r.array()?;
+                if magic != AGENT_MAGIC {
+                    return Err(Error::Protocol("not an sa-image client (bad magic)".into()));
+                }
+                Handshake::Hello { version: r.u16()? }
+            }
+            kind::CHALLENGE => Handshake::Challenge { version: r.u16()?, agent_id: r.array()?, nonce: r.array()? },
+            kind::AUTH => Handshake::Auth { owner: r.array()?, signature: r.array()? },
+            k => return Err(Error::Protocol(format!("unexpected handshake message kind {k}"))),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+impl Request {
+    /// Frames the request; a shard's or blob's data is the frame's tail (not copied).
+    pub fn frame(&self) -> Frame<'_> {
+        let mut w = Writer::default();
+        let (kind, tail): (u8, &[u8]) = match self {
+            Request::PutShard { key, data } => {
+                put_key(&mut w, key);
+                (kind::PUT_SHARD, data)
+            }
+            Request::GetShard { key } => {
+                put_key(&mut w, key);
+                (kind::GET_SHARD, &[])
+            }
+            Request::DeleteShard { key } => {
+                put_key(&mut w, key);
+                (kind::DELETE_SHARD, &[])
+            }
+            Request::PutBlob { name, data } => {
+                w.str(name);
+                (kind::PUT_BLOB, data)
+            }
+            Request::GetBlob { name } => {
+                w.str(name);
+                (kind::GET_BLOB, &[])
+            }
+            Request::ListBlobs { prefix } => {
+                w.str(prefix);
+                (kind::LIST_BLOBS, &[])
+            }
+            Request::DeleteBlob { name } => {
+                w.str(name);
+                (kind::DELETE_BLOB, &[])
+            }
+            Request::Sync => (kind::SYNC, &[]),
+            Request::Stat => (kind::STAT, &[]),
+        };
+        Frame { kind, head: w.buf, tail }
+    }
+
+    /// Parses a request frame (takes the body to avoid copying shard data).
+    pub fn parse(kind: u8, mut body: Vec<u8>) -> Result<Self> {
+        let mut r = Reader::new(&body, "request");
+        let req = match kind {
+            kind::PUT_SHARD => {
+                let key = get_key(&mut r)?;
+                body.drain(..49);
+                return Ok(Request::PutShard { key, data: body });
+            }
+            kind::PUT_BLOB => {
+                let name = r.str()?;
+                let used = body.len() - r.remaining();
+                body.drain(..used);
+                return Ok(Request::PutBlob { name, data: body });
+            }
+            kind::GET_SHARD => Request::GetShard { key: get_key(&mut r)? },
+            kind::DELETE_SHARD => Request::DeleteShard { key: get_key(&mut r)? },
+            kind::GET_BLOB => Request::GetBlob { name: r.str()? },
+            kind::LIST_BLOBS => Request::ListBlobs { prefix: r.str()? },
+            kind::DELETE_BLOB => Request::DeleteBlob { name: r.str()? },
+            kind::SYNC => Request::Sync,
+            kind::STAT => Request::Stat,
+            k => return Err(Error::Protocol(format!("unknown request kind {k}"))),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    /// Frames the response; data is the tail.
+    pub fn frame(&self) -> Frame<'_> {
+        let mut w = Writer::default();
+        let (kind, tail): (u8, &[u8]) = match self {
+            Response::Ok => (kind::OK, &[]),
+            Response::Data(d) => (kind::DATA, d),
+            Response::Names(names) => {
+                w.u32(names.len() as u32);
+                for n in names {
+                    w.str(n);
+                }
+                (kind::NAMES, &[])
+            }
+            Response::Stat(s) => {
+                w.bytes(&s.agent_id).u64(s.used).u64(s.quota).u64(s.shards);
+                (kind::STAT_REPLY, &[])
+            }
+            Response::Error { code, message } => {
+                w.u16(code.to_u16()).str(message);
+                (kind::ERROR, &[])
+            }
+        };
+        Frame { kind, head: w.buf, tail }
+    }
+
+    /// Parses a response frame.
+    pub fn parse(kind: u8, body: Vec<u8>) -> Result<Self> {
+        if kind == kind::DATA {
+            return Ok(Response::Data(body));
+        }
+        let mut r = Reader::new(&body, "response");
+        let resp = match kind {
+            kind::OK => Response::Ok,
+            kind::NAMES => {
+                let n = r.u32()? as usize;
+                let mut names = Vec::with_capacity(n.min(r.remaining() / 2));
+                for _ in 0..n {
+                    names.push(r.str()?);
+                }
+                Response::Names(names)
+            }
+            kind::STAT_REPLY => Response::Stat(StoreStat {
+                agent_id: r.array()?,
+                used: r.u64()?,
+                quota: r.u64()?,
+                shards: r.u64()?,
+            }),
+            kind::ERROR => Response::Error { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
+            k => return Err(Error::Protocol(format!("unknown response kind {k}"))),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+
+    /// An error response for a store error.
+    pub fn error(e: &Error) -> Self {
+        Response::Error { code: ErrorCode::of(e), message: e.to_string() }
+    }
+}
+
+/// Writes a frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame<'_>) -> std::io::Result<()> {
+    let len = 1 + f.head.len() + f.tail.len();
+    let mut head = Vec::with_capacity(5 + f.head.len());
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.push(f.kind);
+    head.extend_from_slice(&f.head);
+    w.write_all(&head).await?;
+    if !f.tail.is_empty() {
+        w.write_all(f.tail).await?;
+    }
+    w.flush().await
+}
+
+/// Reads a frame: `Ok(None)` on a clean end of stream before a frame starts.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(Error::io("read frame", e)),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(Error::Protocol(format!("frame length {len} outside 1..={MAX_FRAME}")));
+    }
+    let mut kind = [0u8; 1];
+    r.read_exact(&mut kind).await.map_err(|e| Error::io("read frame", e))?;
+    let mut body = vec![0u8; len - 1];
+    r.read_exact(&mut body).await.map_err(|e| Error::io("read frame", e))?;
+    Ok(Some((kind[0], body)))
+}
+
+/// The message an owner signs to authenticate to an agent.
+pub fn auth_message(agent_id: &[u8; 16], nonce: &[u8; 32]) -> Vec<u8> {
+    let mut m = AUTH_CONTEXT.to_vec();
+    m.extend_from_slice(agent_id);
+    m.extend_from_slice(nonce);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip_req(req: Request) {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req.frame()).await.unwrap();
+        let (k, body) = read_frame(&mut &buf[..]).await.unwrap().unwrap();
+        assert_eq!(Request::parse(k, body).unwrap(), req);
+    }
+
+    #[tokio::test]
+    async fn requests_round_trip() {
+        let key = ShardKey { volume: [1; 16], stripe: [2; 32], index: 5 };
+        round_trip_req(Request::PutShard { key, data: vec![7; 1000] }).await;
+        round_trip_req(Request::GetShard { key }).await;
+        round_trip_req(Request::PutBlob { name: "snap-x".into(), data: vec![1, 2] }).await;
+        round_trip_req(Request::ListBlobs { prefix: "snap-".into() }).await;
+        round_trip_req(Request::Sync).await;
+        for resp in [
+            Response::Ok,
+            Response::Data(vec![1, 2, 3]),
+            Response::Names(vec!["a".into(), "b".into()]),
+            Response::Stat(StoreStat { agent_id: [3; 16], used: 10, quota: 20, shards: 2 }),
+            Response::Error { code: ErrorCode::Full, message: "full".into() },
+        ] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &resp.frame()).await.unwrap();
+            let (k, body) = read_frame(&mut &buf[..]).await.unwrap().unwrap();
+            assert_eq!(Response::parse(k, body).unwrap(), resp);
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_are_errors() {
+        // Absurd length.
+        let buf = u32::MAX.to_le_bytes();
+        assert!(read_frame(&mut &buf[..]).await.is_err());
+        // Truncated body.
+        let mut buf = 10u32.to_le_bytes().to_vec();
+        buf.push(kind::GET_SHARD);
+        assert!(read_frame(&mut &buf[..]).await.is_err());
+        // Short key.
+        assert!(Request::parse(kind::GET_SHARD, vec![1, 2, 3]).is_err());
+        assert!(Request::parse(kind::PUT_SHARD, vec![1, 2, 3]).is_err());
+        assert!(Request::parse(250, vec![]).is_err());
+        assert!(Handshake::parse(kind::HELLO, b"NOTMAGIC\x01\x00".to_vec().as_slice()).is_err());
+    }
+}
