@@ -1,0 +1,145 @@
+//! The agent's TCP server: handshake, then one request at a time per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sa_core::keys::{random_bytes, verify_owner, OwnerId};
+use sa_core::store::DirStore;
+use sa_core::wire::{auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION};
+use sa_core::{Error, Result};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// How long a client has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The agent server.
+#[derive(Clone)]
+pub struct Server {
+    store: DirStore,
+    owner: OwnerId,
+    conns: Arc<Semaphore>,
+}
+
+impl Server {
+    /// A server over `store` for `owner`, at most `max_connections` at once.
+    pub fn new(store: DirStore, owner: OwnerId, max_connections: usize) -> Self {
+        Server { store, owner, conns: Arc::new(Semaphore::new(max_connections.max(1))) }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn run(self, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Running out of file descriptors must not kill the agent.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many connections; refusing one");
+                drop(stream);
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match this.handle(stream).await {
+                    Ok(()) => tracing::debug!(%peer, "connection closed"),
+                    Err(e) => tracing::warn!(%peer, "connection dropped: {e}"),
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, mut s: TcpStream) -> Result<()> {
+        let _ = s.set_nodelay(true);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut s)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Protocol("handshake timed out".into())),
+        }
+        loop {
+            let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut s)).await {
+                Ok(f) => f?,
+                Err(_) => return Ok(()),
+            };
+            let Some((kind, body)) = frame else { return Ok(()) };
+            let req = Request::parse(kind, body)?;
+            let resp = self.apply(req).await;
+            write_frame(&mut s, &resp.frame()).await.map_err(|e| Error::io("send", e))?;
+        }
+    }
+
+    async fn handshake(&self, s: &mut TcpStream) -> Result<()> {
+        let (kind, body) = read_frame(s).await?.ok_or_else(|| Error::Protocol("closed before hello".into()))?;
+        match Handshake::parse(kind, &body)? {
+            Handshake::Hello { .. } => {}
+            _ => return Err(Error::Protocol("expected hello".into())),
+        }
+        let nonce: [u8; 32] = random_bytes();
+        let agent_id = self.store.agent_id();
+        let challenge = Handshake::Challenge { version: PROTOCOL_VERSION, agent_id, nonce };
+        write_frame(s, &challenge.frame()).await.map_err(|e| Error::io("send", e))?;
+        let (kind, body) = read_frame(s).await?.ok_or_else(|| Error::Protocol("closed before auth".into()))?;
+        let Handshake::Auth { owner, signature } = Handshake::parse(kind, &body)? else {
+            return Err(Error::Protocol("expected auth".into()));
+        };
+        let msg = auth_message(&agent_id, &nonce);
+        if owner != self.owner.0 || !verify_owner(&self.owner, &msg, &signature) {
+            let why = "this agent belongs to another owner: start it with --owner set to the id that \
+                       `sa-image owner-id --key KEYFILE` prints for your key";
+            let resp = Response::Error { code: sa_core::wire::ErrorCode::Unauthorized, message: why.into() };
+            let _ = write_frame(s, &resp.frame()).await;
+            return Err(Error::Refused { addr: "client".into(), why: "wrong owner".into() });
+        }
+        write_frame(s, &Response::Ok.frame()).await.map_err(|e| Error::io("send", e))
+    }
+
+    async fn apply(&self, req: Request) -> Response {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<Response> {
+            Ok(match req {
+                Request::PutShard { key, data } => {
+                    store.put_shard_blocking(&key, &data)?;
+                    Response::Ok
+                }
+                Request::GetShard { key } => Response::Data(store.get_shard_blocking(&key)?),
+                Request::DeleteShard { key } => {
+                    store.delete_shard_blocking(&key)?;
+                    Response::Ok
+                }
+                Request::PutBlob { name, data } => {
+                    store.put_blob_blocking(&name, &data)?;
+                    Response::Ok
+                }
+                Request::GetBlob { name } => Response::Data(store.get_blob_blocking(&name)?),
+                Request::ListBlobs { prefix } => Response::Names(store.list_blobs_blocking(&prefix)?),
+                Request::DeleteBlob { name } => {
+                    store.delete_blob_blocking(&name)?;
+                    Response::Ok
+                }
+                Request::Sync => {
+                    store.sync_blocking()?;
+                    Response::Ok
+                }
+                Request::Stat => Response::Stat(store.stat_blocking()),
+            })
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                if !matches!(e, Error::ShardMissing) {
+                    tracing::warn!("request failed: {e}");
+                }
+                Response::error(&e)
+            }
+            Err(e) => Response::error(&Error::io("agent task", std::io::Error::other(e.to_string()))),
+        }
+    }
+}
