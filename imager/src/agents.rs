@@ -1,0 +1,118 @@
+//! Reaching the agents: connect to many at once, read the catalog from any one, and map a
+//! snapshot's agent table (stable ids + last known addresses) onto live connections.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use sa_core::catalog::load_catalog;
+use sa_core::keys::{hex, Keys};
+use sa_core::manifest::Manifest;
+use sa_core::store::AgentClient;
+use tokio::task::JoinSet;
+
+/// The outcome of connecting to one address.
+pub type Attempt = (String, sa_core::Result<AgentClient>);
+
+/// Connects to every address in parallel; results in the order given.
+pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
+    let mut set = JoinSet::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let (a, keys) = (a.clone(), keys.clone());
+        set.spawn(async move { (i, a.clone(), AgentClient::connect(&a, keys).await) });
+    }
+    let mut out: Vec<Option<Attempt>> = (0..addrs.len()).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        if let Ok((i, a, c)) = r {
+            out[i] = Some((a, c));
+        }
+    }
+    out.into_iter()
+        .zip(addrs)
+        .map(|(o, a)| o.unwrap_or_else(|| (a.clone(), Err(sa_core::Error::Protocol("connect task failed".into())))))
+        .collect()
+}
+
+/// Explains why no agent could be used.
+pub fn none_reachable(attempts: &[Attempt]) -> anyhow::Error {
+    let mut msg = String::from("no agent could be used:");
+    let mut refused = false;
+    for (a, r) in attempts {
+        if let Err(e) = r {
+            refused |= matches!(e, sa_core::Error::Refused { .. });
+            msg.push_str(&format!("\n  {a}: {e}"));
+        }
+    }
+    if refused {
+        msg.push_str("\nthe agents refused this key: is it the key these backups were made with? (`sa-image owner-id --key KEYFILE` must print the id the agents were started with)");
+    } else {
+        msg.push_str("\nare the agents running, and are the addresses right?");
+    }
+    anyhow::anyhow!(msg)
+}
+
+/// Connects to the given agents and reads the catalog from the first that answers.
+pub async fn open_catalog(addrs: &[String], keys: &Arc<Keys>) -> Result<(Vec<Manifest>, Vec<Attempt>)> {
+    let attempts = connect_many(addrs, keys).await;
+    let mut last_err = None;
+    for (addr, c) in &attempts {
+        let Ok(client) = c else { continue };
+        match load_catalog(client, keys).await {
+            Ok((manifests, bad)) => {
+                for (name, e) in &bad {
+                    tracing::warn!("{addr}: catalog entry {name} unreadable: {e}");
+                }
+                if manifests.is_empty() && !bad.is_empty() {
+                    bail!(
+                        "the catalog on {addr} holds {} snapshot(s) but none opens with this key: wrong key file? ({})",
+                        bad.len(),
+                        bad[0].1
+                    );
+                }
+                return Ok((manifests, attempts));
+            }
+            Err(e) => {
+                tracing::warn!("{addr}: cannot read catalog: {e}");
+                last_err = Some(e);
+            }
+        }
+    }
+    match last_err {
+        Some(e) => bail!("no agent's catalog could be read: {e}"),
+        None => Err(none_reachable(&attempts)),
+    }
+}
+
+/// A snapshot's agent table mapped onto connections: `slots[i]` serves table entry `i`.
+pub struct SlotClients {
+    /// Connection per table slot, `None` when that agent cannot be reached.
+    pub slots: Vec<Option<AgentClient>>,
+    /// Human names per slot (`addr (id…)`).
+    pub names: Vec<String>,
+    /// Why unreachable slots are unreachable.
+    pub down: Vec<(usize, String)>,
+}
+
+/// Maps the manifest's agent table to live agents: by stable id among those already connected,
+/// else by connecting to the table's last known address.
+pub async fn clients_for(m: &Manifest, attempts: &[Attempt], keys: &Arc<Keys>) -> SlotClients {
+    let mut slots: Vec<Option<AgentClient>> = vec![None; m.agents.len()];
+    let mut to_try = Vec::new();
+    for (i, entry) in m.agents.iter().enumerate() {
+        let found = attempts.iter().filter_map(|(_, c)| c.as_ref().ok()).find(|c| c.agent_id() == entry.id);
+        match found {
+            Some(c) => slots[i] = Some(c.clone()),
+            None => to_try.push(i),
+        }
+    }
+    let addrs: Vec<String> = to_try.iter().map(|&i| m.agents[i].addr.clone()).collect();
+    let mut down = Vec::new();
+    for (&i, (addr, r)) in to_try.iter().zip(connect_many(&addrs, keys).await) {
+        match r {
+            Ok(c) if c.agent_id() == m.agents[i].id => slots[i] = Some(c),
+            Ok(_) => down.push((i, format!("{addr}: a different agent answers there now"))),
+            Err(e) => down.push((i, e.to_string())),
+        }
+    }
+    let names = m.agents.iter().map(|a| format!("{} ({})", a.addr, &hex(&a.id)[..8])).collect();
+    SlotClients { slots, names, down }
+}

@@ -1,0 +1,131 @@
+//! `sa-image list`: the snapshots in the catalog. Any one reachable agent is enough.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Result;
+use sa_core::keys::MasterKey;
+use sa_core::manifest::Manifest;
+use sa_core::size::format_size;
+use serde::{Deserialize, Serialize};
+
+use crate::agents::open_catalog;
+use crate::config::{self, require_agents, require_key};
+use crate::merge;
+
+/// Flags of `list`.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ListArgs {
+    /// The key file.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Agents to ask, HOST:PORT, comma-separated: one is enough.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of `list --json`.
+#[derive(Serialize, Debug)]
+pub struct ListEntry {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Volume name.
+    pub volume: String,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// Creation time, Unix seconds.
+    pub created_unix: u64,
+    /// Volume size.
+    pub size: u64,
+    /// Stripes.
+    pub stripes: u64,
+    /// Zero stripes.
+    pub zero_stripes: u64,
+    /// Data shards.
+    pub k: u8,
+    /// Parity shards.
+    pub m: u8,
+    /// Stripe size.
+    pub stripe_size: u32,
+    /// Agents in the table.
+    pub agents: usize,
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn entry(m: &Manifest) -> ListEntry {
+    ListEntry {
+        snapshot: m.snapshot.clone(),
+        volume: m.volume_name.clone(),
+        created: rfc3339(m.created),
+        created_unix: m.created,
+        size: m.layout.volume_size,
+        stripes: m.layout.stripe_count(),
+        zero_stripes: m.zero_stripes(),
+        k: m.layout.k,
+        m: m.layout.m,
+        stripe_size: m.layout.stripe_size,
+        agents: m.agents.len(),
+    }
+}
+
+/// `sa-image list`.
+pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
+    let mut file: ListArgs = config::load(cfg)?;
+    merge!(args, file; key, agents; bools json);
+    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    let (manifests, _) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
+    let rows: Vec<ListEntry> = manifests.iter().map(entry).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no snapshots yet");
+        return Ok(0);
+    }
+    println!("{:<16}  {:<20}  {:<16} {:>10} {:>8} {:>6}  k+m", "snapshot", "created", "volume", "size", "stripes", "zero");
+    for r in &rows {
+        println!(
+            "{:<16}  {:<20}  {:<16} {:>10} {:>8} {:>6}  {}+{}",
+            r.snapshot,
+            r.created,
+            r.volume,
+            format_size(r.size),
+            r.stripes,
+            r.zero_stripes,
+            r.k,
+            r.m
+        );
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,454 @@
+//! `sa-image snapshot`: read a disk, cut it into stripes, and spread their shards over the agents.
+//!
+//! Pipeline, every stage bounded so memory does not grow with the disk:
+//! ```text
+//! reader thread --(channel, 4 stripes)--> per-stripe task: zero? -> hash -> seen? -> encrypt+encode
+//!     (blocking pool) -> PUT k+m shards to k+m distinct agents in parallel
+//! at most IN_FLIGHT stripes exist between read and stored; then SYNC every agent (durability
+//! barrier) and only then store the sealed manifest on every agent: the commit point.
+//! ```
+//! A stripe whose id is already stored (by the previous snapshot of the same volume, on agents
+//! still in the table, or earlier in this run) is referenced, not sent again. A snapshot killed
+//! midway leaves only unreferenced shard files; it is never listed, and earlier ones are intact.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sa_core::keys::{hex, random_bytes, Keys, MasterKey};
+use sa_core::layout::{rotate_placement, Layout};
+use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
+use sa_core::seal::{is_zero, StripeId};
+use sa_core::size::{format_size, parse_size};
+use sa_core::store::{AgentClient, ShardWrite};
+use sa_core::stripe::StripeCodec;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::agents::{connect_many, none_reachable};
+use crate::config::{self, require_agents, require_key};
+use crate::merge;
+use crate::progress::bytes_bar;
+use crate::source::open_source;
+
+/// Stripes between read and stored at once (bounds memory: about 2.5x stripe size each).
+const IN_FLIGHT: usize = 8;
+
+/// Flags of `snapshot`.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SnapshotArgs {
+    /// Block device or image file to snapshot, e.g. /dev/sda.
+    #[serde(skip)]
+    pub source: PathBuf,
+    /// The key file.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Agents to store shards on, HOST:PORT, comma-separated (at least k + m).
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+    /// Data shards per stripe (k).
+    #[arg(long)]
+    pub data_shards: Option<u8>,
+    /// Parity shards per stripe (m): how many agents may be lost.
+    #[arg(long)]
+    pub parity_shards: Option<u8>,
+    /// Stripe size, e.g. 4MiB.
+    #[arg(long)]
+    pub stripe_size: Option<String>,
+    /// Volume name (default: the source's file name).
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `snapshot --json` prints.
+#[derive(Serialize, Debug, Clone)]
+pub struct SnapshotReport {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Volume name.
+    pub volume: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Stripes in the volume.
+    pub stripes: u64,
+    /// All-zero stripes (nothing stored).
+    pub zero_stripes: u64,
+    /// Stripes whose shards were sent.
+    pub new_stripes: u64,
+    /// Stripes already stored, referenced only.
+    pub reused_stripes: u64,
+    /// Bytes of shard files sent.
+    pub bytes_sent: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Agents used.
+    pub agents: usize,
+    /// Agents given but unreachable (placed around).
+    pub agents_unreachable: Vec<String>,
+    /// k and m.
+    pub data_shards: u8,
+    /// m.
+    pub parity_shards: u8,
+}
+
+/// Parameters of a snapshot run (also used by `demo`).
+pub struct SnapshotPlan {
+    /// Source path.
+    pub source: PathBuf,
+    /// Volume name.
+    pub volume: String,
+    /// Agent addresses.
+    pub agents: Vec<String>,
+    /// k.
+    pub k: u8,
+    /// m.
+    pub m: u8,
+    /// Stripe size.
+    pub stripe_size: u32,
+    /// Hide progress.
+    pub quiet: bool,
+}
+
+/// `sa-image snapshot`.
+pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
+    let mut file: SnapshotArgs = config::load(cfg)?;
+    merge!(args, file; key, agents, data_shards, parity_shards, stripe_size, volume; bools json);
+    let key = MasterKey::load(&require_key(&args.key)?)?;
+    let stripe_size = parse_size(args.stripe_size.as_deref().unwrap_or("4MiB"))?;
+    let stripe_size = u32::try_from(stripe_size).context("stripe size too large")?;
+    let volume = match args.volume {
+        Some(v) => v,
+        None => args.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "volume".into()),
+    };
+    let plan = SnapshotPlan {
+        source: args.source.clone(),
+        volume,
+        agents: require_agents(&args.agents)?,
+        k: args.data_shards.unwrap_or(4),
+        m: args.parity_shards.unwrap_or(2),
+        stripe_size,
+        quiet: args.json,
+    };
+    let report = snapshot(&plan, Arc::new(key.derive())).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(0)
+}
+
+fn print_report(r: &SnapshotReport) {
+    println!("snapshot {} of volume '{}' stored", r.snapshot, r.volume);
+    println!(
+        "  {} in {} stripes: {} new, {} already stored, {} zero",
+        format_size(r.size),
+        r.stripes,
+        r.new_stripes,
+        r.reused_stripes,
+        r.zero_stripes
+    );
+    println!(
+        "  sent {} to {} agents (k={} m={}: any {} may be lost) in {:.1}s ({}/s read)",
+        format_size(r.bytes_sent),
+        r.agents,
+        r.data_shards,
+        r.parity_shards,
+        r.parity_shards,
+        r.seconds,
+        format_size((r.size as f64 / r.seconds.max(1e-9)) as u64)
+    );
+    for a in &r.agents_unreachable {
+        println!("  warning: agent {a} was unreachable; its share went to the others");
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Where already-stored stripes live, from the previous snapshot of the volume.
+fn known_stripes(prev: Option<&Manifest>, table: &[AgentEntry]) -> HashMap<StripeId, Vec<u16>> {
+    let mut known = HashMap::new();
+    let Some(prev) = prev else { return known };
+    // Map the previous table's slots to the new table's; a stripe is reusable only when
+    // every one of its shards is on an agent that is in the new table.
+    let remap: Vec<Option<u16>> =
+        prev.agents.iter().map(|a| table.iter().position(|t| t.id == a.id).map(|p| p as u16)).collect();
+    for s in &prev.stripes {
+        if let StripeRef::Data { id, slots } = s {
+            let mapped: Option<Vec<u16>> = slots.iter().map(|&s| remap.get(s as usize).copied().flatten()).collect();
+            if let Some(mapped) = mapped {
+                known.insert(*id, mapped);
+            }
+        }
+    }
+    known
+}
+
+/// Runs a snapshot.
+pub async fn snapshot(plan: &SnapshotPlan, keys: Arc<Keys>) -> Result<SnapshotReport> {
+    let started = Instant::now();
+    let vol = open_source(&plan.source)?;
+    let layout = Layout::new(vol.size, plan.stripe_size, plan.k, plan.m)?;
+    let shards = layout.shards();
+    if plan.agents.len() < shards {
+        bail!(
+            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards",
+            plan.agents.len(),
+            plan.k,
+            plan.m
+        );
+    }
+
+    // Connect; place around agents that do not answer, as long as k + m remain.
+    let attempts = connect_many(&plan.agents, &keys).await;
+    let mut clients: Vec<AgentClient> = Vec::new();
+    let mut unreachable = Vec::new();
+    for (addr, r) in &attempts {
+        match r {
+            Ok(c) if clients.iter().any(|x| x.agent_id() == c.agent_id()) => {
+                bail!("{addr} is the same agent (id {}) as another address given", hex(&c.agent_id()));
+            }
+            Ok(c) => clients.push(c.clone()),
+            Err(sa_core::Error::Refused { .. }) => return Err(none_reachable(&attempts)),
+            Err(e) => {
+                tracing::warn!("{addr}: {e}; placing around it");
+                unreachable.push(addr.clone());
+            }
+        }
+    }
+    if clients.is_empty() {
+        return Err(none_reachable(&attempts));
+    }
+    if clients.len() < shards {
+        bail!(
+            "only {} of {} agents reachable but k + m = {shards}: {} cannot be stored with full redundancy; \
+             start the missing agents (unreachable: {})",
+            clients.len(),
+            plan.agents.len(),
+            plan.volume,
+            unreachable.join(", ")
+        );
+    }
+    let table: Vec<AgentEntry> =
+        clients.iter().map(|c| AgentEntry { id: c.agent_id(), addr: c.addr().to_string() }).collect();
+
+    // What is already stored: the newest snapshot of this volume.
+    let prev = match sa_core::catalog::load_catalog(&clients[0], &keys).await {
+        Ok((ms, _)) => ms.into_iter().filter(|m| m.volume_name == plan.volume && m.layout.k == plan.k
+            && m.layout.m == plan.m && m.layout.stripe_size == plan.stripe_size).last(),
+        Err(e) => {
+            tracing::warn!("cannot read the catalog for reuse, sending everything: {e}");
+            None
+        }
+    };
+    let known = Arc::new(Mutex::new(known_stripes(prev.as_ref(), &table)));
+
+    let volume_id = keys.volume_id(&plan.volume);
+    let codec = Arc::new(StripeCodec::new(keys.clone(), layout, volume_id)?);
+    let clients = Arc::new(clients);
+    let bar = bytes_bar(vol.size, "snapshot", plan.quiet);
+
+    // Reader thread: sequential reads into a bounded channel.
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<(u64, Vec<u8>)>>(4);
+    let file = vol.file;
+    let reader = tokio::task::spawn_blocking(move || {
+        for i in 0..layout.stripe_count() {
+            let mut buf = vec![0u8; layout.stripe_len(i)];
+            let r = file.read_exact_at(&mut buf, layout.stripe_offset(i)).map(|_| (i, buf));
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                break;
+            }
+        }
+    });
+
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut tasks: JoinSet<Result<(u64, StripeRef, StripeOutcome)>> = JoinSet::new();
+    let mut stripes: Vec<Option<StripeRef>> = vec![None; layout.stripe_count() as usize];
+    let mut totals = StripeOutcome::default();
+    let mut collect = |r: Result<Result<(u64, StripeRef, StripeOutcome)>, tokio::task::JoinError>,
+                       stripes: &mut Vec<Option<StripeRef>>|
+     -> Result<()> {
+        let (i, sref, outcome) = r.context("stripe task failed")??;
+        stripes[i as usize] = Some(sref);
+        totals.add(&outcome);
+        Ok(())
+    };
+    while let Some(item) = rx.recv().await {
+        let (i, buf) = item.with_context(|| format!("cannot read {}", plan.source.display()))?;
+        let permit = in_flight.clone().acquire_owned().await.context("pipeline closed")?;
+        let (codec, clients, known, bar) = (codec.clone(), clients.clone(), known.clone(), bar.clone());
+        tasks.spawn(async move {
+            let len = buf.len() as u64;
+            let r = store_stripe(i, buf, codec, clients, known).await;
+            bar.inc(len);
+            drop(permit);
+            r
+        });
+        while let Some(r) = tasks.try_join_next() {
+            collect(r, &mut stripes)?;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        collect(r, &mut stripes)?;
+    }
+    reader.await.context("reader thread failed")?;
+    bar.finish_and_clear();
+    let stripes: Vec<StripeRef> = stripes
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.with_context(|| format!("stripe {i} was never read: source shrank while reading?")))
+        .collect::<Result<_>>()?;
+
+    // Durability barrier on every agent, then the commit: the manifest on every agent.
+    let mut syncs = JoinSet::new();
+    for c in clients.iter().cloned() {
+        syncs.spawn(async move { (c.addr().to_string(), c.sync().await) });
+    }
+    while let Some(r) = syncs.join_next().await {
+        let (addr, r) = r.context("sync task failed")?;
+        r.with_context(|| format!("agent {addr} could not make its shards durable; snapshot not committed"))?;
+    }
+    let snapshot_id = hex(&random_bytes::<8>());
+    let manifest = Manifest {
+        snapshot: snapshot_id.clone(),
+        volume_name: plan.volume.clone(),
+        volume: volume_id,
+        created: now_secs(),
+        layout,
+        agents: table,
+        stripes,
+    };
+    let sealed = manifest.seal(&keys)?;
+    let mut puts = JoinSet::new();
+    for c in clients.iter().cloned() {
+        let (name, data) = (manifest.blob_name(), sealed.clone());
+        puts.spawn(async move { (c.addr().to_string(), c.put_blob(&name, data).await) });
+    }
+    let mut catalog_failures = Vec::new();
+    while let Some(r) = puts.join_next().await {
+        let (addr, r) = r.context("catalog task failed")?;
+        if let Err(e) = r {
+            catalog_failures.push(format!("{addr}: {e}"));
+        }
+    }
+    if catalog_failures.len() == clients.len() {
+        bail!("no agent accepted the catalog entry; snapshot not committed: {}", catalog_failures.join("; "));
+    }
+    for f in &catalog_failures {
+        tracing::warn!("catalog copy not stored on {f}");
+    }
+    Ok(SnapshotReport {
+        snapshot: snapshot_id,
+        volume: plan.volume.clone(),
+        size: layout.volume_size,
+        stripes: layout.stripe_count(),
+        zero_stripes: totals.zero,
+        new_stripes: totals.new,
+        reused_stripes: totals.reused,
+        bytes_sent: totals.bytes_sent,
+        seconds: started.elapsed().as_secs_f64(),
+        agents: clients.len(),
+        agents_unreachable: unreachable,
+        data_shards: plan.k,
+        parity_shards: plan.m,
+    })
+}
+
+#[derive(Default, Debug, Clone)]
+struct StripeOutcome {
+    zero: u64,
+    new: u64,
+    reused: u64,
+    bytes_sent: u64,
+}
+
+impl StripeOutcome {
+    fn add(&mut self, o: &StripeOutcome) {
+        self.zero += o.zero;
+        self.new += o.new;
+        self.reused += o.reused;
+        self.bytes_sent += o.bytes_sent;
+    }
+}
+
+enum Prepared {
+    Zero,
+    Known(StripeId, Vec<u16>),
+    New(sa_core::stripe::EncodedStripe, Vec<u16>),
+}
+
+async fn store_stripe(
+    i: u64,
+    buf: Vec<u8>,
+    codec: Arc<StripeCodec>,
+    clients: Arc<Vec<AgentClient>>,
+    known: Arc<Mutex<HashMap<StripeId, Vec<u16>>>>,
+) -> Result<(u64, StripeRef, StripeOutcome)> {
+    let n_agents = clients.len();
+    let c2 = codec.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        if is_zero(&buf) {
+            return Prepared::Zero;
+        }
+        let id = c2.stripe_id(&buf);
+        let slots = {
+            let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slots) = known.get(&id) {
+                return Prepared::Known(id, slots.clone());
+            }
+            let slots = rotate_placement(i, c2.layout().shards(), n_agents);
+            known.insert(id, slots.clone());
+            slots
+        };
+        Prepared::New(c2.encode(id, buf), slots)
+    })
+    .await
+    .context("encode task failed")?;
+    let mut outcome = StripeOutcome::default();
+    let sref = match prepared {
+        Prepared::Zero => {
+            outcome.zero = 1;
+            StripeRef::Zero
+        }
+        Prepared::Known(id, slots) => {
+            outcome.reused = 1;
+            StripeRef::Data { id, slots }
+        }
+        Prepared::New(enc, slots) => {
+            let mut puts = JoinSet::new();
+            for (idx, file) in enc.shards.into_iter().enumerate() {
+                let client = clients[slots[idx] as usize].clone();
+                let key = codec.key(&enc.id, idx);
+                outcome.bytes_sent += file.len() as u64;
+                puts.spawn(async move {
+                    let r = client.put_shard(&key, file).await;
+                    (client.addr().to_string(), r)
+                });
+            }
+            while let Some(r) = puts.join_next().await {
+                let (addr, r) = r.context("upload task failed")?;
+                match r {
+                    Ok(()) => {}
+                    Err(e @ sa_core::Error::Full(_)) => {
+                        bail!("agent {addr} is full: {e}. Free space there, raise its --quota, or add agents; nothing was committed")
+                    }
+                    Err(e) => bail!("agent {addr} failed while storing stripe {i}: {e}; nothing was committed, run the snapshot again"),
+                }
+            }
+            outcome.new = 1;
+            StripeRef::Data { id: enc.id, slots }
+        }
+    };
+    Ok((i, sref, outcome))
+}
