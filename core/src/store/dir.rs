@@ -123,6 +123,14 @@ impl DirStore {
         self.inner.root.join("tmp").join(format!("w{}-{n}", std::process::id()))
     }
 
+    /// Records the directories of a new shard file for the next [`DirStore::sync_blocking`].
+    fn mark_dirty(&self, path: &Path) {
+        let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+        for dir in path.ancestors().skip(1).take(3) {
+            dirty.insert(dir.to_path_buf());
+        }
+    }
+
     /// Reserves `len` bytes of quota, or fails with [`Error::Full`].
     fn reserve(&self, len: u64) -> Result<()> {
         let prev = self.inner.used.fetch_add(len, Ordering::SeqCst);
@@ -148,6 +156,13 @@ impl DirStore {
         }
         let path = self.shard_path(key);
         let old = fs::metadata(&path).map(|m| m.len()).ok();
+        // Encryption is deterministic, so a re-sent shard (a resumed or repeated snapshot) is
+        // byte-identical to the stored one: keep the stored, already durable file rather than
+        // replacing it. A stored copy that differs (corrupt) is replaced.
+        if old == Some(file.len() as u64) && fs::read(&path).is_ok_and(|stored| stored == file) {
+            self.mark_dirty(&path);
+            return Ok(());
+        }
         let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
         // Only growth counts against the quota: re-sending a shard replaces it.
         self.reserve(len.saturating_sub(old_len))?;
@@ -164,11 +179,7 @@ impl DirStore {
                 if old.is_none() {
                     self.inner.shards.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
-                dirty.insert(dir.clone());
-                if let Some(parent) = dir.parent() {
-                    dirty.insert(parent.to_path_buf());
-                }
+                self.mark_dirty(&path);
                 Ok(())
             }
             Err(e) => {
