@@ -1,20 +1,190 @@
 //! The catalog: every snapshot's sealed manifest, replicated as blob `snap-<ID>` on every agent.
 //! Any one reachable agent is enough to list and open it.
+//!
+//! Two more kinds of small catalog blobs serve retention and garbage collection (see the
+//! imager's `gc` module for the protocol):
+//!
+//! * `forgotten-<ID>`: a **tombstone**. `forget`/`prune` write it on every agent before deleting
+//!   `snap-<ID>`, so an agent that was offline and still holds a stale `snap-<ID>` cannot bring the
+//!   snapshot back: [`load_catalog`] hides every snapshot that has an authentic tombstone.
+//! * `lease-<ID>`: a running snapshot's **lease**, naming the snapshot whose stripes it reuses
+//!   (its base) and when it started; deleted after the snapshot commits.
+//!
+//! Both are sealed records ([`seal_record`]): AES-256-GCM under the catalog key with a random
+//! nonce and the blob name as associated data, so an agent can neither forge a tombstone (which
+//! would let one agent make every other one delete a snapshot's shards) nor move one to another
+//! name. Layout: magic `SA-RECRD` (8), version u16, reserved u16, nonce (12), ciphertext + tag.
 
+use ring::aead::{Aad, Nonce, NONCE_LEN};
+
+use crate::enc::{Reader, Writer};
 use crate::error::{Error, Result};
-use crate::keys::Keys;
+use crate::keys::{random_bytes, Keys};
 use crate::manifest::{Manifest, SNAPSHOT_BLOB_PREFIX};
+use crate::seal::TAG_LEN;
 use crate::store::ShardRead;
 
-/// Loads every manifest a store holds, oldest first. Entries that fail to open are returned
-/// separately (name, error) so the caller can report them; a wrong key fails them all.
+/// Prefix of tombstone blobs.
+pub const FORGOTTEN_BLOB_PREFIX: &str = "forgotten-";
+/// Prefix of lease blobs.
+pub const LEASE_BLOB_PREFIX: &str = "lease-";
+/// Magic of a sealed record.
+pub const RECORD_MAGIC: [u8; 8] = *b"SA-RECRD";
+/// Record format version.
+pub const RECORD_VERSION: u16 = 1;
+const RECORD_HEADER: usize = 24;
+
+/// Seals a small record stored as catalog blob `name` (the name is authenticated).
+pub fn seal_record(keys: &Keys, name: &str, body: &[u8]) -> Result<Vec<u8>> {
+    let nonce: [u8; NONCE_LEN] = random_bytes();
+    let mut out = Vec::with_capacity(RECORD_HEADER + body.len() + TAG_LEN);
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&nonce);
+    let mut aad = out.clone();
+    aad.extend_from_slice(name.as_bytes());
+    let mut ct = body.to_vec();
+    let tag = keys
+        .catalog
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut ct)
+        .map_err(|_| Error::Invalid("record too large to encrypt".into()))?;
+    out.extend_from_slice(&ct);
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Opens a record read from catalog blob `name`.
+pub fn open_record(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+    if sealed.len() < RECORD_HEADER + TAG_LEN || sealed[..8] != RECORD_MAGIC {
+        return Err(Error::malformed("catalog record", format!("{name} is not a sealed record")));
+    }
+    let version = u16::from_le_bytes([sealed[8], sealed[9]]);
+    if version != RECORD_VERSION {
+        return Err(Error::UnsupportedVersion { what: "catalog record", found: version, supported: RECORD_VERSION });
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[12..24]);
+    let mut aad = sealed[..RECORD_HEADER].to_vec();
+    aad.extend_from_slice(name.as_bytes());
+    let mut ct = sealed[RECORD_HEADER..].to_vec();
+    let plain = keys
+        .catalog
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut ct)
+        .map_err(|_| Error::AuthFailed(format!("catalog entry {name}")))?;
+    Ok(plain.to_vec())
+}
+
+/// A tombstone: snapshot `snapshot` was forgotten at `forgotten_at` (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// The forgotten snapshot's id.
+    pub snapshot: String,
+    /// When it was forgotten.
+    pub forgotten_at: u64,
+}
+
+impl Tombstone {
+    /// The blob name of the tombstone of `snapshot`.
+    pub fn blob_name_of(snapshot: &str) -> String {
+        format!("{FORGOTTEN_BLOB_PREFIX}{snapshot}")
+    }
+
+    /// Sealed blob contents.
+    pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
+        let mut w = Writer::default();
+        w.str(&self.snapshot).u64(self.forgotten_at);
+        seal_record(keys, &Self::blob_name_of(&self.snapshot), &w.buf)
+    }
+
+    /// Opens a tombstone read from blob `name`; the id inside must match the name.
+    pub fn open(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Self> {
+        let body = open_record(keys, name, sealed)?;
+        let mut r = Reader::new(&body, "tombstone");
+        let t = Tombstone { snapshot: r.str()?, forgotten_at: r.u64()? };
+        r.finish()?;
+        if Self::blob_name_of(&t.snapshot) != name {
+            return Err(Error::malformed("tombstone", format!("{name} names snapshot {}", t.snapshot)));
+        }
+        Ok(t)
+    }
+}
+
+/// A running snapshot's lease: while it exists (and is younger than the collector's lease
+/// lifetime), the snapshot `base` and every shard stored since `started` are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Lease id (the id the snapshot will get).
+    pub id: String,
+    /// The snapshot whose stripes the running one reuses, if any.
+    pub base: Option<String>,
+    /// When the snapshot started, Unix seconds (the writer's clock).
+    pub started: u64,
+}
+
+impl Lease {
+    /// Blob name.
+    pub fn blob_name(&self) -> String {
+        format!("{LEASE_BLOB_PREFIX}{}", self.id)
+    }
+
+    /// Sealed blob contents.
+    pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
+        let mut w = Writer::default();
+        w.str(&self.id).str(self.base.as_deref().unwrap_or("")).u64(self.started);
+        seal_record(keys, &self.blob_name(), &w.buf)
+    }
+
+    /// Opens a lease read from blob `name`.
+    pub fn open(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Self> {
+        let body = open_record(keys, name, sealed)?;
+        let mut r = Reader::new(&body, "lease");
+        let id = r.str()?;
+        let base = Some(r.str()?).filter(|b| !b.is_empty());
+        let l = Lease { id, base, started: r.u64()? };
+        r.finish()?;
+        if l.blob_name() != name {
+            return Err(Error::malformed("lease", format!("{name} holds lease {}", l.id)));
+        }
+        Ok(l)
+    }
+}
+
+/// The authentic tombstones a store holds, by snapshot id. With `only`, reads just the
+/// tombstones of those snapshot ids (the ones whose `snap-` blob is still there).
+pub async fn load_tombstones(store: &dyn ShardRead, keys: &Keys, only: Option<&[String]>) -> Result<Vec<Tombstone>> {
+    let mut out = Vec::new();
+    for name in store.list_blobs(FORGOTTEN_BLOB_PREFIX).await? {
+        let id = &name[FORGOTTEN_BLOB_PREFIX.len()..];
+        if only.is_some_and(|o| !o.iter().any(|s| s == id)) {
+            continue;
+        }
+        match store.get_blob(&name).await.and_then(|b| Tombstone::open(keys, &name, &b)) {
+            Ok(t) => out.push(t),
+            Err(Error::ShardMissing) => {}
+            Err(e) => tracing::warn!("ignoring catalog entry {name}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Loads every manifest a store holds, oldest first, except snapshots with an authentic
+/// tombstone (forgotten). Entries that fail to open are returned separately (name, error) so the
+/// caller can report them; a wrong key fails them all.
 pub async fn load_catalog(store: &dyn ShardRead, keys: &Keys) -> Result<(Vec<Manifest>, Vec<(String, Error)>)> {
     let names = store.list_blobs(SNAPSHOT_BLOB_PREFIX).await?;
+    let ids: Vec<String> = names.iter().map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string()).collect();
+    let forgotten = load_tombstones(store, keys, Some(&ids)).await?;
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    for name in names {
+    for (name, id) in names.into_iter().zip(ids) {
+        if forgotten.iter().any(|t| t.snapshot == id) {
+            continue;
+        }
         match store.get_blob(&name).await.and_then(|b| Manifest::open(keys, &name, &b)) {
             Ok(m) => ok.push(m),
+            // Deleted between list and get (a concurrent forget): not an error.
+            Err(Error::ShardMissing) => {}
             Err(e) => bad.push((name, e)),
         }
     }
@@ -37,5 +207,45 @@ pub fn resolve<'a>(manifests: &'a [Manifest], wanted: &str, volume: Option<&str>
         1 => Ok(hits[0]),
         0 => Err(Error::Invalid(format!("no snapshot '{wanted}' in the catalog (see `sa-image list`)"))),
         n => Err(Error::Invalid(format!("'{wanted}' matches {n} snapshots: give more of the id"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterKey;
+    use crate::store::{DirStore, ShardWrite};
+
+    #[test]
+    fn records_are_authenticated_and_bound_to_their_name() {
+        let keys = MasterKey::from_bytes([3; 32]).derive();
+        let t = Tombstone { snapshot: "00ff".into(), forgotten_at: 42 };
+        let sealed = t.seal(&keys).unwrap();
+        assert_eq!(Tombstone::open(&keys, "forgotten-00ff", &sealed).unwrap(), t);
+        assert!(Tombstone::open(&keys, "forgotten-00fe", &sealed).is_err(), "moved");
+        let other = MasterKey::from_bytes([4; 32]).derive();
+        assert!(Tombstone::open(&other, "forgotten-00ff", &sealed).is_err(), "forged");
+        let l = Lease { id: "ab".into(), base: Some("cd".into()), started: 7 };
+        assert_eq!(Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(), l);
+        let l = Lease { base: None, ..l };
+        assert_eq!(Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(), l);
+    }
+
+    #[tokio::test]
+    async fn tombstones_hide_stale_manifests_but_forged_ones_do_not() {
+        let keys = MasterKey::from_bytes([3; 32]).derive();
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        let mut m = crate::manifest::tests::sample();
+        for id in ["aaaa", "bbbb"] {
+            m.snapshot = id.into();
+            s.put_blob(&m.blob_name(), m.seal(&keys).unwrap()).await.unwrap();
+        }
+        let t = Tombstone { snapshot: "aaaa".into(), forgotten_at: 1 };
+        s.put_blob(&Tombstone::blob_name_of("aaaa"), t.seal(&keys).unwrap()).await.unwrap();
+        s.put_blob("forgotten-bbbb", b"not sealed".to_vec()).await.unwrap();
+        let (ms, bad) = load_catalog(&s, &keys).await.unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(ms.iter().map(|m| m.snapshot.as_str()).collect::<Vec<_>>(), vec!["bbbb"]);
     }
 }

@@ -63,6 +63,9 @@ pub struct Manifest {
     pub volume: VolumeId,
     /// Creation time, seconds since the Unix epoch (UTC).
     pub created: u64,
+    /// Sub-second part of the creation time, in nanoseconds: orders snapshots taken within
+    /// one second, so `latest` is never ambiguous.
+    pub created_nanos: u32,
     /// Stripe layout.
     pub layout: Layout,
     /// Agent table.
@@ -91,6 +94,7 @@ impl Manifest {
             .str(&self.volume_name)
             .bytes(&self.volume)
             .u64(self.created)
+            .u32(self.created_nanos)
             .u64(self.layout.volume_size)
             .u32(self.layout.stripe_size)
             .u8(self.layout.k)
@@ -127,6 +131,7 @@ impl Manifest {
         let volume_name = r.str()?;
         let volume = r.array()?;
         let created = r.u64()?;
+        let created_nanos = r.u32()?;
         let volume_size = r.u64()?;
         let stripe_size = r.u32()?;
         let k = r.u8()?;
@@ -163,7 +168,7 @@ impl Manifest {
             }
         }
         r.finish()?;
-        Ok(Manifest { snapshot, volume_name, volume, created, layout, agents, stripes })
+        Ok(Manifest { snapshot, volume_name, volume, created, created_nanos, layout, agents, stripes })
     }
 
     /// Compresses and encrypts the manifest for the catalog.
@@ -216,7 +221,7 @@ impl Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::keys::MasterKey;
 
@@ -227,6 +232,7 @@ mod tests {
             volume_name: "sda".into(),
             volume: [5; 16],
             created: 1_700_000_000,
+            created_nanos: 5,
             layout,
             agents: (0..6).map(|i| AgentEntry { id: [i; 16], addr: format!("127.0.0.{}:7710", i + 1) }).collect(),
             stripes: vec![

@@ -6,8 +6,8 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::shard::ShardKey;
-pub use crate::wire::StoreStat;
+use crate::shard::{ShardKey, VolumeId};
+pub use crate::wire::{ShardEntry, StoreStat, SweepStats};
 
 pub mod dir;
 pub mod remote;
@@ -26,6 +26,10 @@ pub trait ShardRead: Send + Sync {
     async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>>;
     /// Reports usage.
     async fn stat(&self) -> Result<StoreStat>;
+    /// Volume ids (hex) the store holds shards of (garbage collection).
+    async fn list_volumes(&self) -> Result<Vec<String>>;
+    /// Shards of `volume` whose stripe id starts with byte `bucket`, with their ages.
+    async fn list_shards(&self, volume: &VolumeId, bucket: u8) -> Result<Vec<ShardEntry>>;
 }
 
 /// The write side of a store.
@@ -41,4 +45,7 @@ pub trait ShardWrite: ShardRead {
     async fn delete_blob(&self, name: &str) -> Result<()>;
     /// Durability barrier: every shard stored before this call survives a crash after it.
     async fn sync(&self) -> Result<()>;
+    /// Deletes each of `keys` whose file is at least `min_age` seconds old by the store's own
+    /// clock; younger ones are kept (garbage collection with a grace period).
+    async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats>;
 }

@@ -13,8 +13,19 @@
 //!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key
 //!   PUT_BLOB name data | GET_BLOB name | LIST_BLOBS prefix | DELETE_BLOB name
 //!   SYNC (make every shard written so far durable) | STAT
-//! answers: OK | DATA bytes | NAMES list | STAT fields | ERROR code message
+//!   LIST_VOLUMES                      -> NAMES (volume ids, hex)
+//!   LIST_SHARDS volume [16], bucket u8 -> SHARDS (stripe id [32], index u8, age u64 s) per shard
+//!                                        whose stripe id starts with byte `bucket`
+//!   SWEEP_SHARDS min_age u64, n u32, n keys -> SWEPT deleted u64, bytes u64, young u64
+//! answers: OK | DATA bytes | NAMES list | STAT fields | SHARDS | SWEPT | ERROR code message
 //! ```
+//! `LIST_VOLUMES`, `LIST_SHARDS` and `SWEEP_SHARDS` were added to version 1 for garbage
+//! collection (kinds 19..21, answers 105..106): an older agent answers them with a protocol
+//! error, which the collector reports as "agent too old" and skips. Listing goes by stripe-id
+//! bucket (256 per volume) so no answer grows with the volume. `SWEEP_SHARDS` deletes each named
+//! shard only if its file is at least `min_age` seconds old *by the agent's clock* at the moment of
+//! deletion, under a lock that excludes concurrent stores: a shard just stored (or re-stored,
+//! which refreshes its age) survives, whatever the clocks of the imager and agent say.
 //! A shard key is `volume id [16] | stripe id [32] | index u8`. The agent holds only the owner's
 //! public id: it can check a signature but cannot decrypt anything.
 
@@ -46,11 +57,16 @@ mod kind {
     pub const DELETE_BLOB: u8 = 16;
     pub const SYNC: u8 = 17;
     pub const STAT: u8 = 18;
+    pub const LIST_VOLUMES: u8 = 19;
+    pub const LIST_SHARDS: u8 = 20;
+    pub const SWEEP_SHARDS: u8 = 21;
     pub const OK: u8 = 100;
     pub const DATA: u8 = 101;
     pub const NAMES: u8 = 102;
     pub const STAT_REPLY: u8 = 103;
     pub const ERROR: u8 = 104;
+    pub const SHARDS: u8 = 105;
+    pub const SWEPT: u8 = 106;
 }
 
 /// Error codes an agent sends back.
@@ -127,6 +143,31 @@ pub struct StoreStat {
     pub shards: u64,
 }
 
+/// Most keys one `SWEEP_SHARDS` request may name (keeps frames small).
+pub const MAX_SWEEP_KEYS: usize = 16_384;
+
+/// One shard an agent holds, as `LIST_SHARDS` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardEntry {
+    /// Stripe id.
+    pub stripe: crate::seal::StripeId,
+    /// Shard index.
+    pub index: u8,
+    /// Seconds since the file was last stored or re-stored, by the agent's clock.
+    pub age: u64,
+}
+
+/// What a `SWEEP_SHARDS` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SweepStats {
+    /// Shard files deleted.
+    pub deleted: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Shards named but kept because they were younger than `min_age`.
+    pub young: u64,
+}
+
 /// The handshake messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handshake {
@@ -199,6 +240,22 @@ pub enum Request {
     Sync,
     /// Report usage.
     Stat,
+    /// List the volume ids (hex) the agent holds shards of.
+    ListVolumes,
+    /// List the shards of one volume whose stripe id starts with byte `bucket`.
+    ListShards {
+        /// Volume id.
+        volume: crate::shard::VolumeId,
+        /// First byte of the stripe ids listed.
+        bucket: u8,
+    },
+    /// Delete the named shards that are at least `min_age` seconds old (garbage collection).
+    SweepShards {
+        /// Shards younger than this (agent's clock) are kept.
+        min_age: u64,
+        /// The shards to delete.
+        keys: Vec<ShardKey>,
+    },
 }
 
 /// An answer to a request.
@@ -212,6 +269,10 @@ pub enum Response {
     Names(Vec<String>),
     /// Usage.
     Stat(StoreStat),
+    /// Shards held (answer to `ListShards`).
+    Shards(Vec<ShardEntry>),
+    /// Outcome of a `SweepShards`.
+    Swept(SweepStats),
     /// Failure.
     Error {
         /// What kind.
@@ -312,6 +373,18 @@ impl Request {
             }
             Request::Sync => (kind::SYNC, &[]),
             Request::Stat => (kind::STAT, &[]),
+            Request::ListVolumes => (kind::LIST_VOLUMES, &[]),
+            Request::ListShards { volume, bucket } => {
+                w.bytes(volume).u8(*bucket);
+                (kind::LIST_SHARDS, &[])
+            }
+            Request::SweepShards { min_age, keys } => {
+                w.u64(*min_age).u32(keys.len() as u32);
+                for k in keys {
+                    put_key(&mut w, k);
+                }
+                (kind::SWEEP_SHARDS, &[])
+            }
         };
         Frame { kind, head: w.buf, tail }
     }
@@ -338,6 +411,20 @@ impl Request {
             kind::DELETE_BLOB => Request::DeleteBlob { name: r.str()? },
             kind::SYNC => Request::Sync,
             kind::STAT => Request::Stat,
+            kind::LIST_VOLUMES => Request::ListVolumes,
+            kind::LIST_SHARDS => Request::ListShards { volume: r.array()?, bucket: r.u8()? },
+            kind::SWEEP_SHARDS => {
+                let min_age = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_SWEEP_KEYS {
+                    return Err(Error::Protocol(format!("sweep of {n} shards, at most {MAX_SWEEP_KEYS} per request")));
+                }
+                let mut keys = Vec::with_capacity(n.min(r.remaining() / 49));
+                for _ in 0..n {
+                    keys.push(get_key(&mut r)?);
+                }
+                Request::SweepShards { min_age, keys }
+            }
             k => return Err(Error::Protocol(format!("unknown request kind {k}"))),
         };
         r.finish()?;
@@ -362,6 +449,17 @@ impl Response {
             Response::Stat(s) => {
                 w.bytes(&s.agent_id).u64(s.used).u64(s.quota).u64(s.shards);
                 (kind::STAT_REPLY, &[])
+            }
+            Response::Shards(entries) => {
+                w.u32(entries.len() as u32);
+                for e in entries {
+                    w.bytes(&e.stripe).u8(e.index).u64(e.age);
+                }
+                (kind::SHARDS, &[])
+            }
+            Response::Swept(s) => {
+                w.u64(s.deleted).u64(s.bytes).u64(s.young);
+                (kind::SWEPT, &[])
             }
             Response::Error { code, message } => {
                 w.u16(code.to_u16()).str(message);
@@ -393,6 +491,15 @@ impl Response {
                 quota: r.u64()?,
                 shards: r.u64()?,
             }),
+            kind::SHARDS => {
+                let n = r.u32()? as usize;
+                let mut entries = Vec::with_capacity(n.min(r.remaining() / 41));
+                for _ in 0..n {
+                    entries.push(ShardEntry { stripe: r.array()?, index: r.u8()?, age: r.u64()? });
+                }
+                Response::Shards(entries)
+            }
+            kind::SWEPT => Response::Swept(SweepStats { deleted: r.u64()?, bytes: r.u64()?, young: r.u64()? }),
             kind::ERROR => Response::Error { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
             k => return Err(Error::Protocol(format!("unknown response kind {k}"))),
         };
@@ -402,7 +509,12 @@ impl Response {
 
     /// An error response for a store error.
     pub fn error(e: &Error) -> Self {
-        Response::Error { code: ErrorCode::of(e), message: e.to_string() }
+        // The client rebuilds the same variant from the code, so send only its inner text.
+        let message = match e {
+            Error::Full(m) | Error::ShardCorrupt(m) => m.clone(),
+            _ => e.to_string(),
+        };
+        Response::Error { code: ErrorCode::of(e), message }
     }
 }
 
@@ -466,12 +578,19 @@ mod tests {
         round_trip_req(Request::PutBlob { name: "snap-x".into(), data: vec![1, 2] }).await;
         round_trip_req(Request::ListBlobs { prefix: "snap-".into() }).await;
         round_trip_req(Request::Sync).await;
+        round_trip_req(Request::ListVolumes).await;
+        round_trip_req(Request::ListShards { volume: [4; 16], bucket: 0xab }).await;
+        round_trip_req(Request::SweepShards { min_age: 3600, keys: vec![key, ShardKey { index: 1, ..key }] }).await;
+        round_trip_req(Request::SweepShards { min_age: 0, keys: vec![] }).await;
         for resp in [
             Response::Ok,
             Response::Data(vec![1, 2, 3]),
             Response::Names(vec!["a".into(), "b".into()]),
             Response::Stat(StoreStat { agent_id: [3; 16], used: 10, quota: 20, shards: 2 }),
             Response::Error { code: ErrorCode::Full, message: "full".into() },
+            Response::Shards(vec![ShardEntry { stripe: [9; 32], index: 3, age: 77 }]),
+            Response::Shards(vec![]),
+            Response::Swept(SweepStats { deleted: 4, bytes: 4096, young: 1 }),
         ] {
             let mut buf = Vec::new();
             write_frame(&mut buf, &resp.frame()).await.unwrap();
@@ -493,6 +612,15 @@ mod tests {
         assert!(Request::parse(kind::GET_SHARD, vec![1, 2, 3]).is_err());
         assert!(Request::parse(kind::PUT_SHARD, vec![1, 2, 3]).is_err());
         assert!(Request::parse(250, vec![]).is_err());
+        // A sweep that claims more keys than it carries, or more than allowed.
+        let mut w = Writer::default();
+        w.u64(0).u32(2);
+        put_key(&mut w, &ShardKey { volume: [1; 16], stripe: [2; 32], index: 0 });
+        assert!(Request::parse(kind::SWEEP_SHARDS, w.buf).is_err());
+        let mut w = Writer::default();
+        w.u64(0).u32(u32::MAX);
+        assert!(Request::parse(kind::SWEEP_SHARDS, w.buf).is_err());
+        assert!(Response::parse(kind::SHARDS, vec![5, 0, 0, 0, 1]).is_err());
         assert!(Handshake::parse(kind::HELLO, b"NOTMAGIC\x01\x00".to_vec().as_slice()).is_err());
     }
 }

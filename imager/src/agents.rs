@@ -1,13 +1,15 @@
 //! Reaching the agents: connect to many at once, read the catalog from any one, and map a
 //! snapshot's agent table (stable ids + last known addresses) onto live connections.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use sa_core::catalog::load_catalog;
+
+use sa_core::catalog::sort_by_creation;
 use sa_core::keys::{hex, Keys};
-use sa_core::manifest::Manifest;
-use sa_core::store::AgentClient;
+use sa_core::manifest::{Manifest, SNAPSHOT_BLOB_PREFIX};
+use sa_core::store::{AgentClient, ShardRead};
 use tokio::task::JoinSet;
 
 /// The outcome of connecting to one address.
@@ -50,36 +52,61 @@ pub fn none_reachable(attempts: &[Attempt]) -> anyhow::Error {
     anyhow::anyhow!(msg)
 }
 
-/// Connects to the given agents and reads the catalog from the first that answers.
+/// Connects to the given agents and reads the catalog. Every reachable agent is asked for the
+/// names it holds (cheap), and each snapshot's manifest is read from the first agent that holds
+/// a sound copy: a damaged or missing copy on one agent falls through to the next.
 pub async fn open_catalog(addrs: &[String], keys: &Arc<Keys>) -> Result<(Vec<Manifest>, Vec<Attempt>)> {
     let attempts = connect_many(addrs, keys).await;
-    let mut last_err = None;
-    for (addr, c) in &attempts {
-        let Ok(client) = c else { continue };
-        match load_catalog(client, keys).await {
-            Ok((manifests, bad)) => {
-                for (name, e) in &bad {
-                    tracing::warn!("{addr}: catalog entry {name} unreadable: {e}");
+    let live: Vec<&AgentClient> = attempts.iter().filter_map(|(_, c)| c.as_ref().ok()).collect();
+    if live.is_empty() {
+        return Err(none_reachable(&attempts));
+    }
+    let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut listed = 0;
+    for (i, c) in live.iter().enumerate() {
+        match c.list_blobs(SNAPSHOT_BLOB_PREFIX).await {
+            Ok(names) => {
+                listed += 1;
+                for n in names {
+                    holders.entry(n).or_default().push(i);
                 }
-                if manifests.is_empty() && !bad.is_empty() {
-                    bail!(
-                        "the catalog on {addr} holds {} snapshot(s) but none opens with this key: wrong key file? ({})",
-                        bad.len(),
-                        bad[0].1
-                    );
-                }
-                return Ok((manifests, attempts));
             }
-            Err(e) => {
-                tracing::warn!("{addr}: cannot read catalog: {e}");
-                last_err = Some(e);
-            }
+            Err(e) => tracing::warn!("{}: cannot list the catalog: {e}", c.addr()),
         }
     }
-    match last_err {
-        Some(e) => bail!("no agent's catalog could be read: {e}"),
-        None => Err(none_reachable(&attempts)),
+    if listed == 0 {
+        bail!("no reachable agent could list its catalog (see the warnings above)");
     }
+    let mut manifests = Vec::new();
+    let mut unreadable: Vec<(String, sa_core::Error)> = Vec::new();
+    for (name, on) in holders {
+        let mut last = None;
+        for &i in &on {
+            match live[i].get_blob(&name).await.and_then(|b| Manifest::open(keys, &name, &b)) {
+                Ok(m) => {
+                    manifests.push(m);
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("{}: catalog copy {name} unusable: {e}", live[i].addr());
+                    last = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last {
+            unreadable.push((name, e));
+        }
+    }
+    if manifests.is_empty() && !unreadable.is_empty() {
+        bail!(
+            "the catalog holds {} snapshot(s) but none opens with this key: wrong key file? ({})",
+            unreadable.len(),
+            unreadable[0].1
+        );
+    }
+    sort_by_creation(&mut manifests);
+    Ok((manifests, attempts))
 }
 
 /// A snapshot's agent table mapped onto connections: `slots[i]` serves table entry `i`.

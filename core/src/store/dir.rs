@@ -11,13 +11,21 @@
 //! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
 //! `fsync` of every directory touched since the last sync); blobs are made durable at once.
 //! Uses only portable `std` (agents run on Windows and macOS desk PCs too).
+//!
+//! Garbage collection support: a shard file's modification time is its "age" ([`ShardEntry`]).
+//! Storing a shard that is already stored byte for byte keeps the file but refreshes its time,
+//! so a collector's grace period protects every shard a running snapshot has (re)stored.
+//! [`DirStore::sweep_blocking`] deletes only files older than the age it is given, each check
+//! and delete under a write lock that every store takes for reading: a shard cannot be
+//! refreshed between the check and the delete.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -25,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::keys::{hex, random_bytes, unhex};
 use crate::shard::{check_shard, ShardKey};
 use crate::store::{ShardRead, ShardWrite, StoreStat};
+use crate::wire::{ShardEntry, SweepStats};
 
 /// A shard store in a directory.
 #[derive(Clone)]
@@ -40,6 +49,8 @@ struct Inner {
     shards: AtomicU64,
     tmp_seq: AtomicU64,
     dirty_dirs: Mutex<HashSet<PathBuf>>,
+    /// Read by every shard store, written by each sweep delete (see the module docs).
+    sweep_lock: RwLock<()>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -100,6 +111,7 @@ impl DirStore {
                 shards: AtomicU64::new(count),
                 tmp_seq: AtomicU64::new(0),
                 dirty_dirs: Mutex::new(HashSet::new()),
+                sweep_lock: RwLock::new(()),
             }),
         })
     }
@@ -137,7 +149,7 @@ impl DirStore {
         if self.inner.quota > 0 && prev + len > self.inner.quota {
             self.inner.used.fetch_sub(len, Ordering::SeqCst);
             return Err(Error::Full(format!(
-                "quota of {} bytes reached ({} used); raise --quota or add agents",
+                "quota of {} bytes reached ({} used): raise the agent's --quota, free space, or add agents",
                 self.inner.quota, prev
             )));
         }
@@ -155,11 +167,14 @@ impl DirStore {
             return Err(Error::Invalid(format!("shard file is {} but was sent as {}", h.key.short(), key.short())));
         }
         let path = self.shard_path(key);
+        let _sweep = self.inner.sweep_lock.read().unwrap_or_else(|p| p.into_inner());
         let old = fs::metadata(&path).map(|m| m.len()).ok();
         // Encryption is deterministic, so a re-sent shard (a resumed or repeated snapshot) is
         // byte-identical to the stored one: keep the stored, already durable file rather than
-        // replacing it. A stored copy that differs (corrupt) is replaced.
+        // replacing it, but refresh its time (it is young again for the garbage collector).
+        // A stored copy that differs (corrupt) is replaced.
         if old == Some(file.len() as u64) && fs::read(&path).is_ok_and(|stored| stored == file) {
+            touch(&path)?;
             self.mark_dirty(&path);
             return Ok(());
         }
@@ -276,6 +291,81 @@ impl DirStore {
         Ok(())
     }
 
+    /// Volume ids (hex) that have a shard directory, sorted.
+    pub fn list_volumes_blocking(&self) -> Result<Vec<String>> {
+        let dir = self.inner.root.join("shards");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io(format!("cannot list {}", dir.display())))? {
+            let e = e.map_err(io("cannot list volumes"))?;
+            if let Some(name) = e.file_name().to_str() {
+                if name.len() == 32 && unhex(name).is_some() && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The shards of `volume` whose stripe id starts with byte `bucket`, with their ages.
+    pub fn list_shards_blocking(&self, volume: &[u8; 16], bucket: u8) -> Result<Vec<ShardEntry>> {
+        let dir = self.inner.root.join("shards").join(hex(volume)).join(hex(&[bucket]));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+        };
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io(format!("cannot list {}", dir.display())))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let Some((stripe, index)) = name.rsplit_once('.') else { continue };
+            let (Some(stripe), Ok(index)) = (unhex(stripe), index.parse::<u8>()) else { continue };
+            if stripe.len() != 32 || stripe[0] != bucket {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            let age = meta.modified().ok().and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()).unwrap_or(0);
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&stripe);
+            out.push(ShardEntry { stripe: id, index, age });
+        }
+        out.sort_by(|a, b| (a.stripe, a.index).cmp(&(b.stripe, b.index)));
+        Ok(out)
+    }
+
+    /// Deletes each of `keys` whose file is at least `min_age` seconds old; younger ones stay.
+    pub fn sweep_blocking(&self, min_age: u64, keys: &[ShardKey]) -> Result<SweepStats> {
+        let mut stats = SweepStats::default();
+        for key in keys {
+            let path = self.shard_path(key);
+            let _excl = self.inner.sweep_lock.write().unwrap_or_else(|p| p.into_inner());
+            let Ok(meta) = fs::metadata(&path) else { continue };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if age < min_age {
+                stats.young += 1;
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    self.release(meta.len());
+                    self.inner.shards.fetch_sub(1, Ordering::Relaxed);
+                    stats.deleted += 1;
+                    stats.bytes += meta.len();
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("cannot delete {}", path.display()), e)),
+            }
+        }
+        Ok(stats)
+    }
+
     /// Usage figures.
     pub fn stat_blocking(&self) -> StoreStat {
         StoreStat {
@@ -285,6 +375,12 @@ impl DirStore {
             shards: self.inner.shards.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Sets a file's modification time to now (a re-stored shard is young again).
+fn touch(path: &Path) -> Result<()> {
+    let f = OpenOptions::new().write(true).open(path).map_err(io(format!("cannot open {}", path.display())))?;
+    f.set_modified(SystemTime::now()).map_err(io(format!("cannot touch {}", path.display())))
 }
 
 fn full_if_no_space(e: Error) -> Error {
@@ -381,6 +477,14 @@ impl ShardRead for DirStore {
     async fn stat(&self) -> Result<StoreStat> {
         Ok(self.stat_blocking())
     }
+    async fn list_volumes(&self) -> Result<Vec<String>> {
+        let s = self.clone();
+        blocking(move || s.list_volumes_blocking()).await
+    }
+    async fn list_shards(&self, volume: &crate::shard::VolumeId, bucket: u8) -> Result<Vec<ShardEntry>> {
+        let (s, v) = (self.clone(), *volume);
+        blocking(move || s.list_shards_blocking(&v, bucket)).await
+    }
 }
 
 #[async_trait]
@@ -404,6 +508,10 @@ impl ShardWrite for DirStore {
     async fn sync(&self) -> Result<()> {
         let s = self.clone();
         blocking(move || s.sync_blocking()).await
+    }
+    async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats> {
+        let s = self.clone();
+        blocking(move || s.sweep_blocking(min_age, &keys)).await
     }
 }
 
@@ -457,5 +565,41 @@ mod tests {
         for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
             assert!(s.put_blob(name, vec![1]).await.is_err(), "{name:?}");
         }
+    }
+
+    fn set_age(s: &DirStore, k: &ShardKey, secs: u64) {
+        let f = OpenOptions::new().write(true).open(s.shard_path(k)).unwrap();
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs)).unwrap();
+    }
+
+    #[test]
+    fn list_and_sweep_honour_age_and_restore_refreshes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        let (a, b) = (key(1), key(2));
+        let fa = encode_shard(&a, 4, 2, &[5; 100]);
+        s.put_shard_blocking(&a, &fa).unwrap();
+        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100])).unwrap();
+        assert_eq!(s.list_volumes_blocking().unwrap(), vec![hex(&[1; 16])]);
+        assert!(s.list_shards_blocking(&[1; 16], 3).unwrap().is_empty());
+        assert!(s.list_shards_blocking(&[9; 16], 1).unwrap().is_empty(), "unknown volume");
+        set_age(&s, &a, 7200);
+        set_age(&s, &b, 7200);
+        let l = s.list_shards_blocking(&[1; 16], 1).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].stripe, l[0].index), (a.stripe, 0));
+        assert!(l[0].age >= 7199, "age {}", l[0].age);
+        // Re-storing the same shard makes it young: a sweep with a 1h grace keeps it.
+        s.put_shard_blocking(&a, &fa).unwrap();
+        assert!(s.list_shards_blocking(&[1; 16], 1).unwrap()[0].age < 60);
+        let st = s.sweep_blocking(3600, &[a, b, key(3)]).unwrap();
+        assert_eq!((st.deleted, st.young), (1, 1));
+        assert!(st.bytes > 100);
+        assert!(matches!(s.get_shard_blocking(&b), Err(Error::ShardMissing)));
+        assert_eq!(s.stat_blocking().shards, 1);
+        let st = s.sweep_blocking(0, &[a]).unwrap();
+        assert_eq!(st.deleted, 1);
+        assert_eq!(s.stat_blocking().shards, 0);
+        assert_eq!(s.stat_blocking().used, 0);
     }
 }

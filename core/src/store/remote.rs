@@ -14,8 +14,8 @@ use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::shard::ShardKey;
-use crate::store::{ShardRead, ShardWrite, StoreStat};
+use crate::shard::{ShardKey, VolumeId};
+use crate::store::{ShardEntry, ShardRead, ShardWrite, StoreStat, SweepStats};
 use crate::wire::{auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION};
 
 /// Most connections one client opens to one agent.
@@ -191,6 +191,18 @@ impl ShardRead for AgentClient {
             _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
         }
     }
+    async fn list_volumes(&self) -> Result<Vec<String>> {
+        match self.call(&Request::ListVolumes).await? {
+            Response::Names(n) => Ok(n),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
+    async fn list_shards(&self, volume: &VolumeId, bucket: u8) -> Result<Vec<ShardEntry>> {
+        match self.call(&Request::ListShards { volume: *volume, bucket }).await? {
+            Response::Shards(s) => Ok(s),
+            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+        }
+    }
 }
 
 #[async_trait]
@@ -209,5 +221,19 @@ impl ShardWrite for AgentClient {
     }
     async fn sync(&self) -> Result<()> {
         self.expect_ok(&Request::Sync).await
+    }
+    async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats> {
+        let mut total = SweepStats::default();
+        for chunk in keys.chunks(crate::wire::MAX_SWEEP_KEYS) {
+            match self.call(&Request::SweepShards { min_age, keys: chunk.to_vec() }).await? {
+                Response::Swept(s) => {
+                    total.deleted += s.deleted;
+                    total.bytes += s.bytes;
+                    total.young += s.young;
+                }
+                _ => return Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            }
+        }
+        Ok(total)
     }
 }

@@ -171,8 +171,8 @@ fn print_report(r: &SnapshotReport) {
     }
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+fn now() -> (u64, u32) {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| (d.as_secs(), d.subsec_nanos())).unwrap_or((0, 0))
 }
 
 /// Where already-stored stripes live, from the previous snapshot of the volume.
@@ -320,11 +320,13 @@ pub async fn snapshot(plan: &SnapshotPlan, keys: Arc<Keys>) -> Result<SnapshotRe
         r.with_context(|| format!("agent {addr} could not make its shards durable; snapshot not committed"))?;
     }
     let snapshot_id = hex(&random_bytes::<8>());
+    let (created, created_nanos) = now();
     let manifest = Manifest {
         snapshot: snapshot_id.clone(),
         volume_name: plan.volume.clone(),
         volume: volume_id,
-        created: now_secs(),
+        created,
+        created_nanos,
         layout,
         agents: table,
         stripes,
@@ -440,8 +442,8 @@ async fn store_stripe(
                 let (addr, r) = r.context("upload task failed")?;
                 match r {
                     Ok(()) => {}
-                    Err(e @ sa_core::Error::Full(_)) => {
-                        bail!("agent {addr} is full: {e}. Free space there, raise its --quota, or add agents; nothing was committed")
+                    Err(sa_core::Error::Full(why)) => {
+                        bail!("agent {addr} is full ({why}); nothing was committed")
                     }
                     Err(e) => bail!("agent {addr} failed while storing stripe {i}: {e}; nothing was committed, run the snapshot again"),
                 }
