@@ -2,13 +2,14 @@
 //!
 //! Parity bytes are part of the stored format, so the choice of code lives here alone:
 //! * `m = 1`: plain XOR of the data shards (what RAID-5 does; the simplest code that works).
-//! * `m > 1`: Reed-Solomon over GF(2⁸) with the systematic Vandermonde-derived matrix of the
-//!   `reed-solomon-erasure` crate (v6, Backblaze-compatible). Chosen by measured *decode* speed,
-//!   which is what a restore with agents down runs on: on our 2-core machines it decodes k4m2 with
-//!   two lost 1 MiB shards several times faster than `reed-solomon-simd` (see
-//!   `cargo bench -p sa-core --bench pipeline`), and encodes at about the same speed.
-
-use reed_solomon_erasure::galois_8::ReedSolomon;
+//! * `m > 1`: Reed-Solomon over GF(2¹⁶) from the `reed-solomon-simd` crate (v3, Leopard-style
+//!   O(n log n) FFT codec with runtime-selected SSSE3/AVX2/NEON kernels). Chosen by measured
+//!   *decode* speed — what a restore or a live NBD read with agents down runs on. Measured in one
+//!   run on this project's 2-core machines (`cargo bench -p sa-core --bench pipeline -- rs_k4m2`,
+//!   k=4 m=2, 1 MiB shards, two data shards lost): reed-solomon-simd decodes at 1.9 GiB/s and
+//!   encodes at 9.2 GiB/s, reed-solomon-erasure 6 (simd-accel) at 1.1 GiB/s and 2.8 GiB/s.
+//!   The codec needs shards of an even length; [`crate::layout::Layout::shard_len`] rounds shard
+//!   lengths up to a multiple of 64 bytes, which also keeps its SIMD kernels on their fast path.
 
 use crate::error::{Error, Result};
 
@@ -16,21 +17,15 @@ use crate::error::{Error, Result};
 pub struct Codec {
     k: usize,
     m: usize,
-    rs: Option<ReedSolomon>,
 }
 
 impl Codec {
     /// A codec for `k` data and `m` parity shards.
     pub fn new(k: usize, m: usize) -> Result<Self> {
-        if k == 0 || m == 0 {
-            return Err(Error::Invalid("k and m must be at least 1".into()));
+        if k == 0 || m == 0 || k + m > 255 {
+            return Err(Error::Invalid(format!("codec k={k} m={m}: need k, m >= 1 and k + m <= 255")));
         }
-        let rs = if m == 1 {
-            None
-        } else {
-            Some(ReedSolomon::new(k, m).map_err(|e| Error::Invalid(format!("codec k={k} m={m}: {e:?}")))?)
-        };
-        Ok(Codec { k, m, rs })
+        Ok(Codec { k, m })
     }
 
     /// Data shards.
@@ -43,22 +38,21 @@ impl Codec {
         self.m
     }
 
-    /// Computes the `m` parity shards of `data` (k slices of equal length).
+    /// Computes the `m` parity shards of `data` (k slices of equal, even length).
     pub fn encode(&self, data: &[&[u8]]) -> Vec<Vec<u8>> {
         let len = data.first().map_or(0, |d| d.len());
-        let mut parity = vec![vec![0u8; len]; self.m];
-        match &self.rs {
-            None => {
-                let p = &mut parity[0];
-                for d in data {
-                    xor_into(p, d);
-                }
+        if self.m == 1 {
+            let mut p = vec![0u8; len];
+            for d in data {
+                xor_into(&mut p, d);
             }
-            Some(rs) => rs
-                .encode_sep(data, &mut parity)
-                .expect("shard counts and lengths checked by the caller"),
+            return vec![p];
         }
-        parity
+        if self.k == 1 {
+            // One data shard: every parity shard is a copy (a code of rate 1/(m+1)).
+            return vec![data[0].to_vec(); self.m];
+        }
+        reed_solomon_simd::encode(self.k, self.m, data).expect("shard counts and lengths checked by the caller")
     }
 
     /// Fills in the missing *data* shards (indices `0..k`) of `shards` (k + m entries, `None`
@@ -75,22 +69,33 @@ impl Codec {
         if missing.is_empty() {
             return Ok(());
         }
-        match &self.rs {
-            None => {
-                // XOR: the one missing data shard is the XOR of all others, parity included.
-                let idx = missing[0];
-                let len = shards.iter().flatten().next().map_or(0, |s| s.len());
-                let mut out = vec![0u8; len];
-                for s in shards.iter().flatten() {
-                    xor_into(&mut out, s);
-                }
-                shards[idx] = Some(out);
-                Ok(())
+        if self.m == 1 {
+            // XOR: the one missing data shard is the XOR of all others, parity included.
+            let len = shards.iter().flatten().next().map_or(0, |s| s.len());
+            let mut out = vec![0u8; len];
+            for s in shards.iter().flatten() {
+                xor_into(&mut out, s);
             }
-            Some(rs) => rs
-                .reconstruct_data(shards)
-                .map_err(|e| Error::ShardCorrupt(format!("reconstruction failed: {e:?}"))),
+            shards[missing[0]] = Some(out);
+            return Ok(());
         }
+        if self.k == 1 {
+            let copy = shards.iter().flatten().next().cloned();
+            shards[0] = copy;
+            return Ok(());
+        }
+        let (data, parity) = shards.split_at(self.k);
+        let originals = data.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let recovery = parity.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let mut restored = reed_solomon_simd::decode(self.k, self.m, originals, recovery)
+            .map_err(|e| Error::ShardCorrupt(format!("reconstruction failed: {e}")))?;
+        for i in missing {
+            let shard = restored
+                .remove(&i)
+                .ok_or_else(|| Error::ShardCorrupt(format!("reconstruction did not restore shard {i}")))?;
+            shards[i] = Some(shard);
+        }
+        Ok(())
     }
 }
 
@@ -121,9 +126,9 @@ mod tests {
     /// Every combination of up to `m` lost shards (data or parity) rebuilds the data.
     #[test]
     fn every_loss_of_up_to_m_shards_recovers() {
-        for (k, m) in [(1, 1), (2, 1), (4, 1), (4, 2), (3, 3), (6, 2)] {
+        for (k, m) in [(1, 1), (2, 1), (4, 1), (1, 2), (4, 2), (3, 3), (6, 2), (5, 4)] {
             let codec = Codec::new(k, m).unwrap();
-            let data = shards_for(k, 1027, k as u8);
+            let data = shards_for(k, 1024, k as u8);
             let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
             let parity = codec.encode(&refs);
             let all: Vec<Vec<u8>> = data.iter().cloned().chain(parity).collect();

@@ -71,9 +71,11 @@ impl Layout {
     }
 
     /// Length of each shard of a stripe whose plaintext is `plain_len` bytes: the
-    /// ciphertext (plaintext + AEAD tag) split in `k` equal parts, the last zero-padded.
+    /// ciphertext (plaintext + AEAD tag) split in `k` equal parts, rounded up to a multiple of
+    /// 64 bytes (the codec needs even lengths and runs fastest on 64-byte multiples), the tail
+    /// zero-padded.
     pub fn shard_len(&self, plain_len: usize) -> usize {
-        (plain_len + TAG_LEN).div_ceil(self.k as usize)
+        (plain_len + TAG_LEN).div_ceil(self.k as usize).next_multiple_of(64)
     }
 
     /// The stripe that holds byte `offset`.
@@ -100,7 +102,7 @@ mod tests {
         let l = Layout::new(10 * 1024 * 1024 + 512, 4 << 20, 4, 2).unwrap();
         assert_eq!(l.stripe_count(), 3);
         assert_eq!(l.stripe_len(2), 2 * 1024 * 1024 + 512);
-        assert_eq!(l.shard_len(4 << 20), (4 << 20) / 4 + 4);
+        assert_eq!(l.shard_len(4 << 20), (4 << 20) / 4 + 64);
         assert_eq!(l.stripe_of(8 << 20), 2);
     }
 
