@@ -188,8 +188,13 @@ pub async fn load_catalog(store: &dyn ShardRead, keys: &Keys) -> Result<(Vec<Man
             Err(e) => bad.push((name, e)),
         }
     }
-    ok.sort_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
+    sort_by_creation(&mut ok);
     Ok((ok, bad))
+}
+
+/// Sorts manifests oldest first (creation time to the nanosecond, then id).
+pub fn sort_by_creation(manifests: &mut [Manifest]) {
+    manifests.sort_by(|a, b| (a.created, a.created_nanos, &a.snapshot).cmp(&(b.created, b.created_nanos, &b.snapshot)));
 }
 
 /// Finds a snapshot by id, unique id prefix, or `latest` (newest of all, or of `volume` if given).
