@@ -50,6 +50,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod boot;
 pub mod console;
 pub mod cpio;
 pub mod error;
@@ -58,6 +59,7 @@ pub mod image;
 pub mod nbd;
 pub mod qemu;
 
+pub use boot::{boot_and_check, Boot, BOOT_TIMEOUT, STEP_TIMEOUT};
 pub use console::{Console, Line};
 pub use error::{require_root, Error, Result};
 pub use guest::{

@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 
 use sa_vm_tests::*;
 
-/// Generous: TCG on a busy 2-core machine; a boot takes a few seconds when idle.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
 fn build(dir: &std::path::Path) -> BootImage {
     if let Err(e) = require_root() {
         panic!("{e}");
@@ -28,50 +24,13 @@ fn build(dir: &std::path::Path) -> BootImage {
     img
 }
 
-/// What one boot reported.
-struct Boot {
-    found: Option<String>,
-    /// None when the guest found the disk read-only.
-    wrote: Option<String>,
-}
-
 /// Boots from `drive`, checks the markers in order and a clean power-off.
 fn boot(label: &str, drive: &str, img: &BootImage) -> Result<Boot> {
-    boot_with(label, drive, img, &VmOptions::default())
+    boot_and_check(label, drive, img, &VmOptions::default())
 }
 
 fn boot_with(label: &str, drive: &str, img: &BootImage, opts: &VmOptions) -> Result<Boot> {
-    let mut vm = run_vm(drive, opts)?;
-    let booted = vm.wait_for_marker(MARKER_BOOTED, BOOT_TIMEOUT)?;
-    let sha = vm.wait_for_marker(MARKER_SHA256, STEP_TIMEOUT)?;
-    if sha.text != img.known_sha256 {
-        return Err(vm.console().error(&format!(
-            "{label}: guest read /data/known.bin with sha256 {}, expected {}",
-            sha.text, img.known_sha256
-        )));
-    }
-    let found = vm.wait_for_line(STEP_TIMEOUT, |l| {
-        l.contains(MARKER_FOUND) || l.contains(MARKER_NOT_FOUND)
-    })?;
-    let found = found
-        .text
-        .split_once(MARKER_FOUND)
-        .map(|(_, rest)| rest.trim().to_string());
-    let wrote = vm.wait_for_line(STEP_TIMEOUT, |l| {
-        l.contains(MARKER_WROTE) || l.contains(MARKER_READ_ONLY)
-    })?;
-    let wrote = wrote
-        .text
-        .split_once(MARKER_WROTE)
-        .map(|(_, rest)| rest.trim().to_string());
-    vm.wait_for_marker(MARKER_DONE, STEP_TIMEOUT)?;
-    vm.expect_clean_exit(STEP_TIMEOUT)?;
-    eprintln!(
-        "{label}: {MARKER_BOOTED} after {:.2?}, powered off after {:.2?}; found {found:?}, wrote {wrote:?}",
-        booted.at,
-        vm.elapsed(),
-    );
-    Ok(Boot { found, wrote })
+    boot_and_check(label, drive, img, opts)
 }
 
 #[test]
