@@ -1,8 +1,21 @@
 //! Reading one stripe back from the agents: fetch `k` shards in parallel (data shards first, so
 //! a healthy stripe needs no reconstruction), and for every shard that is missing, corrupt or on an
 //! unreachable agent, fetch a parity shard instead; then rebuild, decrypt and verify.
+//!
+//! Two refinements for live serving (both on only after [`StripeReader::with_hedge`], so
+//! `restore` behaves as before):
+//! - **Hedging** ([`StripeReader::with_hedge`]): when `k` good shards have not arrived within the
+//!   hedge delay, one more shard (the next in preference order) is fetched alongside, and again
+//!   after each further delay, up to all `k + m`. The first `k` to arrive win; the rest are
+//!   dropped. One slow PC then costs a boot the hedge delay, not its full timeout.
+//! - **Agent health**: an agent that could not be reached, or that was still silent when a hedged
+//!   fetch completed the stripe without it, is "cooling down" for [`COOL_DOWN`];
+//!   while it is, its shards are asked for last (after parity on healthy agents), so a dead PC
+//!   does not cost every stripe a failed round trip. Shards are otherwise asked for data first.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sa_core::manifest::{Manifest, StripeRef};
 use sa_core::store::{AgentClient, ShardRead};
@@ -11,7 +24,7 @@ use sa_core::Error;
 use tokio::task::JoinSet;
 
 /// What went wrong with one shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Problem {
     /// The agent answered, but does not have it.
@@ -27,7 +40,9 @@ impl Problem {
     pub fn of(e: &Error) -> Self {
         match e {
             Error::ShardMissing => Problem::Missing,
-            Error::ShardCorrupt(_) | Error::Malformed { .. } | Error::UnsupportedVersion { .. } => Problem::Corrupt,
+            Error::ShardCorrupt(_) | Error::Malformed { .. } | Error::UnsupportedVersion { .. } => {
+                Problem::Corrupt
+            }
             _ => Problem::Unreachable,
         }
     }
@@ -54,6 +69,8 @@ pub struct StripeData {
     pub problems: Vec<ShardProblem>,
     /// True when parity was needed.
     pub reconstructed: bool,
+    /// Extra shard fetches started because others were slow (see [`StripeReader::with_hedge`]).
+    pub hedged: usize,
 }
 
 /// A stripe that could not be rebuilt.
@@ -67,12 +84,19 @@ pub struct StripeLost {
     pub error: Error,
 }
 
+/// How long an agent that could not be reached is asked last.
+pub const COOL_DOWN: Duration = Duration::from_secs(5);
+
 /// Reads stripes of one snapshot.
 #[derive(Clone)]
 pub struct StripeReader {
     codec: Arc<StripeCodec>,
     manifest: Arc<Manifest>,
     slots: Arc<Vec<Option<AgentClient>>>,
+    /// Per slot: until when (ms since `epoch`) the agent counts as unreachable; 0 = healthy.
+    cooling: Arc<Vec<AtomicU64>>,
+    epoch: Instant,
+    hedge: Option<Duration>,
 }
 
 /// Fetches and checks one shard file.
@@ -84,7 +108,10 @@ pub async fn fetch_shard(
     plain_len: usize,
 ) -> Result<Vec<u8>, Error> {
     let Some(client) = client else {
-        return Err(Error::AgentUnreachable { addr: "agent".into(), why: "not connected".into() });
+        return Err(Error::AgentUnreachable {
+            addr: "agent".into(),
+            why: "not connected".into(),
+        });
     };
     let file = client.get_shard(&codec.key(id, index)).await?;
     codec.check(id, index, plain_len, file)
@@ -92,8 +119,52 @@ pub async fn fetch_shard(
 
 impl StripeReader {
     /// A reader over a snapshot with one optional client per agent-table slot.
-    pub fn new(codec: Arc<StripeCodec>, manifest: Arc<Manifest>, slots: Vec<Option<AgentClient>>) -> Self {
-        StripeReader { codec, manifest, slots: Arc::new(slots) }
+    pub fn new(
+        codec: Arc<StripeCodec>,
+        manifest: Arc<Manifest>,
+        slots: Vec<Option<AgentClient>>,
+    ) -> Self {
+        let cooling = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
+        StripeReader {
+            codec,
+            manifest,
+            slots: Arc::new(slots),
+            cooling,
+            epoch: Instant::now(),
+            hedge: None,
+        }
+    }
+
+    /// Hedges slow fetches: after `delay` without `k` good shards, fetch one more shard (and one
+    /// more per further `delay`).
+    pub fn with_hedge(mut self, delay: Duration) -> Self {
+        self.hedge = Some(delay);
+        self
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether the agent in `slot` is known to be unreachable (not connected, or failed within
+    /// the last [`COOL_DOWN`]).
+    pub fn slot_down(&self, slot: usize) -> bool {
+        match self.slots.get(slot) {
+            Some(Some(_)) => self
+                .cooling
+                .get(slot)
+                .is_some_and(|c| c.load(Ordering::Relaxed) > self.now_ms()),
+            _ => true,
+        }
+    }
+
+    fn cool_down(&self, slot: usize) {
+        if let Some(c) = self.cooling.get(slot) {
+            c.store(
+                self.now_ms() + COOL_DOWN.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Reads stripe `i` (a zero stripe is returned as zeros without any fetch).
@@ -101,31 +172,76 @@ impl StripeReader {
         let layout = *self.codec.layout();
         let plain_len = layout.stripe_len(i);
         let (id, slots) = match &self.manifest.stripes[i as usize] {
-            StripeRef::Zero => return Ok(StripeData { data: vec![0; plain_len], problems: vec![], reconstructed: false }),
+            StripeRef::Zero => {
+                return Ok(StripeData {
+                    data: vec![0; plain_len],
+                    problems: vec![],
+                    reconstructed: false,
+                    hedged: 0,
+                })
+            }
             StripeRef::Data { id, slots } => (*id, slots.clone()),
         };
         let k = layout.k as usize;
         let n = layout.shards();
+        // Preference: data shards before parity; when serving (hedge set), healthy agents before
+        // cooling or absent ones too. Restore keeps the plain order, so its report still counts
+        // every shard on an absent agent.
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.hedge.is_some() {
+            order.sort_by_key(|&idx| self.slot_down(slots[idx] as usize));
+        }
         let mut payloads: Vec<Option<Vec<u8>>> = vec![None; n];
         let mut problems = Vec::new();
         let mut next = 0usize;
         let mut good = 0usize;
+        let mut hedged = 0usize;
+        let mut in_flight = vec![false; n];
         let mut set = JoinSet::new();
-        let launch = |set: &mut JoinSet<(usize, Result<Vec<u8>, Error>)>, idx: usize| {
+        let launch = |set: &mut JoinSet<(usize, Result<Vec<u8>, Error>)>,
+                      in_flight: &mut [bool],
+                      idx: usize| {
+            in_flight[idx] = true;
             let codec = self.codec.clone();
             let client = self.slots.get(slots[idx] as usize).cloned().flatten();
-            set.spawn(async move { (idx, fetch_shard(&codec, client.as_ref(), &id, idx, plain_len).await) });
+            set.spawn(async move {
+                (
+                    idx,
+                    fetch_shard(&codec, client.as_ref(), &id, idx, plain_len).await,
+                )
+            });
         };
         while next < k {
-            launch(&mut set, next);
+            launch(&mut set, &mut in_flight, order[next]);
             next += 1;
         }
+        let far = Duration::from_secs(3600);
+        let hedge_timer = tokio::time::sleep(self.hedge.unwrap_or(far));
+        tokio::pin!(hedge_timer);
         while good < k {
-            let Some(joined) = set.join_next().await else { break };
+            let joined = tokio::select! {
+                j = set.join_next() => j,
+                () = &mut hedge_timer, if self.hedge.is_some() && next < n => {
+                    launch(&mut set, &mut in_flight, order[next]);
+                    next += 1;
+                    hedged += 1;
+                    let delay = self.hedge.unwrap_or(far);
+                    hedge_timer.as_mut().reset(tokio::time::Instant::now() + delay);
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { break };
             let (idx, result) = match joined {
-                Ok(r) => r,
+                Ok(r) => {
+                    in_flight[r.0] = false;
+                    r
+                }
                 Err(e) => {
-                    return Err(StripeLost { stripe: i, problems, error: Error::Protocol(format!("fetch task: {e}")) })
+                    return Err(StripeLost {
+                        stripe: i,
+                        problems,
+                        error: Error::Protocol(format!("fetch task: {e}")),
+                    })
                 }
             };
             match result {
@@ -134,30 +250,74 @@ impl StripeReader {
                     good += 1;
                 }
                 Err(e) => {
+                    let problem = Problem::of(&e);
+                    if problem == Problem::Unreachable {
+                        self.cool_down(slots[idx] as usize);
+                    }
                     problems.push(ShardProblem {
                         index: idx,
                         slot: slots[idx] as usize,
-                        problem: Problem::of(&e),
+                        problem,
                         detail: e.to_string(),
                     });
-                    if next < n {
-                        launch(&mut set, next);
+                    // Keep k fetches in flight while shards are left to try.
+                    if next < n && set.len() + good < k {
+                        launch(&mut set, &mut in_flight, order[next]);
                         next += 1;
                     }
                 }
             }
         }
         set.abort_all();
+        if hedged > 0 {
+            // Agents still silent after a hedge are slow: ask them last for a while.
+            for (idx, _) in in_flight.iter().enumerate().filter(|(_, f)| **f) {
+                self.cool_down(slots[idx] as usize);
+            }
+        }
         if good < k {
-            return Err(StripeLost { stripe: i, problems, error: Error::NotEnoughShards { have: good, need: k } });
+            return Err(StripeLost {
+                stripe: i,
+                problems,
+                error: Error::NotEnoughShards {
+                    have: good,
+                    need: k,
+                },
+            });
+        }
+        // With more than k good shards (hedging), keep exactly k so the decoder has no choice to
+        // make; prefer data shards, which need no reconstruction.
+        let mut kept = 0;
+        for p in payloads.iter_mut() {
+            if p.is_some() {
+                if kept == k {
+                    *p = None;
+                } else {
+                    kept += 1;
+                }
+            }
         }
         let reconstructed = payloads.iter().take(k).any(|p| p.is_none());
         let codec = self.codec.clone();
-        let decoded = tokio::task::spawn_blocking(move || codec.decode(&id, plain_len, payloads)).await;
+        let decoded =
+            tokio::task::spawn_blocking(move || codec.decode(&id, plain_len, payloads)).await;
         match decoded {
-            Ok(Ok(data)) => Ok(StripeData { data, problems, reconstructed }),
-            Ok(Err(error)) => Err(StripeLost { stripe: i, problems, error }),
-            Err(e) => Err(StripeLost { stripe: i, problems, error: Error::Protocol(format!("decode task: {e}")) }),
+            Ok(Ok(data)) => Ok(StripeData {
+                data,
+                problems,
+                reconstructed,
+                hedged,
+            }),
+            Ok(Err(error)) => Err(StripeLost {
+                stripe: i,
+                problems,
+                error,
+            }),
+            Err(e) => Err(StripeLost {
+                stripe: i,
+                problems,
+                error: Error::Protocol(format!("decode task: {e}")),
+            }),
         }
     }
 }

@@ -1,0 +1,265 @@
+//! `sa-image serve`: a snapshot as a live NBD export, assembled from the agents on demand.
+//!
+//! One agent's address is enough (the catalog there names the others). The export answers to
+//! the default name `""` and to the snapshot id. Read-only unless `--overlay FILE` is given; then
+//! writes go to that file (see [`crate::serve::overlay`]) and never to the agents. Once listening,
+//! one line goes to stdout: `serving snapshot ID (SIZE) on nbd://ADDR` (with `--listen HOST:0`,
+//! ADDR has the port the system chose). On SIGINT or SIGTERM, `serve` stops taking connections,
+//! answers the requests in flight, syncs the overlay, and prints its counters (one JSON object
+//! after the `serving` line with `--json`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nbd_server::{Export, Exports, Server};
+use sa_core::catalog::resolve;
+use sa_core::keys::MasterKey;
+use sa_core::size::{format_size, parse_size};
+use sa_core::stripe::StripeCodec;
+use serde::{Deserialize, Serialize};
+
+use crate::agents::{clients_for, open_catalog};
+use crate::config::{self, require_agents, require_key};
+use crate::fetch::StripeReader;
+use crate::merge;
+use crate::serve::overlay::Overlay;
+use crate::serve::snapshot::{Snapshot, READ_AHEAD};
+use crate::serve::source::ServeSource;
+use crate::serve::stats::{Counters, Stats};
+
+/// Where `serve` listens unless told otherwise (the IANA NBD port, loopback only).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+/// Decoded stripes kept in memory unless told otherwise.
+pub const DEFAULT_CACHE: &str = "256MiB";
+/// A shard fetch slower than this gets a parity fetch alongside.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
+
+/// Flags of `serve`.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ServeArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    #[serde(skip)]
+    pub snapshot: String,
+    /// The key file.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Agents to ask, HOST:PORT, comma-separated: one is enough.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+    /// Address to listen on, HOST:PORT (port 0: any free port) [default: 127.0.0.1:10809].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Make the export writable: writes go to this sparse file (and its map FILE.map), never
+    /// to the agents. Reopening the same file keeps earlier writes.
+    #[arg(long)]
+    pub overlay: Option<PathBuf>,
+    /// Memory for decoded stripes, e.g. 256MiB [default: 256MiB].
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Print the counters as one JSON object when stopping.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `serve --json` prints when it stops.
+#[derive(Serialize, Debug)]
+pub struct ServeReport {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Volume name.
+    pub volume: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Address served.
+    pub listen: String,
+    /// Overlay file, if writable.
+    pub overlay: Option<String>,
+    /// Blocks (4 KiB) held by the overlay at the end.
+    pub overlay_blocks: u64,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Agents that could not be reached at start.
+    pub agents_down: Vec<String>,
+    /// Wall time served.
+    pub seconds: f64,
+}
+
+/// `sa-image serve`.
+pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
+    let mut file: ServeArgs = config::load(cfg)?;
+    merge!(args, file; key, agents, listen, overlay, cache; bools json);
+    let key = MasterKey::load(&require_key(&args.key)?)?;
+    let keys = Arc::new(key.derive());
+    let agents = require_agents(&args.agents)?;
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let cache_text = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CACHE.to_string());
+    let cache = parse_size(&cache_text).with_context(|| format!("--cache {cache_text}"))?;
+
+    let (manifests, attempts) = open_catalog(&agents, &keys).await?;
+    let m = Arc::new(resolve(&manifests, &args.snapshot, None)?.clone());
+    let layout = m.layout;
+    let slots = clients_for(&m, &attempts, &keys).await;
+    for (i, why) in &slots.down {
+        tracing::warn!(
+            "agent {} is down: {why}; its shards are rebuilt from parity",
+            slots.names[*i]
+        );
+    }
+    let agents_down: Vec<String> = slots
+        .down
+        .iter()
+        .map(|(i, _)| slots.names[*i].clone())
+        .collect();
+    let codec = Arc::new(StripeCodec::new(keys.clone(), layout, m.volume)?);
+    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_hedge(HEDGE_AFTER);
+
+    // The cache must hold the stripes being read plus the read-ahead, or read-ahead is wasted.
+    let floor = layout.stripe_size as u64 * (READ_AHEAD + 2);
+    if cache < floor {
+        tracing::warn!(
+            "--cache {cache_text} is less than {}: using that",
+            format_size(floor)
+        );
+    }
+    let stats = Arc::new(Stats::default());
+    let snapshot = Arc::new(Snapshot::new(
+        m.clone(),
+        reader,
+        cache.max(floor) as usize,
+        slots.names.clone(),
+        stats.clone(),
+    ));
+    let overlay = match &args.overlay {
+        Some(p) => Some(Arc::new(Overlay::open(p, layout.volume_size, &m.snapshot)?)),
+        None => None,
+    };
+    let source = Arc::new(ServeSource::new(snapshot, overlay.clone(), stats.clone()));
+    let description = format!(
+        "sa-image snapshot {} of '{}' ({}){}",
+        m.snapshot,
+        m.volume_name,
+        format_size(layout.volume_size),
+        if overlay.is_some() {
+            ", writes to an overlay"
+        } else {
+            ", read-only"
+        }
+    );
+    let exports = Exports::single(Export::new(m.snapshot.clone(), description, source))
+        .context("cannot name the export after the snapshot")?;
+
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| {
+            format!("cannot listen on {listen}: is another serve (or NBD server) using it?")
+        })?;
+    let bound: SocketAddr = listener.local_addr()?;
+    let started = Instant::now();
+    println!(
+        "serving snapshot {} ({}) on nbd://{bound}",
+        m.snapshot,
+        format_size(layout.volume_size)
+    );
+    if let Some(o) = &overlay {
+        tracing::info!(
+            "writes go to {} ({} blocks written before)",
+            o.path().display(),
+            o.written_blocks()
+        );
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+
+    Server::new(Arc::new(exports))
+        .run(listener, stop_signal())
+        .await
+        .context("NBD server failed")?;
+
+    if let Some(o) = &overlay {
+        o.flush()
+            .await
+            .with_context(|| format!("cannot sync the overlay {}", o.path().display()))?;
+    }
+    let report = ServeReport {
+        snapshot: m.snapshot.clone(),
+        volume: m.volume_name.clone(),
+        size: layout.volume_size,
+        listen: bound.to_string(),
+        overlay: overlay.as_ref().map(|o| o.path().display().to_string()),
+        overlay_blocks: overlay.as_ref().map_or(0, |o| o.written_blocks()),
+        counters: stats.report(&slots.names),
+        agents_down,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(0)
+}
+
+fn print_report(r: &ServeReport) {
+    let c = &r.counters;
+    println!(
+        "stopped serving snapshot {} after {:.1}s",
+        r.snapshot, r.seconds
+    );
+    println!(
+        "  {} requests; read {} ({} reads), wrote {} ({} writes, {} flushes)",
+        c.requests,
+        format_size(c.bytes_read),
+        c.reads,
+        format_size(c.bytes_written),
+        c.writes,
+        c.flushes
+    );
+    println!(
+        "  stripes: {} fetched ({} rebuilt from parity, {} by read-ahead), {} from cache, {} lost",
+        c.stripes_fetched,
+        c.stripes_reconstructed,
+        c.readahead,
+        c.stripes_from_cache,
+        c.stripes_lost
+    );
+    for (agent, p) in &c.shard_problems {
+        println!(
+            "  agent {agent}: {} missing, {} corrupt, {} unreachable",
+            p.missing, p.corrupt, p.unreachable
+        );
+    }
+    for a in &r.agents_down {
+        println!("  agent down: {a}");
+    }
+    if let Some(o) = &r.overlay {
+        println!("  overlay {o}: {} blocks written", r.overlay_blocks);
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot watch for signals; stop serve with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: finishing requests in flight");
+}

@@ -1,0 +1,25 @@
+//! Serving a snapshot as a live NBD export (`sa-image serve`).
+//!
+//! ```text
+//! NBD client ──READ──▶ ServeSource ──▶ overlay blocks? ──yes──▶ overlay file
+//!                                   └─no──▶ Snapshot ──zero stripe?──yes──▶ zeros
+//!                                            └─no──▶ StripeCache ──miss──▶ StripeReader (k shards,
+//!                                                    (single flight,        parity on failure or
+//!                                                     LRU, read-ahead)      after the hedge delay)
+//! ```
+//!
+//! - [`snapshot`]: the snapshot's bytes at any offset, stripe by stripe, with the cache,
+//!   read-ahead, stats and logs (which agents failed, which stripes were rebuilt or lost).
+//! - [`cache`]: the bounded LRU of decoded stripes, one fetch per stripe however many readers.
+//! - [`overlay`]: the writable overlay file and its persisted map of written blocks.
+//! - [`source`]: the [`nbd_server::BlockSource`] joining them: read-only without an overlay,
+//!   writable (write, flush, FUA, write-zeroes, trim) with one.
+//! - [`stats`]: counters, printed when `serve` stops.
+//!
+//! The command itself (flags, agents, listening, signals) is [`crate::cmd::serve`].
+
+pub mod cache;
+pub mod overlay;
+pub mod snapshot;
+pub mod source;
+pub mod stats;
