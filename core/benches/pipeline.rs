@@ -41,7 +41,12 @@ fn codecs(c: &mut Criterion) {
     let parity = ours.encode(&refs);
     g.bench_function("simd_decode_2_lost", |b| {
         b.iter(|| {
-            let mut shards: Vec<Option<Vec<u8>>> = data.iter().chain(parity.iter()).cloned().map(Some).collect();
+            let mut shards: Vec<Option<Vec<u8>>> = data
+                .iter()
+                .chain(parity.iter())
+                .cloned()
+                .map(Some)
+                .collect();
             shards[0] = None;
             shards[2] = None;
             ours.reconstruct_data(&mut shards).unwrap();
@@ -61,7 +66,12 @@ fn codecs(c: &mut Criterion) {
     rse.encode_sep(&refs, &mut rse_parity).unwrap();
     g.bench_function("erasure_decode_2_lost", |b| {
         b.iter(|| {
-            let mut shards: Vec<Option<Vec<u8>>> = data.iter().chain(rse_parity.iter()).cloned().map(Some).collect();
+            let mut shards: Vec<Option<Vec<u8>>> = data
+                .iter()
+                .chain(rse_parity.iter())
+                .cloned()
+                .map(Some)
+                .collect();
             shards[0] = None;
             shards[2] = None;
             rse.reconstruct_data(&mut shards).unwrap();
@@ -79,7 +89,9 @@ fn stages(c: &mut Criterion) {
     let mut g = c.benchmark_group("stripe_4MiB");
     g.throughput(Throughput::Bytes(stripe.len() as u64));
     g.sample_size(20);
-    g.bench_function("blake3_keyed_id", |b| b.iter(|| black_box(keys.stripe_id(&stripe))));
+    g.bench_function("blake3_keyed_id", |b| {
+        b.iter(|| black_box(keys.stripe_id(&stripe)))
+    });
     let id = keys.stripe_id(&stripe);
     g.bench_function("aes256gcm_seal", |b| {
         b.iter(|| {
@@ -90,7 +102,9 @@ fn stages(c: &mut Criterion) {
     });
     g.bench_function("crc32c", |b| b.iter(|| black_box(crc32c::crc32c(&stripe))));
     g.bench_function("memcpy_baseline", |b| b.iter(|| black_box(stripe.clone())));
-    g.bench_function("encode_whole_stripe", |b| b.iter(|| black_box(sc.encode(id, stripe.clone()))));
+    g.bench_function("encode_whole_stripe", |b| {
+        b.iter(|| black_box(sc.encode(id, stripe.clone())))
+    });
     g.finish();
 }
 

@@ -47,7 +47,11 @@ pub fn seal_record(keys: &Keys, name: &str, body: &[u8]) -> Result<Vec<u8>> {
     let mut ct = body.to_vec();
     let tag = keys
         .catalog
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut ct)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..]),
+            &mut ct,
+        )
         .map_err(|_| Error::Invalid("record too large to encrypt".into()))?;
     out.extend_from_slice(&ct);
     out.extend_from_slice(tag.as_ref());
@@ -57,11 +61,18 @@ pub fn seal_record(keys: &Keys, name: &str, body: &[u8]) -> Result<Vec<u8>> {
 /// Opens a record read from catalog blob `name`.
 pub fn open_record(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
     if sealed.len() < RECORD_HEADER + TAG_LEN || sealed[..8] != RECORD_MAGIC {
-        return Err(Error::malformed("catalog record", format!("{name} is not a sealed record")));
+        return Err(Error::malformed(
+            "catalog record",
+            format!("{name} is not a sealed record"),
+        ));
     }
     let version = u16::from_le_bytes([sealed[8], sealed[9]]);
     if version != RECORD_VERSION {
-        return Err(Error::UnsupportedVersion { what: "catalog record", found: version, supported: RECORD_VERSION });
+        return Err(Error::UnsupportedVersion {
+            what: "catalog record",
+            found: version,
+            supported: RECORD_VERSION,
+        });
     }
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&sealed[12..24]);
@@ -70,7 +81,11 @@ pub fn open_record(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
     let mut ct = sealed[RECORD_HEADER..].to_vec();
     let plain = keys
         .catalog
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut ct)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..]),
+            &mut ct,
+        )
         .map_err(|_| Error::AuthFailed(format!("catalog entry {name}")))?;
     Ok(plain.to_vec())
 }
@@ -101,10 +116,16 @@ impl Tombstone {
     pub fn open(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Self> {
         let body = open_record(keys, name, sealed)?;
         let mut r = Reader::new(&body, "tombstone");
-        let t = Tombstone { snapshot: r.str()?, forgotten_at: r.u64()? };
+        let t = Tombstone {
+            snapshot: r.str()?,
+            forgotten_at: r.u64()?,
+        };
         r.finish()?;
         if Self::blob_name_of(&t.snapshot) != name {
-            return Err(Error::malformed("tombstone", format!("{name} names snapshot {}", t.snapshot)));
+            return Err(Error::malformed(
+                "tombstone",
+                format!("{name} names snapshot {}", t.snapshot),
+            ));
         }
         Ok(t)
     }
@@ -131,7 +152,9 @@ impl Lease {
     /// Sealed blob contents.
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
         let mut w = Writer::default();
-        w.str(&self.id).str(self.base.as_deref().unwrap_or("")).u64(self.started);
+        w.str(&self.id)
+            .str(self.base.as_deref().unwrap_or(""))
+            .u64(self.started);
         seal_record(keys, &self.blob_name(), &w.buf)
     }
 
@@ -141,10 +164,17 @@ impl Lease {
         let mut r = Reader::new(&body, "lease");
         let id = r.str()?;
         let base = Some(r.str()?).filter(|b| !b.is_empty());
-        let l = Lease { id, base, started: r.u64()? };
+        let l = Lease {
+            id,
+            base,
+            started: r.u64()?,
+        };
         r.finish()?;
         if l.blob_name() != name {
-            return Err(Error::malformed("lease", format!("{name} holds lease {}", l.id)));
+            return Err(Error::malformed(
+                "lease",
+                format!("{name} holds lease {}", l.id),
+            ));
         }
         Ok(l)
     }
@@ -152,14 +182,22 @@ impl Lease {
 
 /// The authentic tombstones a store holds, by snapshot id. With `only`, reads just the
 /// tombstones of those snapshot ids (the ones whose `snap-` blob is still there).
-pub async fn load_tombstones(store: &dyn ShardRead, keys: &Keys, only: Option<&[String]>) -> Result<Vec<Tombstone>> {
+pub async fn load_tombstones(
+    store: &dyn ShardRead,
+    keys: &Keys,
+    only: Option<&[String]>,
+) -> Result<Vec<Tombstone>> {
     let mut out = Vec::new();
     for name in store.list_blobs(FORGOTTEN_BLOB_PREFIX).await? {
         let id = &name[FORGOTTEN_BLOB_PREFIX.len()..];
         if only.is_some_and(|o| !o.iter().any(|s| s == id)) {
             continue;
         }
-        match store.get_blob(&name).await.and_then(|b| Tombstone::open(keys, &name, &b)) {
+        match store
+            .get_blob(&name)
+            .await
+            .and_then(|b| Tombstone::open(keys, &name, &b))
+        {
             Ok(t) => out.push(t),
             Err(Error::ShardMissing) => {}
             Err(e) => tracing::warn!("ignoring catalog entry {name}: {e}"),
@@ -171,9 +209,15 @@ pub async fn load_tombstones(store: &dyn ShardRead, keys: &Keys, only: Option<&[
 /// Loads every manifest a store holds, oldest first, except snapshots with an authentic
 /// tombstone (forgotten). Entries that fail to open are returned separately (name, error) so the
 /// caller can report them; a wrong key fails them all.
-pub async fn load_catalog(store: &dyn ShardRead, keys: &Keys) -> Result<(Vec<Manifest>, Vec<(String, Error)>)> {
+pub async fn load_catalog(
+    store: &dyn ShardRead,
+    keys: &Keys,
+) -> Result<(Vec<Manifest>, Vec<(String, Error)>)> {
     let names = store.list_blobs(SNAPSHOT_BLOB_PREFIX).await?;
-    let ids: Vec<String> = names.iter().map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string()).collect();
+    let ids: Vec<String> = names
+        .iter()
+        .map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string())
+        .collect();
     let forgotten = load_tombstones(store, keys, Some(&ids)).await?;
     let mut ok = Vec::new();
     let mut bad = Vec::new();
@@ -181,7 +225,11 @@ pub async fn load_catalog(store: &dyn ShardRead, keys: &Keys) -> Result<(Vec<Man
         if forgotten.iter().any(|t| t.snapshot == id) {
             continue;
         }
-        match store.get_blob(&name).await.and_then(|b| Manifest::open(keys, &name, &b)) {
+        match store
+            .get_blob(&name)
+            .await
+            .and_then(|b| Manifest::open(keys, &name, &b))
+        {
             Ok(m) => ok.push(m),
             // Deleted between list and get (a concurrent forget): not an error.
             Err(Error::ShardMissing) => {}
@@ -194,24 +242,41 @@ pub async fn load_catalog(store: &dyn ShardRead, keys: &Keys) -> Result<(Vec<Man
 
 /// Sorts manifests oldest first (creation time to the nanosecond, then id).
 pub fn sort_by_creation(manifests: &mut [Manifest]) {
-    manifests.sort_by(|a, b| (a.created, a.created_nanos, &a.snapshot).cmp(&(b.created, b.created_nanos, &b.snapshot)));
+    manifests.sort_by(|a, b| {
+        (a.created, a.created_nanos, &a.snapshot).cmp(&(b.created, b.created_nanos, &b.snapshot))
+    });
 }
 
 /// Finds a snapshot by id, unique id prefix, or `latest` (newest of all, or of `volume` if given).
-pub fn resolve<'a>(manifests: &'a [Manifest], wanted: &str, volume: Option<&str>) -> Result<&'a Manifest> {
-    let pool: Vec<&Manifest> =
-        manifests.iter().filter(|m| volume.is_none_or(|v| m.volume_name == v)).collect();
+pub fn resolve<'a>(
+    manifests: &'a [Manifest],
+    wanted: &str,
+    volume: Option<&str>,
+) -> Result<&'a Manifest> {
+    let pool: Vec<&Manifest> = manifests
+        .iter()
+        .filter(|m| volume.is_none_or(|v| m.volume_name == v))
+        .collect();
     if wanted == "latest" {
-        return pool
-            .last()
-            .copied()
-            .ok_or_else(|| Error::Invalid("the catalog holds no snapshot yet: run `sa-image snapshot` first".into()));
+        return pool.last().copied().ok_or_else(|| {
+            Error::Invalid(
+                "the catalog holds no snapshot yet: run `sa-image snapshot` first".into(),
+            )
+        });
     }
-    let hits: Vec<&Manifest> = pool.iter().copied().filter(|m| m.snapshot.starts_with(wanted)).collect();
+    let hits: Vec<&Manifest> = pool
+        .iter()
+        .copied()
+        .filter(|m| m.snapshot.starts_with(wanted))
+        .collect();
     match hits.len() {
         1 => Ok(hits[0]),
-        0 => Err(Error::Invalid(format!("no snapshot '{wanted}' in the catalog (see `sa-image list`)"))),
-        n => Err(Error::Invalid(format!("'{wanted}' matches {n} snapshots: give more of the id"))),
+        0 => Err(Error::Invalid(format!(
+            "no snapshot '{wanted}' in the catalog (see `sa-image list`)"
+        ))),
+        n => Err(Error::Invalid(format!(
+            "'{wanted}' matches {n} snapshots: give more of the id"
+        ))),
     }
 }
 
@@ -224,16 +289,38 @@ mod tests {
     #[test]
     fn records_are_authenticated_and_bound_to_their_name() {
         let keys = MasterKey::from_bytes([3; 32]).derive();
-        let t = Tombstone { snapshot: "00ff".into(), forgotten_at: 42 };
+        let t = Tombstone {
+            snapshot: "00ff".into(),
+            forgotten_at: 42,
+        };
         let sealed = t.seal(&keys).unwrap();
-        assert_eq!(Tombstone::open(&keys, "forgotten-00ff", &sealed).unwrap(), t);
-        assert!(Tombstone::open(&keys, "forgotten-00fe", &sealed).is_err(), "moved");
+        assert_eq!(
+            Tombstone::open(&keys, "forgotten-00ff", &sealed).unwrap(),
+            t
+        );
+        assert!(
+            Tombstone::open(&keys, "forgotten-00fe", &sealed).is_err(),
+            "moved"
+        );
         let other = MasterKey::from_bytes([4; 32]).derive();
-        assert!(Tombstone::open(&other, "forgotten-00ff", &sealed).is_err(), "forged");
-        let l = Lease { id: "ab".into(), base: Some("cd".into()), started: 7 };
-        assert_eq!(Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(), l);
+        assert!(
+            Tombstone::open(&other, "forgotten-00ff", &sealed).is_err(),
+            "forged"
+        );
+        let l = Lease {
+            id: "ab".into(),
+            base: Some("cd".into()),
+            started: 7,
+        };
+        assert_eq!(
+            Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(),
+            l
+        );
         let l = Lease { base: None, ..l };
-        assert_eq!(Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(), l);
+        assert_eq!(
+            Lease::open(&keys, &l.blob_name(), &l.seal(&keys).unwrap()).unwrap(),
+            l
+        );
     }
 
     #[tokio::test]
@@ -244,13 +331,25 @@ mod tests {
         let mut m = crate::manifest::tests::sample();
         for id in ["aaaa", "bbbb"] {
             m.snapshot = id.into();
-            s.put_blob(&m.blob_name(), m.seal(&keys).unwrap()).await.unwrap();
+            s.put_blob(&m.blob_name(), m.seal(&keys).unwrap())
+                .await
+                .unwrap();
         }
-        let t = Tombstone { snapshot: "aaaa".into(), forgotten_at: 1 };
-        s.put_blob(&Tombstone::blob_name_of("aaaa"), t.seal(&keys).unwrap()).await.unwrap();
-        s.put_blob("forgotten-bbbb", b"not sealed".to_vec()).await.unwrap();
+        let t = Tombstone {
+            snapshot: "aaaa".into(),
+            forgotten_at: 1,
+        };
+        s.put_blob(&Tombstone::blob_name_of("aaaa"), t.seal(&keys).unwrap())
+            .await
+            .unwrap();
+        s.put_blob("forgotten-bbbb", b"not sealed".to_vec())
+            .await
+            .unwrap();
         let (ms, bad) = load_catalog(&s, &keys).await.unwrap();
         assert!(bad.is_empty());
-        assert_eq!(ms.iter().map(|m| m.snapshot.as_str()).collect::<Vec<_>>(), vec!["bbbb"]);
+        assert_eq!(
+            ms.iter().map(|m| m.snapshot.as_str()).collect::<Vec<_>>(),
+            vec!["bbbb"]
+        );
     }
 }

@@ -23,7 +23,9 @@ impl Codec {
     /// A codec for `k` data and `m` parity shards.
     pub fn new(k: usize, m: usize) -> Result<Self> {
         if k == 0 || m == 0 || k + m > 255 {
-            return Err(Error::Invalid(format!("codec k={k} m={m}: need k, m >= 1 and k + m <= 255")));
+            return Err(Error::Invalid(format!(
+                "codec k={k} m={m}: need k, m >= 1 and k + m <= 255"
+            )));
         }
         Ok(Codec { k, m })
     }
@@ -52,7 +54,8 @@ impl Codec {
             // One data shard: every parity shard is a copy (a code of rate 1/(m+1)).
             return vec![data[0].to_vec(); self.m];
         }
-        reed_solomon_simd::encode(self.k, self.m, data).expect("shard counts and lengths checked by the caller")
+        reed_solomon_simd::encode(self.k, self.m, data)
+            .expect("shard counts and lengths checked by the caller")
     }
 
     /// Fills in the missing *data* shards (indices `0..k`) of `shards` (k + m entries, `None`
@@ -60,7 +63,11 @@ impl Codec {
     pub fn reconstruct_data(&self, shards: &mut [Option<Vec<u8>>]) -> Result<()> {
         let have = shards.iter().filter(|s| s.is_some()).count();
         if shards.len() != self.k + self.m {
-            return Err(Error::Invalid(format!("expected {} shards, got {}", self.k + self.m, shards.len())));
+            return Err(Error::Invalid(format!(
+                "expected {} shards, got {}",
+                self.k + self.m,
+                shards.len()
+            )));
         }
         if have < self.k {
             return Err(Error::NotEnoughShards { have, need: self.k });
@@ -85,14 +92,20 @@ impl Codec {
             return Ok(());
         }
         let (data, parity) = shards.split_at(self.k);
-        let originals = data.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
-        let recovery = parity.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let originals = data
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let recovery = parity
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
         let mut restored = reed_solomon_simd::decode(self.k, self.m, originals, recovery)
             .map_err(|e| Error::ShardCorrupt(format!("reconstruction failed: {e}")))?;
         for i in missing {
-            let shard = restored
-                .remove(&i)
-                .ok_or_else(|| Error::ShardCorrupt(format!("reconstruction did not restore shard {i}")))?;
+            let shard = restored.remove(&i).ok_or_else(|| {
+                Error::ShardCorrupt(format!("reconstruction did not restore shard {i}"))
+            })?;
             shards[i] = Some(shard);
         }
         Ok(())
@@ -119,14 +132,27 @@ mod tests {
 
     fn shards_for(k: usize, len: usize, seed: u8) -> Vec<Vec<u8>> {
         (0..k)
-            .map(|i| (0..len).map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 * 7 + seed)).collect())
+            .map(|i| {
+                (0..len)
+                    .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 * 7 + seed))
+                    .collect()
+            })
             .collect()
     }
 
     /// Every combination of up to `m` lost shards (data or parity) rebuilds the data.
     #[test]
     fn every_loss_of_up_to_m_shards_recovers() {
-        for (k, m) in [(1, 1), (2, 1), (4, 1), (1, 2), (4, 2), (3, 3), (6, 2), (5, 4)] {
+        for (k, m) in [
+            (1, 1),
+            (2, 1),
+            (4, 1),
+            (1, 2),
+            (4, 2),
+            (3, 3),
+            (6, 2),
+            (5, 4),
+        ] {
             let codec = Codec::new(k, m).unwrap();
             let data = shards_for(k, 1024, k as u8);
             let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
@@ -135,16 +161,30 @@ mod tests {
             let n = k + m;
             for mask in 0u32..(1 << n) {
                 let lost = mask.count_ones() as usize;
-                let mut shards: Vec<Option<Vec<u8>>> =
-                    (0..n).map(|i| if mask & (1 << i) != 0 { None } else { Some(all[i].clone()) }).collect();
+                let mut shards: Vec<Option<Vec<u8>>> = (0..n)
+                    .map(|i| {
+                        if mask & (1 << i) != 0 {
+                            None
+                        } else {
+                            Some(all[i].clone())
+                        }
+                    })
+                    .collect();
                 let r = codec.reconstruct_data(&mut shards);
                 if lost <= m {
                     r.unwrap();
                     for i in 0..k {
-                        assert_eq!(shards[i].as_ref().unwrap(), &data[i], "k={k} m={m} mask={mask:b}");
+                        assert_eq!(
+                            shards[i].as_ref().unwrap(),
+                            &data[i],
+                            "k={k} m={m} mask={mask:b}"
+                        );
                     }
                 } else {
-                    assert!(matches!(r, Err(Error::NotEnoughShards { .. })), "k={k} m={m} mask={mask:b}");
+                    assert!(
+                        matches!(r, Err(Error::NotEnoughShards { .. })),
+                        "k={k} m={m} mask={mask:b}"
+                    );
                 }
             }
         }

@@ -13,7 +13,9 @@ pub struct Writer {
 impl Writer {
     /// A writer with room for `cap` bytes.
     pub fn with_capacity(cap: usize) -> Self {
-        Writer { buf: Vec::with_capacity(cap) }
+        Writer {
+            buf: Vec::with_capacity(cap),
+        }
     }
     /// Appends a byte.
     pub fn u8(&mut self, v: u8) -> &mut Self {
@@ -72,7 +74,10 @@ impl<'a> Reader<'a> {
     /// Takes `n` raw bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() < n {
-            return Err(Error::malformed(self.what, format!("truncated: wanted {n} more bytes, {} left", self.buf.len())));
+            return Err(Error::malformed(
+                self.what,
+                format!("truncated: wanted {n} more bytes, {} left", self.buf.len()),
+            ));
         }
         let (a, b) = self.buf.split_at(n);
         self.buf = b;
@@ -109,14 +114,18 @@ impl<'a> Reader<'a> {
     pub fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::malformed(self.what, "a string is not UTF-8"))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::malformed(self.what, "a string is not UTF-8"))
     }
     /// Fails unless everything was read.
     pub fn finish(&self) -> Result<()> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Error::malformed(self.what, format!("{} trailing bytes", self.buf.len())))
+            Err(Error::malformed(
+                self.what,
+                format!("{} trailing bytes", self.buf.len()),
+            ))
         }
     }
 }

@@ -37,7 +37,9 @@ pub enum Error {
         why: String,
     },
     /// An object was written by a newer (or unknown) format version.
-    #[error("{what} has format version {found}, this build reads version {supported}; upgrade sa-image")]
+    #[error(
+        "{what} has format version {found}, this build reads version {supported}; upgrade sa-image"
+    )]
     UnsupportedVersion {
         /// Which kind of object.
         what: &'static str,
@@ -90,12 +92,18 @@ pub enum Error {
 impl Error {
     /// Wraps an io error with what we were doing.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     /// A short helper for malformed objects.
     pub fn malformed(what: &'static str, why: impl Into<String>) -> Self {
-        Error::Malformed { what, why: why.into() }
+        Error::Malformed {
+            what,
+            why: why.into(),
+        }
     }
 
     /// True when the failure is about this one shard (missing, corrupt, agent gone), so

@@ -70,7 +70,9 @@ impl MasterKey {
         let cleaned: String = text.chars().filter(|c| !c.is_whitespace()).collect();
         let cleaned = cleaned.to_ascii_lowercase();
         let body = cleaned.strip_prefix(KEY_TEXT_PREFIX).ok_or_else(|| {
-            Error::Invalid(format!("not an sa-image key: it must start with '{KEY_TEXT_PREFIX}-'"))
+            Error::Invalid(format!(
+                "not an sa-image key: it must start with '{KEY_TEXT_PREFIX}-'"
+            ))
         })?;
         let digits: String = body.chars().filter(|c| *c != '-').collect();
         if digits.len() != MASTER_KEY_LEN * 2 + 4 {
@@ -80,14 +82,17 @@ impl MasterKey {
                 digits.len()
             )));
         }
-        let bytes = unhex(&digits[..MASTER_KEY_LEN * 2])
-            .ok_or_else(|| Error::Invalid("the key has a character that is not a hex digit".into()))?;
+        let bytes = unhex(&digits[..MASTER_KEY_LEN * 2]).ok_or_else(|| {
+            Error::Invalid("the key has a character that is not a hex digit".into())
+        })?;
         let mut key = [0u8; MASTER_KEY_LEN];
         key.copy_from_slice(&bytes);
         let check = u32::from_str_radix(&digits[MASTER_KEY_LEN * 2..], 16)
             .map_err(|_| Error::Invalid("the key's checksum group is not hex".into()))?;
         if check != crc32c::crc32c(&key) & 0xffff {
-            return Err(Error::Invalid("the key's checksum does not match: a digit is mistyped".into()));
+            return Err(Error::Invalid(
+                "the key's checksum does not match: a digit is mistyped".into(),
+            ));
         }
         Ok(MasterKey(key))
     }
@@ -96,7 +101,8 @@ impl MasterKey {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("cannot read key file {}", path.display()), e))?;
-        Self::from_text(&text).map_err(|e| Error::Invalid(format!("key file {}: {e}", path.display())))
+        Self::from_text(&text)
+            .map_err(|e| Error::Invalid(format!("key file {}: {e}", path.display())))
     }
 
     /// Derives all working keys.
@@ -112,7 +118,8 @@ impl MasterKey {
             .expand(&info, hkdf::HKDF_SHA256)
             .expect("HKDF-SHA256 can always expand 32 bytes");
         let mut out = [0u8; 32];
-        okm.fill(&mut out).expect("HKDF-SHA256 can always fill 32 bytes");
+        okm.fill(&mut out)
+            .expect("HKDF-SHA256 can always fill 32 bytes");
         out
     }
 }
@@ -235,7 +242,9 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 /// Random bytes from the OS generator.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    SystemRandom::new().fill(&mut b).expect("the system random generator failed");
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system random generator failed");
     b
 }
 

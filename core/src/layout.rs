@@ -34,7 +34,9 @@ impl Layout {
             ));
         }
         if k as usize + m as usize > MAX_SHARDS {
-            return Err(Error::Invalid(format!("k + m must be at most {MAX_SHARDS}")));
+            return Err(Error::Invalid(format!(
+                "k + m must be at most {MAX_SHARDS}"
+            )));
         }
         if stripe_size < 64 * 1024 || stripe_size > 64 << 20 || stripe_size as u64 % SECTOR != 0 {
             return Err(Error::Invalid(format!(
@@ -46,7 +48,12 @@ impl Layout {
                 "volume size {volume_size} is not a multiple of {SECTOR} bytes: not a disk image?"
             )));
         }
-        Ok(Layout { volume_size, stripe_size, k, m })
+        Ok(Layout {
+            volume_size,
+            stripe_size,
+            k,
+            m,
+        })
     }
 
     /// Total shards per stripe.
@@ -75,7 +82,9 @@ impl Layout {
     /// 64 bytes (the codec needs even lengths and runs fastest on 64-byte multiples), the tail
     /// zero-padded.
     pub fn shard_len(&self, plain_len: usize) -> usize {
-        (plain_len + TAG_LEN).div_ceil(self.k as usize).next_multiple_of(64)
+        (plain_len + TAG_LEN)
+            .div_ceil(self.k as usize)
+            .next_multiple_of(64)
     }
 
     /// The stripe that holds byte `offset`.

@@ -82,7 +82,10 @@ impl Manifest {
 
     /// Number of all-zero stripes.
     pub fn zero_stripes(&self) -> u64 {
-        self.stripes.iter().filter(|s| matches!(s, StripeRef::Zero)).count() as u64
+        self.stripes
+            .iter()
+            .filter(|s| matches!(s, StripeRef::Zero))
+            .count() as u64
     }
 
     /// Serialises the manifest body (before compression and encryption).
@@ -125,7 +128,11 @@ impl Manifest {
         let mut r = Reader::new(b, "manifest");
         let version = r.u16()?;
         if version != MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { what: "manifest", found: version, supported: MANIFEST_VERSION });
+            return Err(Error::UnsupportedVersion {
+                what: "manifest",
+                found: version,
+                supported: MANIFEST_VERSION,
+            });
         }
         let snapshot = r.str()?;
         let volume_name = r.str()?;
@@ -141,11 +148,17 @@ impl Manifest {
         let n_agents = r.u16()? as usize;
         let mut agents = Vec::with_capacity(n_agents);
         for _ in 0..n_agents {
-            agents.push(AgentEntry { id: r.array()?, addr: r.str()? });
+            agents.push(AgentEntry {
+                id: r.array()?,
+                addr: r.str()?,
+            });
         }
         let n = r.u64()?;
         if n != layout.stripe_count() {
-            return Err(Error::malformed("manifest", format!("{n} stripes, layout has {}", layout.stripe_count())));
+            return Err(Error::malformed(
+                "manifest",
+                format!("{n} stripes, layout has {}", layout.stripe_count()),
+            ));
         }
         let shards = layout.shards();
         let mut stripes = Vec::with_capacity(n.min(r.remaining() as u64) as usize);
@@ -158,22 +171,40 @@ impl Manifest {
                     for _ in 0..shards {
                         let slot = r.u16()?;
                         if slot as usize >= agents.len() {
-                            return Err(Error::malformed("manifest", "shard slot outside the agent table"));
+                            return Err(Error::malformed(
+                                "manifest",
+                                "shard slot outside the agent table",
+                            ));
                         }
                         slots.push(slot);
                     }
                     stripes.push(StripeRef::Data { id, slots });
                 }
-                t => return Err(Error::malformed("manifest", format!("unknown stripe tag {t}"))),
+                t => {
+                    return Err(Error::malformed(
+                        "manifest",
+                        format!("unknown stripe tag {t}"),
+                    ))
+                }
             }
         }
         r.finish()?;
-        Ok(Manifest { snapshot, volume_name, volume, created, created_nanos, layout, agents, stripes })
+        Ok(Manifest {
+            snapshot,
+            volume_name,
+            volume,
+            created,
+            created_nanos,
+            layout,
+            agents,
+            stripes,
+        })
     }
 
     /// Compresses and encrypts the manifest for the catalog.
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
-        let body = zstd::bulk::compress(&self.to_bytes(), 3).map_err(|e| Error::io("compress manifest", e))?;
+        let body = zstd::bulk::compress(&self.to_bytes(), 3)
+            .map_err(|e| Error::io("compress manifest", e))?;
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let mut out = Vec::with_capacity(24 + body.len() + TAG_LEN);
         out.extend_from_slice(&MANIFEST_MAGIC);
@@ -185,7 +216,11 @@ impl Manifest {
         let aad = out.clone();
         let tag = keys
             .catalog
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut ct)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..]),
+                &mut ct,
+            )
             .map_err(|_| Error::Invalid("manifest too large to encrypt".into()))?;
         out.reserve(ct.len() + TAG_LEN);
         out.extend_from_slice(&ct);
@@ -197,24 +232,38 @@ impl Manifest {
     /// Decrypts, decompresses and parses a sealed manifest read from blob `blob_name`.
     pub fn open(keys: &Keys, blob_name: &str, sealed: &[u8]) -> Result<Self> {
         if sealed.len() < 24 + TAG_LEN || sealed[..8] != MANIFEST_MAGIC {
-            return Err(Error::malformed("manifest", format!("{blob_name} is not a sealed manifest")));
+            return Err(Error::malformed(
+                "manifest",
+                format!("{blob_name} is not a sealed manifest"),
+            ));
         }
         let version = u16::from_le_bytes([sealed[8], sealed[9]]);
         if version != MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { what: "manifest", found: version, supported: MANIFEST_VERSION });
+            return Err(Error::UnsupportedVersion {
+                what: "manifest",
+                found: version,
+                supported: MANIFEST_VERSION,
+            });
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed[12..24]);
         let mut ct = sealed[24..].to_vec();
         let body = keys
             .catalog
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&sealed[..24]), &mut ct)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&sealed[..24]),
+                &mut ct,
+            )
             .map_err(|_| Error::AuthFailed(format!("catalog entry {blob_name}")))?;
         let plain = zstd::bulk::decompress(body, MAX_MANIFEST_BODY)
             .map_err(|e| Error::malformed("manifest", format!("decompression failed: {e}")))?;
         let m = Manifest::from_bytes(&plain)?;
         if m.blob_name() != blob_name {
-            return Err(Error::malformed("manifest", format!("{blob_name} holds snapshot {}", m.snapshot)));
+            return Err(Error::malformed(
+                "manifest",
+                format!("{blob_name} holds snapshot {}", m.snapshot),
+            ));
         }
         Ok(m)
     }
@@ -234,11 +283,22 @@ pub(crate) mod tests {
             created: 1_700_000_000,
             created_nanos: 5,
             layout,
-            agents: (0..6).map(|i| AgentEntry { id: [i; 16], addr: format!("127.0.0.{}:7710", i + 1) }).collect(),
+            agents: (0..6)
+                .map(|i| AgentEntry {
+                    id: [i; 16],
+                    addr: format!("127.0.0.{}:7710", i + 1),
+                })
+                .collect(),
             stripes: vec![
-                StripeRef::Data { id: [1; 32], slots: vec![0, 1, 2, 3, 4, 5] },
+                StripeRef::Data {
+                    id: [1; 32],
+                    slots: vec![0, 1, 2, 3, 4, 5],
+                },
                 StripeRef::Zero,
-                StripeRef::Data { id: [2; 32], slots: vec![5, 0, 1, 2, 3, 4] },
+                StripeRef::Data {
+                    id: [2; 32],
+                    slots: vec![5, 0, 1, 2, 3, 4],
+                },
             ],
         }
     }
@@ -248,7 +308,10 @@ pub(crate) mod tests {
         let keys = MasterKey::from_bytes([9; 32]).derive();
         let m = sample();
         let sealed = m.seal(&keys).unwrap();
-        assert!(!sealed.windows(3).any(|w| w == b"sda"), "volume name is encrypted");
+        assert!(
+            !sealed.windows(3).any(|w| w == b"sda"),
+            "volume name is encrypted"
+        );
         let back = Manifest::open(&keys, &m.blob_name(), &sealed).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.zero_stripes(), 1);
@@ -260,15 +323,24 @@ pub(crate) mod tests {
         let m = sample();
         let sealed = m.seal(&keys).unwrap();
         let other = MasterKey::from_bytes([10; 32]).derive();
-        assert!(matches!(Manifest::open(&other, &m.blob_name(), &sealed), Err(Error::AuthFailed(_))));
+        assert!(matches!(
+            Manifest::open(&other, &m.blob_name(), &sealed),
+            Err(Error::AuthFailed(_))
+        ));
         let mut t = sealed.clone();
         let last = t.len() - 1;
         t[last] ^= 1;
         assert!(Manifest::open(&keys, &m.blob_name(), &t).is_err());
-        assert!(Manifest::open(&keys, "snap-other", &sealed).is_err(), "renamed blob");
+        assert!(
+            Manifest::open(&keys, "snap-other", &sealed).is_err(),
+            "renamed blob"
+        );
         let mut v = sealed.clone();
         v[8] = 9;
-        assert!(matches!(Manifest::open(&keys, &m.blob_name(), &v), Err(Error::UnsupportedVersion { .. })));
+        assert!(matches!(
+            Manifest::open(&keys, &m.blob_name(), &v),
+            Err(Error::UnsupportedVersion { .. })
+        ));
     }
 
     #[test]

@@ -99,7 +99,10 @@ mod tests {
         keys.seal_stripe(&id, &mut b);
         assert_eq!(a, b, "same plaintext, same ciphertext");
         assert_eq!(a.len(), plain.len() + TAG_LEN);
-        assert!(!a.windows(5).any(|w| w == b"hello"), "no plaintext in ciphertext");
+        assert!(
+            !a.windows(5).any(|w| w == b"hello"),
+            "no plaintext in ciphertext"
+        );
 
         let mut opened = a.clone();
         keys.open_stripe(&id, &mut opened).unwrap();
@@ -107,7 +110,10 @@ mod tests {
 
         let mut tampered = a.clone();
         tampered[3] ^= 1;
-        assert!(matches!(keys.open_stripe(&id, &mut tampered), Err(Error::AuthFailed(_))));
+        assert!(matches!(
+            keys.open_stripe(&id, &mut tampered),
+            Err(Error::AuthFailed(_))
+        ));
 
         let wrong = MasterKey::from_bytes([4; 32]).derive();
         let mut c = a.clone();

@@ -95,14 +95,21 @@ pub fn encode_shard(key: &ShardKey, k: u8, m: u8, payload: &[u8]) -> Vec<u8> {
 /// Parses and checks a shard header (magic, version, header crc). Does not read the payload.
 pub fn parse_header(file: &[u8]) -> Result<ShardHeader> {
     if file.len() < SHARD_HEADER_LEN {
-        return Err(Error::ShardCorrupt(format!("{} bytes, shorter than a shard header", file.len())));
+        return Err(Error::ShardCorrupt(format!(
+            "{} bytes, shorter than a shard header",
+            file.len()
+        )));
     }
     if file[..8] != SHARD_MAGIC {
         return Err(Error::ShardCorrupt("bad magic: not a shard file".into()));
     }
     let version = u16::from_le_bytes([file[8], file[9]]);
     if version != SHARD_VERSION {
-        return Err(Error::UnsupportedVersion { what: "shard", found: version, supported: SHARD_VERSION });
+        return Err(Error::UnsupportedVersion {
+            what: "shard",
+            found: version,
+            supported: SHARD_VERSION,
+        });
     }
     let hcrc = u32::from_le_bytes([file[92], file[93], file[94], file[95]]);
     if hcrc != crc32c::crc32c(&file[..92]) {
@@ -115,7 +122,11 @@ pub fn parse_header(file: &[u8]) -> Result<ShardHeader> {
     Ok(ShardHeader {
         k: file[12],
         m: file[13],
-        key: ShardKey { volume, stripe, index: file[14] },
+        key: ShardKey {
+            volume,
+            stripe,
+            index: file[14],
+        },
         payload_len: u32::from_le_bytes([file[64], file[65], file[66], file[67]]),
         payload_crc: u32::from_le_bytes([file[68], file[69], file[70], file[71]]),
     })
@@ -143,7 +154,11 @@ pub fn check_shard(file: &[u8]) -> Result<ShardHeader> {
 pub fn open_shard<'a>(file: &'a [u8], want: &ShardKey, k: u8, m: u8) -> Result<&'a [u8]> {
     let h = check_shard(file)?;
     if h.key != *want || h.k != k || h.m != m {
-        return Err(Error::ShardCorrupt(format!("holds shard {} instead of {}", h.key.short(), want.short())));
+        return Err(Error::ShardCorrupt(format!(
+            "holds shard {} instead of {}",
+            h.key.short(),
+            want.short()
+        )));
     }
     Ok(&file[SHARD_HEADER_LEN..])
 }
@@ -153,7 +168,11 @@ mod tests {
     use super::*;
 
     fn key() -> ShardKey {
-        ShardKey { volume: [1; 16], stripe: [2; 32], index: 3 }
+        ShardKey {
+            volume: [1; 16],
+            stripe: [2; 32],
+            index: 3,
+        }
     }
 
     #[test]
@@ -172,7 +191,10 @@ mod tests {
         for pos in 0..f.len() {
             let mut g = f.clone();
             g[pos] ^= 0x10;
-            assert!(open_shard(&g, &key(), 4, 2).is_err(), "flip at {pos} undetected");
+            assert!(
+                open_shard(&g, &key(), 4, 2).is_err(),
+                "flip at {pos} undetected"
+            );
         }
         assert!(check_shard(&f[..f.len() - 1]).is_err(), "truncation");
         assert!(check_shard(&f[..50]).is_err(), "short header");
@@ -187,6 +209,9 @@ mod tests {
         f[8] = 2;
         let hcrc = crc32c::crc32c(&f[..92]);
         f[92..96].copy_from_slice(&hcrc.to_le_bytes());
-        assert!(matches!(parse_header(&f), Err(Error::UnsupportedVersion { found: 2, .. })));
+        assert!(matches!(
+            parse_header(&f),
+            Err(Error::UnsupportedVersion { found: 2, .. })
+        ));
     }
 }

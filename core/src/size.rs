@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 /// as storage people mean them for block devices.
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()

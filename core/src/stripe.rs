@@ -32,7 +32,12 @@ impl StripeCodec {
     /// A codec for a volume.
     pub fn new(keys: Arc<Keys>, layout: Layout, volume: VolumeId) -> Result<Self> {
         let codec = Codec::new(layout.k as usize, layout.m as usize)?;
-        Ok(StripeCodec { keys, layout, volume, codec })
+        Ok(StripeCodec {
+            keys,
+            layout,
+            volume,
+            codec,
+        })
     }
 
     /// The layout.
@@ -42,7 +47,11 @@ impl StripeCodec {
 
     /// The key of shard `index` of stripe `id`.
     pub fn key(&self, id: &StripeId, index: usize) -> ShardKey {
-        ShardKey { volume: self.volume, stripe: *id, index: index as u8 }
+        ShardKey {
+            volume: self.volume,
+            stripe: *id,
+            index: index as u8,
+        }
     }
 
     /// The id a plaintext stripe will have.
@@ -72,7 +81,13 @@ impl StripeCodec {
 
     /// Checks a fetched shard file for shard `index` of stripe `id` and strips its header.
     /// A failure means: treat this shard as missing.
-    pub fn check(&self, id: &StripeId, index: usize, plain_len: usize, mut file: Vec<u8>) -> Result<Vec<u8>> {
+    pub fn check(
+        &self,
+        id: &StripeId,
+        index: usize,
+        plain_len: usize,
+        mut file: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let key = self.key(id, index);
         let payload_len = open_shard(&file, &key, self.layout.k, self.layout.m)?.len();
         if payload_len != self.layout.shard_len(plain_len) {
@@ -88,7 +103,12 @@ impl StripeCodec {
 
     /// Rebuilds a stripe's plaintext from checked shard payloads (`k + m` entries, `None` for
     /// missing; any `k` present suffice), then decrypts and verifies it against its id.
-    pub fn decode(&self, id: &StripeId, plain_len: usize, mut payloads: Vec<Option<Vec<u8>>>) -> Result<Vec<u8>> {
+    pub fn decode(
+        &self,
+        id: &StripeId,
+        plain_len: usize,
+        mut payloads: Vec<Option<Vec<u8>>>,
+    ) -> Result<Vec<u8>> {
         let k = self.layout.k as usize;
         self.codec.reconstruct_data(&mut payloads)?;
         let mut buf = Vec::with_capacity(self.layout.shard_len(plain_len) * k);
@@ -126,7 +146,13 @@ mod tests {
             .shards
             .iter()
             .enumerate()
-            .map(|(i, f)| if i == 0 || i == 3 { None } else { Some(check(i, f)) })
+            .map(|(i, f)| {
+                if i == 0 || i == 3 {
+                    None
+                } else {
+                    Some(check(i, f))
+                }
+            })
             .collect();
         assert_eq!(sc.decode(&id, plain.len(), payloads).unwrap(), plain);
         // A flipped payload byte is caught by the check.
@@ -134,6 +160,8 @@ mod tests {
         bad[SHARD_HEADER_LEN + 10] ^= 1;
         assert!(sc.check(&id, 1, plain.len(), bad).is_err());
         // Shard 2 offered as shard 1 is caught.
-        assert!(sc.check(&id, 1, plain.len(), enc.shards[2].clone()).is_err());
+        assert!(sc
+            .check(&id, 1, plain.len(), enc.shards[2].clone())
+            .is_err());
     }
 }

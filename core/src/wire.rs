@@ -114,7 +114,9 @@ impl ErrorCode {
             Error::ShardMissing => ErrorCode::NotFound,
             Error::Full(_) => ErrorCode::Full,
             Error::ShardCorrupt(_) => ErrorCode::Corrupt,
-            Error::Invalid(_) | Error::Malformed { .. } | Error::UnsupportedVersion { .. } => ErrorCode::BadRequest,
+            Error::Invalid(_) | Error::Malformed { .. } | Error::UnsupportedVersion { .. } => {
+                ErrorCode::BadRequest
+            }
             _ => ErrorCode::Io,
         }
     }
@@ -287,7 +289,11 @@ fn put_key(w: &mut Writer, key: &ShardKey) {
 }
 
 fn get_key(r: &mut Reader<'_>) -> Result<ShardKey> {
-    Ok(ShardKey { volume: r.array()?, stripe: r.array()?, index: r.u8()? })
+    Ok(ShardKey {
+        volume: r.array()?,
+        stripe: r.array()?,
+        index: r.u8()?,
+    })
 }
 
 /// A frame split into a small head and an optional large tail, written without copying the tail.
@@ -306,7 +312,11 @@ impl Handshake {
                 w.bytes(&AGENT_MAGIC).u16(*version);
                 kind::HELLO
             }
-            Handshake::Challenge { version, agent_id, nonce } => {
+            Handshake::Challenge {
+                version,
+                agent_id,
+                nonce,
+            } => {
                 w.u16(*version).bytes(agent_id).bytes(nonce);
                 kind::CHALLENGE
             }
@@ -315,7 +325,11 @@ impl Handshake {
                 kind::AUTH
             }
         };
-        Frame { kind, head: w.buf, tail: &[] }
+        Frame {
+            kind,
+            head: w.buf,
+            tail: &[],
+        }
     }
 
     /// Parses a handshake frame.
@@ -329,9 +343,20 @@ impl Handshake {
                 }
                 Handshake::Hello { version: r.u16()? }
             }
-            kind::CHALLENGE => Handshake::Challenge { version: r.u16()?, agent_id: r.array()?, nonce: r.array()? },
-            kind::AUTH => Handshake::Auth { owner: r.array()?, signature: r.array()? },
-            k => return Err(Error::Protocol(format!("unexpected handshake message kind {k}"))),
+            kind::CHALLENGE => Handshake::Challenge {
+                version: r.u16()?,
+                agent_id: r.array()?,
+                nonce: r.array()?,
+            },
+            kind::AUTH => Handshake::Auth {
+                owner: r.array()?,
+                signature: r.array()?,
+            },
+            k => {
+                return Err(Error::Protocol(format!(
+                    "unexpected handshake message kind {k}"
+                )))
+            }
         };
         r.finish()?;
         Ok(msg)
@@ -386,7 +411,11 @@ impl Request {
                 (kind::SWEEP_SHARDS, &[])
             }
         };
-        Frame { kind, head: w.buf, tail }
+        Frame {
+            kind,
+            head: w.buf,
+            tail,
+        }
     }
 
     /// Parses a request frame (takes the body to avoid copying shard data).
@@ -404,20 +433,29 @@ impl Request {
                 body.drain(..used);
                 return Ok(Request::PutBlob { name, data: body });
             }
-            kind::GET_SHARD => Request::GetShard { key: get_key(&mut r)? },
-            kind::DELETE_SHARD => Request::DeleteShard { key: get_key(&mut r)? },
+            kind::GET_SHARD => Request::GetShard {
+                key: get_key(&mut r)?,
+            },
+            kind::DELETE_SHARD => Request::DeleteShard {
+                key: get_key(&mut r)?,
+            },
             kind::GET_BLOB => Request::GetBlob { name: r.str()? },
             kind::LIST_BLOBS => Request::ListBlobs { prefix: r.str()? },
             kind::DELETE_BLOB => Request::DeleteBlob { name: r.str()? },
             kind::SYNC => Request::Sync,
             kind::STAT => Request::Stat,
             kind::LIST_VOLUMES => Request::ListVolumes,
-            kind::LIST_SHARDS => Request::ListShards { volume: r.array()?, bucket: r.u8()? },
+            kind::LIST_SHARDS => Request::ListShards {
+                volume: r.array()?,
+                bucket: r.u8()?,
+            },
             kind::SWEEP_SHARDS => {
                 let min_age = r.u64()?;
                 let n = r.u32()? as usize;
                 if n > MAX_SWEEP_KEYS {
-                    return Err(Error::Protocol(format!("sweep of {n} shards, at most {MAX_SWEEP_KEYS} per request")));
+                    return Err(Error::Protocol(format!(
+                        "sweep of {n} shards, at most {MAX_SWEEP_KEYS} per request"
+                    )));
                 }
                 let mut keys = Vec::with_capacity(n.min(r.remaining() / 49));
                 for _ in 0..n {
@@ -466,7 +504,11 @@ impl Response {
                 (kind::ERROR, &[])
             }
         };
-        Frame { kind, head: w.buf, tail }
+        Frame {
+            kind,
+            head: w.buf,
+            tail,
+        }
     }
 
     /// Parses a response frame.
@@ -495,12 +537,23 @@ impl Response {
                 let n = r.u32()? as usize;
                 let mut entries = Vec::with_capacity(n.min(r.remaining() / 41));
                 for _ in 0..n {
-                    entries.push(ShardEntry { stripe: r.array()?, index: r.u8()?, age: r.u64()? });
+                    entries.push(ShardEntry {
+                        stripe: r.array()?,
+                        index: r.u8()?,
+                        age: r.u64()?,
+                    });
                 }
                 Response::Shards(entries)
             }
-            kind::SWEPT => Response::Swept(SweepStats { deleted: r.u64()?, bytes: r.u64()?, young: r.u64()? }),
-            kind::ERROR => Response::Error { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
+            kind::SWEPT => Response::Swept(SweepStats {
+                deleted: r.u64()?,
+                bytes: r.u64()?,
+                young: r.u64()?,
+            }),
+            kind::ERROR => Response::Error {
+                code: ErrorCode::from_u16(r.u16()?),
+                message: r.str()?,
+            },
             k => return Err(Error::Protocol(format!("unknown response kind {k}"))),
         };
         r.finish()?;
@@ -514,7 +567,10 @@ impl Response {
             Error::Full(m) | Error::ShardCorrupt(m) => m.clone(),
             _ => e.to_string(),
         };
-        Response::Error { code: ErrorCode::of(e), message }
+        Response::Error {
+            code: ErrorCode::of(e),
+            message,
+        }
     }
 }
 
@@ -542,12 +598,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, V
     }
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(Error::Protocol(format!("frame length {len} outside 1..={MAX_FRAME}")));
+        return Err(Error::Protocol(format!(
+            "frame length {len} outside 1..={MAX_FRAME}"
+        )));
     }
     let mut kind = [0u8; 1];
-    r.read_exact(&mut kind).await.map_err(|e| Error::io("read frame", e))?;
+    r.read_exact(&mut kind)
+        .await
+        .map_err(|e| Error::io("read frame", e))?;
     let mut body = vec![0u8; len - 1];
-    r.read_exact(&mut body).await.map_err(|e| Error::io("read frame", e))?;
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| Error::io("read frame", e))?;
     Ok(Some((kind[0], body)))
 }
 
@@ -572,25 +634,68 @@ mod tests {
 
     #[tokio::test]
     async fn requests_round_trip() {
-        let key = ShardKey { volume: [1; 16], stripe: [2; 32], index: 5 };
-        round_trip_req(Request::PutShard { key, data: vec![7; 1000] }).await;
+        let key = ShardKey {
+            volume: [1; 16],
+            stripe: [2; 32],
+            index: 5,
+        };
+        round_trip_req(Request::PutShard {
+            key,
+            data: vec![7; 1000],
+        })
+        .await;
         round_trip_req(Request::GetShard { key }).await;
-        round_trip_req(Request::PutBlob { name: "snap-x".into(), data: vec![1, 2] }).await;
-        round_trip_req(Request::ListBlobs { prefix: "snap-".into() }).await;
+        round_trip_req(Request::PutBlob {
+            name: "snap-x".into(),
+            data: vec![1, 2],
+        })
+        .await;
+        round_trip_req(Request::ListBlobs {
+            prefix: "snap-".into(),
+        })
+        .await;
         round_trip_req(Request::Sync).await;
         round_trip_req(Request::ListVolumes).await;
-        round_trip_req(Request::ListShards { volume: [4; 16], bucket: 0xab }).await;
-        round_trip_req(Request::SweepShards { min_age: 3600, keys: vec![key, ShardKey { index: 1, ..key }] }).await;
-        round_trip_req(Request::SweepShards { min_age: 0, keys: vec![] }).await;
+        round_trip_req(Request::ListShards {
+            volume: [4; 16],
+            bucket: 0xab,
+        })
+        .await;
+        round_trip_req(Request::SweepShards {
+            min_age: 3600,
+            keys: vec![key, ShardKey { index: 1, ..key }],
+        })
+        .await;
+        round_trip_req(Request::SweepShards {
+            min_age: 0,
+            keys: vec![],
+        })
+        .await;
         for resp in [
             Response::Ok,
             Response::Data(vec![1, 2, 3]),
             Response::Names(vec!["a".into(), "b".into()]),
-            Response::Stat(StoreStat { agent_id: [3; 16], used: 10, quota: 20, shards: 2 }),
-            Response::Error { code: ErrorCode::Full, message: "full".into() },
-            Response::Shards(vec![ShardEntry { stripe: [9; 32], index: 3, age: 77 }]),
+            Response::Stat(StoreStat {
+                agent_id: [3; 16],
+                used: 10,
+                quota: 20,
+                shards: 2,
+            }),
+            Response::Error {
+                code: ErrorCode::Full,
+                message: "full".into(),
+            },
+            Response::Shards(vec![ShardEntry {
+                stripe: [9; 32],
+                index: 3,
+                age: 77,
+            }]),
             Response::Shards(vec![]),
-            Response::Swept(SweepStats { deleted: 4, bytes: 4096, young: 1 }),
+            Response::Swept(SweepStats {
+                deleted: 4,
+                bytes: 4096,
+                young: 1,
+            }),
         ] {
             let mut buf = Vec::new();
             write_frame(&mut buf, &resp.frame()).await.unwrap();
@@ -615,7 +720,14 @@ mod tests {
         // A sweep that claims more keys than it carries, or more than allowed.
         let mut w = Writer::default();
         w.u64(0).u32(2);
-        put_key(&mut w, &ShardKey { volume: [1; 16], stripe: [2; 32], index: 0 });
+        put_key(
+            &mut w,
+            &ShardKey {
+                volume: [1; 16],
+                stripe: [2; 32],
+                index: 0,
+            },
+        );
         assert!(Request::parse(kind::SWEEP_SHARDS, w.buf).is_err());
         let mut w = Writer::default();
         w.u64(0).u32(u32::MAX);

@@ -30,7 +30,14 @@ pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
     }
     out.into_iter()
         .zip(addrs)
-        .map(|(o, a)| o.unwrap_or_else(|| (a.clone(), Err(sa_core::Error::Protocol("connect task failed".into())))))
+        .map(|(o, a)| {
+            o.unwrap_or_else(|| {
+                (
+                    a.clone(),
+                    Err(sa_core::Error::Protocol("connect task failed".into())),
+                )
+            })
+        })
         .collect()
 }
 
@@ -55,9 +62,15 @@ pub fn none_reachable(attempts: &[Attempt]) -> anyhow::Error {
 /// Connects to the given agents and reads the catalog. Every reachable agent is asked for the
 /// names it holds (cheap), and each snapshot's manifest is read from the first agent that holds
 /// a sound copy: a damaged or missing copy on one agent falls through to the next.
-pub async fn open_catalog(addrs: &[String], keys: &Arc<Keys>) -> Result<(Vec<Manifest>, Vec<Attempt>)> {
+pub async fn open_catalog(
+    addrs: &[String],
+    keys: &Arc<Keys>,
+) -> Result<(Vec<Manifest>, Vec<Attempt>)> {
     let attempts = connect_many(addrs, keys).await;
-    let live: Vec<&AgentClient> = attempts.iter().filter_map(|(_, c)| c.as_ref().ok()).collect();
+    let live: Vec<&AgentClient> = attempts
+        .iter()
+        .filter_map(|(_, c)| c.as_ref().ok())
+        .collect();
     if live.is_empty() {
         return Err(none_reachable(&attempts));
     }
@@ -77,12 +90,32 @@ pub async fn open_catalog(addrs: &[String], keys: &Arc<Keys>) -> Result<(Vec<Man
     if listed == 0 {
         bail!("no reachable agent could list its catalog (see the warnings above)");
     }
+    // A snapshot forgotten (tombstone on any agent) stays hidden where a stale copy remains,
+    // e.g. on an agent that was offline during `forget`/`prune`.
+    let ids: Vec<String> = holders
+        .keys()
+        .map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string())
+        .collect();
+    for c in &live {
+        match sa_core::catalog::load_tombstones(*c, keys, Some(&ids)).await {
+            Ok(ts) => {
+                for t in ts {
+                    holders.remove(&format!("{SNAPSHOT_BLOB_PREFIX}{}", t.snapshot));
+                }
+            }
+            Err(e) => tracing::warn!("{}: cannot list tombstones: {e}", c.addr()),
+        }
+    }
     let mut manifests = Vec::new();
     let mut unreadable: Vec<(String, sa_core::Error)> = Vec::new();
     for (name, on) in holders {
         let mut last = None;
         for &i in &on {
-            match live[i].get_blob(&name).await.and_then(|b| Manifest::open(keys, &name, &b)) {
+            match live[i]
+                .get_blob(&name)
+                .await
+                .and_then(|b| Manifest::open(keys, &name, &b))
+            {
                 Ok(m) => {
                     manifests.push(m);
                     last = None;
@@ -125,7 +158,10 @@ pub async fn clients_for(m: &Manifest, attempts: &[Attempt], keys: &Arc<Keys>) -
     let mut slots: Vec<Option<AgentClient>> = vec![None; m.agents.len()];
     let mut to_try = Vec::new();
     for (i, entry) in m.agents.iter().enumerate() {
-        let found = attempts.iter().filter_map(|(_, c)| c.as_ref().ok()).find(|c| c.agent_id() == entry.id);
+        let found = attempts
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().ok())
+            .find(|c| c.agent_id() == entry.id);
         match found {
             Some(c) => slots[i] = Some(c.clone()),
             None => to_try.push(i),
@@ -140,6 +176,10 @@ pub async fn clients_for(m: &Manifest, attempts: &[Attempt], keys: &Arc<Keys>) -
             Err(e) => down.push((i, e.to_string())),
         }
     }
-    let names = m.agents.iter().map(|a| format!("{} ({})", a.addr, &hex(&a.id)[..8])).collect();
+    let names = m
+        .agents
+        .iter()
+        .map(|a| format!("{} ({})", a.addr, &hex(&a.id)[..8]))
+        .collect();
     SlotClients { slots, names, down }
 }

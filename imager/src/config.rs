@@ -27,19 +27,38 @@ pub const KNOWN_KEYS: &[&str] = &[
     "size",
     "keep",
     "agent_bin",
+    "keep_last",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "gc_grace",
+    "dry_run",
+    "cache_dir",
+    "changed_since",
+    "changed_map",
 ];
 
 /// Reads a config file into `T` (whose fields are all optional).
 pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
-    let Some(path) = path else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
     for k in table.keys() {
         if !KNOWN_KEYS.contains(&k.as_str()) {
-            bail!("config file {}: unknown key '{k}' (known: {})", path.display(), KNOWN_KEYS.join(", "));
+            bail!(
+                "config file {}: unknown key '{k}' (known: {})",
+                path.display(),
+                KNOWN_KEYS.join(", ")
+            );
         }
     }
-    table.try_into().with_context(|| format!("config file {} has a key of the wrong type", path.display()))
+    table
+        .try_into()
+        .with_context(|| format!("config file {} has a key of the wrong type", path.display()))
 }
 
 /// Fills every `None` field of `$cli` from `$file`, and ORs boolean flags.
@@ -60,14 +79,18 @@ pub fn require_key(key: &Option<PathBuf>) -> Result<PathBuf> {
 pub fn require_agents(agents: &Option<Vec<String>>) -> Result<Vec<String>> {
     match agents {
         Some(a) if !a.is_empty() => Ok(a.iter().map(|s| normalize_addr(s)).collect()),
-        _ => bail!("no agents: give --agents HOST:PORT[,HOST:PORT...] (or `agents` in the config file)"),
+        _ => bail!(
+            "no agents: give --agents HOST:PORT[,HOST:PORT...] (or `agents` in the config file)"
+        ),
     }
 }
 
 /// Adds the default agent port when an address has none.
 pub fn normalize_addr(addr: &str) -> String {
     let a = addr.trim();
-    if a.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if a.rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         a.to_string()
     } else {
         format!("{a}:{}", crate::DEFAULT_AGENT_PORT)

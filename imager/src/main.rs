@@ -1,7 +1,7 @@
 //! `sa-image`: snapshot a server's whole disk onto shard agents on the office's PCs, and get it
 //! back — restored to a disk, or (soon) served live over NBD.
 //!
-//! Commands: `keygen`, `owner-id`, `snapshot`, `list`, `verify`, `restore`, `demo`.
+//! Commands: `keygen`, `owner-id`, `snapshot`, `list`, `verify`, `restore`, `prune`, `forget`, `gc`, `demo`.
 //! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
 //! stripe is still recoverable, and 3 when data is lost.
 
@@ -14,7 +14,9 @@ mod agents;
 mod cmd;
 mod config;
 mod fetch;
+mod gc;
 mod progress;
+mod serve;
 mod source;
 
 /// Default TCP port of `shard-agent`.
@@ -48,6 +50,14 @@ enum Command {
     Verify(cmd::verify::VerifyArgs),
     /// Restore a snapshot to a file or block device.
     Restore(cmd::restore::RestoreArgs),
+    /// Serve a snapshot as an NBD export (read-only, or writable into a local overlay file).
+    Serve(cmd::serve::ServeArgs),
+    /// Apply a retention policy per volume, forget the rest, and collect unreferenced shards.
+    Prune(cmd::prune::PruneArgs),
+    /// Forget one snapshot, and collect the shards only it used.
+    Forget(cmd::forget::ForgetArgs),
+    /// Delete shards that no kept snapshot references (safe while snapshots run).
+    Gc(cmd::gc::GcArgs),
     /// Run everything locally: agents, a snapshot, lost agents, a verified restore.
     Demo(cmd::demo::DemoArgs),
 }
@@ -60,10 +70,16 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -79,6 +95,10 @@ fn main() -> ExitCode {
             Command::List(a) => cmd::list::run(a, config.as_deref()).await,
             Command::Verify(a) => cmd::verify::run(a, config.as_deref()).await,
             Command::Restore(a) => cmd::restore::run(a, config.as_deref()).await,
+            Command::Serve(a) => cmd::serve::run(a, config.as_deref()).await,
+            Command::Prune(a) => cmd::prune::run(a, config.as_deref()).await,
+            Command::Forget(a) => cmd::forget::run(a, config.as_deref()).await,
+            Command::Gc(a) => cmd::gc::run(a, config.as_deref()).await,
             Command::Demo(a) => cmd::demo::run(a, config.as_deref()).await,
         }
     });

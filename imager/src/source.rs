@@ -34,14 +34,25 @@ fn size_of(file: &mut File, is_device: bool) -> Result<u64> {
 /// Opens a snapshot source for reading and checks it is a whole number of sectors.
 pub fn open_source(path: &Path) -> Result<Volume> {
     let meta = std::fs::metadata(path).with_context(|| {
-        format!("cannot open source {}: give an image file or a block device such as /dev/sda", path.display())
+        format!(
+            "cannot open source {}: give an image file or a block device such as /dev/sda",
+            path.display()
+        )
     })?;
     let ft = meta.file_type();
     let is_device = ft.is_block_device();
     if !is_device && !ft.is_file() {
-        bail!("{} is neither a block device nor a regular file", path.display());
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        );
     }
-    let mut file = File::open(path).with_context(|| format!("cannot read source {} (run as root for a device?)", path.display()))?;
+    let mut file = File::open(path).with_context(|| {
+        format!(
+            "cannot read source {} (run as root for a device?)",
+            path.display()
+        )
+    })?;
     let size = size_of(&mut file, is_device)?;
     if size == 0 {
         bail!("source {} is empty", path.display());
@@ -53,7 +64,12 @@ pub fn open_source(path: &Path) -> Result<Volume> {
             path.display()
         );
     }
-    Ok(Volume { file, size, is_device, path: path.to_path_buf() })
+    Ok(Volume {
+        file,
+        size,
+        is_device,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Opens a restore target: an existing block device (at least `size` bytes), or a regular file
@@ -66,14 +82,27 @@ pub fn open_target(path: &Path, partial: Option<&Path>, size: u64) -> Result<Vol
                 .write(true)
                 .read(true)
                 .open(path)
-                .with_context(|| format!("cannot open {} for writing (root needed?)", path.display()))?;
+                .with_context(|| {
+                    format!("cannot open {} for writing (root needed?)", path.display())
+                })?;
             let dev_size = size_of(&mut file, true)?;
             if dev_size < size {
-                bail!("{} holds {dev_size} bytes but the snapshot needs {size}: use a larger disk", path.display());
+                bail!(
+                    "{} holds {dev_size} bytes but the snapshot needs {size}: use a larger disk",
+                    path.display()
+                );
             }
-            Ok(Volume { file, size: dev_size, is_device: true, path: path.to_path_buf() })
+            Ok(Volume {
+                file,
+                size: dev_size,
+                is_device: true,
+                path: path.to_path_buf(),
+            })
         }
-        Ok(meta) if !meta.is_file() => bail!("{} is neither a block device nor a regular file", path.display()),
+        Ok(meta) if !meta.is_file() => bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        ),
         _ => {
             let path = partial.unwrap_or(path);
             let file = OpenOptions::new()
@@ -83,8 +112,18 @@ pub fn open_target(path: &Path, partial: Option<&Path>, size: u64) -> Result<Vol
                 .truncate(true)
                 .open(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
-            file.set_len(size).with_context(|| format!("cannot size {} to {size} bytes (disk full?)", path.display()))?;
-            Ok(Volume { file, size, is_device: false, path: path.to_path_buf() })
+            file.set_len(size).with_context(|| {
+                format!(
+                    "cannot size {} to {size} bytes (disk full?)",
+                    path.display()
+                )
+            })?;
+            Ok(Volume {
+                file,
+                size,
+                is_device: false,
+                path: path.to_path_buf(),
+            })
         }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 
-
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sa_core::keys::OwnerId;
@@ -55,14 +54,16 @@ struct FileConfig {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "shard_agent=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "shard_agent=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let file: FileConfig = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("config {} is not valid", p.display()))?
         }
         None => FileConfig::default(),
@@ -70,7 +71,10 @@ async fn main() -> Result<()> {
     let Some(dir) = args.dir.or(file.dir) else {
         bail!("no shard directory: give --dir DIR (or `dir` in the config file)")
     };
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:7710".into());
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "0.0.0.0:7710".into());
     let Some(owner) = args.owner.or(file.owner) else {
         bail!("no owner: give --owner OWNER_ID, printed by `sa-image owner-id --key KEYFILE` on the server")
     };
@@ -81,8 +85,11 @@ async fn main() -> Result<()> {
     };
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(256);
 
-    let store = DirStore::open(&dir, quota).with_context(|| format!("cannot open shard directory {}", dir.display()))?;
-    let listener = TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let store = DirStore::open(&dir, quota)
+        .with_context(|| format!("cannot open shard directory {}", dir.display()))?;
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     let stat = store.stat_blocking();
     tracing::info!(
@@ -106,10 +113,11 @@ async fn main() -> Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -120,4 +128,3 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
-

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use sa_core::keys::{random_bytes, verify_owner, OwnerId};
 use sa_core::store::DirStore;
-use sa_core::wire::{auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION};
+use sa_core::wire::{
+    auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION,
+};
 use sa_core::{Error, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -26,7 +28,11 @@ pub struct Server {
 impl Server {
     /// A server over `store` for `owner`, at most `max_connections` at once.
     pub fn new(store: DirStore, owner: OwnerId, max_connections: usize) -> Self {
-        Server { store, owner, conns: Arc::new(Semaphore::new(max_connections.max(1))) }
+        Server {
+            store,
+            owner,
+            conns: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
     }
 
     /// Accepts connections until the listener fails.
@@ -68,36 +74,59 @@ impl Server {
                 Ok(f) => f?,
                 Err(_) => return Ok(()),
             };
-            let Some((kind, body)) = frame else { return Ok(()) };
+            let Some((kind, body)) = frame else {
+                return Ok(());
+            };
             let req = Request::parse(kind, body)?;
             let resp = self.apply(req).await;
-            write_frame(&mut s, &resp.frame()).await.map_err(|e| Error::io("send", e))?;
+            write_frame(&mut s, &resp.frame())
+                .await
+                .map_err(|e| Error::io("send", e))?;
         }
     }
 
     async fn handshake(&self, s: &mut TcpStream) -> Result<()> {
-        let (kind, body) = read_frame(s).await?.ok_or_else(|| Error::Protocol("closed before hello".into()))?;
+        let (kind, body) = read_frame(s)
+            .await?
+            .ok_or_else(|| Error::Protocol("closed before hello".into()))?;
         match Handshake::parse(kind, &body)? {
             Handshake::Hello { .. } => {}
             _ => return Err(Error::Protocol("expected hello".into())),
         }
         let nonce: [u8; 32] = random_bytes();
         let agent_id = self.store.agent_id();
-        let challenge = Handshake::Challenge { version: PROTOCOL_VERSION, agent_id, nonce };
-        write_frame(s, &challenge.frame()).await.map_err(|e| Error::io("send", e))?;
-        let (kind, body) = read_frame(s).await?.ok_or_else(|| Error::Protocol("closed before auth".into()))?;
+        let challenge = Handshake::Challenge {
+            version: PROTOCOL_VERSION,
+            agent_id,
+            nonce,
+        };
+        write_frame(s, &challenge.frame())
+            .await
+            .map_err(|e| Error::io("send", e))?;
+        let (kind, body) = read_frame(s)
+            .await?
+            .ok_or_else(|| Error::Protocol("closed before auth".into()))?;
         let Handshake::Auth { owner, signature } = Handshake::parse(kind, &body)? else {
             return Err(Error::Protocol("expected auth".into()));
         };
         let msg = auth_message(&agent_id, &nonce);
         if owner != self.owner.0 || !verify_owner(&self.owner, &msg, &signature) {
-            let why = "this agent belongs to another owner: start it with --owner set to the id that \
+            let why =
+                "this agent belongs to another owner: start it with --owner set to the id that \
                        `sa-image owner-id --key KEYFILE` prints for your key";
-            let resp = Response::Error { code: sa_core::wire::ErrorCode::Unauthorized, message: why.into() };
+            let resp = Response::Error {
+                code: sa_core::wire::ErrorCode::Unauthorized,
+                message: why.into(),
+            };
             let _ = write_frame(s, &resp.frame()).await;
-            return Err(Error::Refused { addr: "client".into(), why: "wrong owner".into() });
+            return Err(Error::Refused {
+                addr: "client".into(),
+                why: "wrong owner".into(),
+            });
         }
-        write_frame(s, &Response::Ok.frame()).await.map_err(|e| Error::io("send", e))
+        write_frame(s, &Response::Ok.frame())
+            .await
+            .map_err(|e| Error::io("send", e))
     }
 
     async fn apply(&self, req: Request) -> Response {
@@ -118,7 +147,9 @@ impl Server {
                     Response::Ok
                 }
                 Request::GetBlob { name } => Response::Data(store.get_blob_blocking(&name)?),
-                Request::ListBlobs { prefix } => Response::Names(store.list_blobs_blocking(&prefix)?),
+                Request::ListBlobs { prefix } => {
+                    Response::Names(store.list_blobs_blocking(&prefix)?)
+                }
                 Request::DeleteBlob { name } => {
                     store.delete_blob_blocking(&name)?;
                     Response::Ok
@@ -128,6 +159,21 @@ impl Server {
                     Response::Ok
                 }
                 Request::Stat => Response::Stat(store.stat_blocking()),
+                Request::ListVolumes => Response::Names(store.list_volumes_blocking()?),
+                Request::ListShards { volume, bucket } => {
+                    Response::Shards(store.list_shards_blocking(&volume, bucket)?)
+                }
+                Request::SweepShards { min_age, keys } => {
+                    let stats = store.sweep_blocking(min_age, &keys)?;
+                    if stats.deleted > 0 {
+                        tracing::info!(
+                            "swept {} unreferenced shard(s), {} bytes",
+                            stats.deleted,
+                            stats.bytes
+                        );
+                    }
+                    Response::Swept(stats)
+                }
             })
         })
         .await;
@@ -139,7 +185,10 @@ impl Server {
                 }
                 Response::error(&e)
             }
-            Err(e) => Response::error(&Error::io("agent task", std::io::Error::other(e.to_string()))),
+            Err(e) => Response::error(&Error::io(
+                "agent task",
+                std::io::Error::other(e.to_string()),
+            )),
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::{
-    run_vm, BootImage, Result, VmOptions, MARKER_BOOTED, MARKER_DONE, MARKER_FOUND, MARKER_NOT_FOUND,
-    MARKER_READ_ONLY, MARKER_SHA256, MARKER_WROTE,
+    run_vm, BootImage, Result, VmOptions, MARKER_BOOTED, MARKER_DONE, MARKER_FOUND,
+    MARKER_NOT_FOUND, MARKER_READ_ONLY, MARKER_SHA256, MARKER_WROTE,
 };
 
 /// Generous: TCG on a busy 2-core machine; a boot takes a few seconds when idle.
@@ -36,10 +36,20 @@ pub fn boot_and_check(label: &str, drive: &str, img: &BootImage, opts: &VmOption
             sha.text, img.known_sha256
         )));
     }
-    let found = vm.wait_for_line(STEP_TIMEOUT, |l| l.contains(MARKER_FOUND) || l.contains(MARKER_NOT_FOUND))?;
-    let found = found.text.split_once(MARKER_FOUND).map(|(_, rest)| rest.trim().to_string());
-    let wrote = vm.wait_for_line(STEP_TIMEOUT, |l| l.contains(MARKER_WROTE) || l.contains(MARKER_READ_ONLY))?;
-    let wrote = wrote.text.split_once(MARKER_WROTE).map(|(_, rest)| rest.trim().to_string());
+    let found = vm.wait_for_line(STEP_TIMEOUT, |l| {
+        l.contains(MARKER_FOUND) || l.contains(MARKER_NOT_FOUND)
+    })?;
+    let found = found
+        .text
+        .split_once(MARKER_FOUND)
+        .map(|(_, rest)| rest.trim().to_string());
+    let wrote = vm.wait_for_line(STEP_TIMEOUT, |l| {
+        l.contains(MARKER_WROTE) || l.contains(MARKER_READ_ONLY)
+    })?;
+    let wrote = wrote
+        .text
+        .split_once(MARKER_WROTE)
+        .map(|(_, rest)| rest.trim().to_string());
     vm.wait_for_marker(MARKER_DONE, STEP_TIMEOUT)?;
     vm.expect_clean_exit(STEP_TIMEOUT)?;
     eprintln!(
@@ -47,5 +57,9 @@ pub fn boot_and_check(label: &str, drive: &str, img: &BootImage, opts: &VmOption
         booted.at,
         vm.elapsed(),
     );
-    Ok(Boot { found, wrote, to_marker: booted.at })
+    Ok(Boot {
+        found,
+        wrote,
+        to_marker: booted.at,
+    })
 }

@@ -36,13 +36,21 @@ impl Serve {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
                 if let Some(at) = line.find("nbd://") {
-                    let _ = tx.send(line[at..].split_whitespace().next().unwrap_or_default().to_string());
+                    let _ = tx.send(
+                        line[at..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
                 }
             }
         });
         let url = rx
             .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("sa-image serve did not print its nbd:// address within 60s"));
+            .unwrap_or_else(|_| {
+                panic!("sa-image serve did not print its nbd:// address within 60s")
+            });
         Serve { _proc: proc, url }
     }
 }
@@ -67,21 +75,38 @@ fn boots_from_agents_with_two_down_and_the_overlay_keeps_the_guests_writes() {
     let overlay_arg = overlay.to_str().expect("utf-8 path");
 
     let serve = Serve::start(&cluster, &live, &["--overlay", overlay_arg]);
-    let first = boot_and_check("serve boot 1", &serve.url, &img, &VmOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first.found, None, "a fresh snapshot has no file from an earlier boot");
+    let first = boot_and_check("serve boot 1", &serve.url, &img, &VmOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        first.found, None,
+        "a fresh snapshot has no file from an earlier boot"
+    );
     assert_eq!(first.wrote.as_deref(), Some("boot-1"));
-    let second = boot_and_check("serve boot 2", &serve.url, &img, &VmOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(second.found.as_deref(), Some("boot-1"), "the reboot must see the first boot's write");
+    let second = boot_and_check("serve boot 2", &serve.url, &img, &VmOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        second.found.as_deref(),
+        Some("boot-1"),
+        "the reboot must see the first boot's write"
+    );
 
     // A restart of serve keeps the overlay's writes.
     drop(serve);
     let serve = Serve::start(&cluster, &live, &["--overlay", overlay_arg]);
-    let third = boot_and_check("serve boot 3", &serve.url, &img, &VmOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(third.found.as_deref(), Some("boot-2"), "writes must survive a restart of serve");
+    let third = boot_and_check("serve boot 3", &serve.url, &img, &VmOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        third.found.as_deref(),
+        Some("boot-2"),
+        "writes must survive a restart of serve"
+    );
     drop(serve);
 
     // The backup itself was never written: it still restores to the original image.
     let restored = cluster.path("restored.img");
     cluster.restore("latest", &restored, &live);
-    assert_eq!(sha256_file(&restored).unwrap_or_else(|e| panic!("{e}")), original);
+    assert_eq!(
+        sha256_file(&restored).unwrap_or_else(|e| panic!("{e}")),
+        original
+    );
 }

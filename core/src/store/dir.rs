@@ -63,7 +63,9 @@ pub fn check_blob_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -75,21 +77,32 @@ impl DirStore {
     /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none.
     pub fn open(root: &Path, quota: u64) -> Result<Self> {
         for sub in ["shards", "blobs", "tmp"] {
-            fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {}", root.join(sub).display())))?;
+            fs::create_dir_all(root.join(sub))
+                .map_err(io(format!("cannot create {}", root.join(sub).display())))?;
         }
         let id_path = root.join("agent-id");
         let agent_id = match fs::read_to_string(&id_path) {
             Ok(text) => {
-                let b = unhex(text.trim()).filter(|b| b.len() == 16).ok_or_else(|| {
-                    Error::malformed("agent-id file", format!("{} does not hold 32 hex digits", id_path.display()))
-                })?;
+                let b = unhex(text.trim())
+                    .filter(|b| b.len() == 16)
+                    .ok_or_else(|| {
+                        Error::malformed(
+                            "agent-id file",
+                            format!("{} does not hold 32 hex digits", id_path.display()),
+                        )
+                    })?;
                 let mut id = [0u8; 16];
                 id.copy_from_slice(&b);
                 id
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 let id: [u8; 16] = random_bytes();
-                write_durable(root, &root.join("tmp").join("agent-id.new"), &id_path, hex(&id).as_bytes())?;
+                write_durable(
+                    root,
+                    &root.join("tmp").join("agent-id.new"),
+                    &id_path,
+                    hex(&id).as_bytes(),
+                )?;
                 id
             }
             Err(e) => return Err(Error::io(format!("cannot read {}", id_path.display()), e)),
@@ -132,12 +145,19 @@ impl DirStore {
 
     fn tmp_path(&self) -> PathBuf {
         let n = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.root.join("tmp").join(format!("w{}-{n}", std::process::id()))
+        self.inner
+            .root
+            .join("tmp")
+            .join(format!("w{}-{n}", std::process::id()))
     }
 
     /// Records the directories of a new shard file for the next [`DirStore::sync_blocking`].
     fn mark_dirty(&self, path: &Path) {
-        let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self
+            .inner
+            .dirty_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for dir in path.ancestors().skip(1).take(3) {
             dirty.insert(dir.to_path_buf());
         }
@@ -164,10 +184,18 @@ impl DirStore {
     pub fn put_shard_blocking(&self, key: &ShardKey, file: &[u8]) -> Result<()> {
         let h = check_shard(file)?;
         if h.key != *key {
-            return Err(Error::Invalid(format!("shard file is {} but was sent as {}", h.key.short(), key.short())));
+            return Err(Error::Invalid(format!(
+                "shard file is {} but was sent as {}",
+                h.key.short(),
+                key.short()
+            )));
         }
         let path = self.shard_path(key);
-        let _sweep = self.inner.sweep_lock.read().unwrap_or_else(|p| p.into_inner());
+        let _sweep = self
+            .inner
+            .sweep_lock
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let old = fs::metadata(&path).map(|m| m.len()).ok();
         // Encryption is deterministic, so a re-sent shard (a resumed or repeated snapshot) is
         // byte-identical to the stored one: keep the stored, already durable file rather than
@@ -227,7 +255,12 @@ impl DirStore {
         let old = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let len = data.len() as u64;
         self.reserve(len.saturating_sub(old))?;
-        match write_durable(&self.inner.root.join("blobs"), &self.tmp_path(), &path, data) {
+        match write_durable(
+            &self.inner.root.join("blobs"),
+            &self.tmp_path(),
+            &path,
+            data,
+        ) {
             Ok(()) => {
                 self.release(old.saturating_sub(len));
                 Ok(())
@@ -277,13 +310,21 @@ impl DirStore {
     /// Makes every shard stored so far durable: fsync of each directory touched.
     pub fn sync_blocking(&self) -> Result<()> {
         let dirs: Vec<PathBuf> = {
-            let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dirty = self
+                .inner
+                .dirty_dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             dirty.drain().collect()
         };
         for (i, d) in dirs.iter().enumerate() {
             if let Err(e) = sync_dir(d) {
                 // Put back what we did not sync, so a retry covers it.
-                let mut dirty = self.inner.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut dirty = self
+                    .inner
+                    .dirty_dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 dirty.extend(dirs[i..].iter().cloned());
                 return Err(e);
             }
@@ -298,7 +339,10 @@ impl DirStore {
         for e in fs::read_dir(&dir).map_err(io(format!("cannot list {}", dir.display())))? {
             let e = e.map_err(io("cannot list volumes"))?;
             if let Some(name) = e.file_name().to_str() {
-                if name.len() == 32 && unhex(name).is_some() && e.file_type().is_ok_and(|t| t.is_dir()) {
+                if name.len() == 32
+                    && unhex(name).is_some()
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+                {
                     out.push(name.to_string());
                 }
             }
@@ -309,7 +353,12 @@ impl DirStore {
 
     /// The shards of `volume` whose stripe id starts with byte `bucket`, with their ages.
     pub fn list_shards_blocking(&self, volume: &[u8; 16], bucket: u8) -> Result<Vec<ShardEntry>> {
-        let dir = self.inner.root.join("shards").join(hex(volume)).join(hex(&[bucket]));
+        let dir = self
+            .inner
+            .root
+            .join("shards")
+            .join(hex(volume))
+            .join(hex(&[bucket]));
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -319,19 +368,34 @@ impl DirStore {
         let mut out = Vec::new();
         for e in entries {
             let e = e.map_err(io(format!("cannot list {}", dir.display())))?;
-            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
-            let Some((stripe, index)) = name.rsplit_once('.') else { continue };
-            let (Some(stripe), Ok(index)) = (unhex(stripe), index.parse::<u8>()) else { continue };
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Some((stripe, index)) = name.rsplit_once('.') else {
+                continue;
+            };
+            let (Some(stripe), Ok(index)) = (unhex(stripe), index.parse::<u8>()) else {
+                continue;
+            };
             if stripe.len() != 32 || stripe[0] != bucket {
                 continue;
             }
             let Ok(meta) = e.metadata() else { continue };
-            let age = meta.modified().ok().and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()).unwrap_or(0);
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             let mut id = [0u8; 32];
             id.copy_from_slice(&stripe);
-            out.push(ShardEntry { stripe: id, index, age });
+            out.push(ShardEntry {
+                stripe: id,
+                index,
+                age,
+            });
         }
-        out.sort_by(|a, b| (a.stripe, a.index).cmp(&(b.stripe, b.index)));
+        out.sort_by_key(|e| (e.stripe, e.index));
         Ok(out)
     }
 
@@ -340,8 +404,14 @@ impl DirStore {
         let mut stats = SweepStats::default();
         for key in keys {
             let path = self.shard_path(key);
-            let _excl = self.inner.sweep_lock.write().unwrap_or_else(|p| p.into_inner());
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let _excl = self
+                .inner
+                .sweep_lock
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             let age = meta
                 .modified()
                 .ok()
@@ -379,15 +449,19 @@ impl DirStore {
 
 /// Sets a file's modification time to now (a re-stored shard is young again).
 fn touch(path: &Path) -> Result<()> {
-    let f = OpenOptions::new().write(true).open(path).map_err(io(format!("cannot open {}", path.display())))?;
-    f.set_modified(SystemTime::now()).map_err(io(format!("cannot touch {}", path.display())))
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(format!("cannot open {}", path.display())))?;
+    f.set_modified(SystemTime::now())
+        .map_err(io(format!("cannot touch {}", path.display())))
 }
 
 fn full_if_no_space(e: Error) -> Error {
     match &e {
-        Error::Io { source, what } if source.raw_os_error() == Some(28) => {
-            Error::Full(format!("disk full: {what}; free space or move the agent's directory"))
-        }
+        Error::Io { source, what } if source.raw_os_error() == Some(28) => Error::Full(format!(
+            "disk full: {what}; free space or move the agent's directory"
+        )),
         _ => e,
     }
 }
@@ -426,7 +500,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
     // the call returns and directories cannot be opened this way, so skip it there.
     if cfg!(unix) {
         let f = File::open(dir).map_err(io(format!("cannot open {}", dir.display())))?;
-        f.sync_all().map_err(io(format!("cannot fsync {}", dir.display())))?;
+        f.sync_all()
+            .map_err(io(format!("cannot fsync {}", dir.display())))?;
     }
     Ok(())
 }
@@ -481,7 +556,11 @@ impl ShardRead for DirStore {
         let s = self.clone();
         blocking(move || s.list_volumes_blocking()).await
     }
-    async fn list_shards(&self, volume: &crate::shard::VolumeId, bucket: u8) -> Result<Vec<ShardEntry>> {
+    async fn list_shards(
+        &self,
+        volume: &crate::shard::VolumeId,
+        bucket: u8,
+    ) -> Result<Vec<ShardEntry>> {
         let (s, v) = (self.clone(), *volume);
         blocking(move || s.list_shards_blocking(&v, bucket)).await
     }
@@ -521,7 +600,11 @@ mod tests {
     use crate::shard::encode_shard;
 
     fn key(i: u8) -> ShardKey {
-        ShardKey { volume: [1; 16], stripe: [i; 32], index: 0 }
+        ShardKey {
+            volume: [1; 16],
+            stripe: [i; 32],
+            index: 0,
+        }
     }
 
     #[tokio::test]
@@ -532,9 +615,15 @@ mod tests {
         s.put_shard(&key(1), f.clone()).await.unwrap();
         s.sync().await.unwrap();
         assert_eq!(s.get_shard(&key(1)).await.unwrap(), f);
-        assert!(matches!(s.get_shard(&key(2)).await, Err(Error::ShardMissing)));
+        assert!(matches!(
+            s.get_shard(&key(2)).await,
+            Err(Error::ShardMissing)
+        ));
         s.put_blob("snap-a", vec![1, 2, 3]).await.unwrap();
-        assert_eq!(s.list_blobs("snap-").await.unwrap(), vec!["snap-a".to_string()]);
+        assert_eq!(
+            s.list_blobs("snap-").await.unwrap(),
+            vec!["snap-a".to_string()]
+        );
         let id = s.agent_id();
         let used = s.stat().await.unwrap().used;
         assert_eq!(used, f.len() as u64 + 3);
@@ -553,7 +642,10 @@ mod tests {
         let f = encode_shard(&key(1), 4, 2, &[5; 600]);
         s.put_shard(&key(1), f).await.unwrap();
         let g = encode_shard(&key(2), 4, 2, &[5; 600]);
-        assert!(matches!(s.put_shard(&key(2), g.clone()).await, Err(Error::Full(_))));
+        assert!(matches!(
+            s.put_shard(&key(2), g.clone()).await,
+            Err(Error::Full(_))
+        ));
         // Overwriting the same shard does not double-count.
         let f = encode_shard(&key(1), 4, 2, &[5; 600]);
         s.put_shard(&key(1), f).await.unwrap();
@@ -568,8 +660,12 @@ mod tests {
     }
 
     fn set_age(s: &DirStore, k: &ShardKey, secs: u64) {
-        let f = OpenOptions::new().write(true).open(s.shard_path(k)).unwrap();
-        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs)).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(s.shard_path(k))
+            .unwrap();
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs))
+            .unwrap();
     }
 
     #[test]
@@ -579,10 +675,14 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let fa = encode_shard(&a, 4, 2, &[5; 100]);
         s.put_shard_blocking(&a, &fa).unwrap();
-        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100])).unwrap();
+        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
+            .unwrap();
         assert_eq!(s.list_volumes_blocking().unwrap(), vec![hex(&[1; 16])]);
         assert!(s.list_shards_blocking(&[1; 16], 3).unwrap().is_empty());
-        assert!(s.list_shards_blocking(&[9; 16], 1).unwrap().is_empty(), "unknown volume");
+        assert!(
+            s.list_shards_blocking(&[9; 16], 1).unwrap().is_empty(),
+            "unknown volume"
+        );
         set_age(&s, &a, 7200);
         set_age(&s, &b, 7200);
         let l = s.list_shards_blocking(&[1; 16], 1).unwrap();

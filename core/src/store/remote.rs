@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::shard::{ShardKey, VolumeId};
 use crate::store::{ShardEntry, ShardRead, ShardWrite, StoreStat, SweepStats};
-use crate::wire::{auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION};
+use crate::wire::{
+    auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION,
+};
 
 /// Most connections one client opens to one agent.
 pub const MAX_CONNECTIONS: usize = 8;
@@ -46,18 +48,34 @@ impl std::fmt::Debug for AgentClient {
 }
 
 async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
-    let unreachable = |why: String| Error::AgentUnreachable { addr: addr.to_string(), why };
+    let unreachable = |why: String| Error::AgentUnreachable {
+        addr: addr.to_string(),
+        why,
+    };
     let fut = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
-        s.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
-        write_frame(&mut s, &Handshake::Hello { version: PROTOCOL_VERSION }.frame())
+        let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
+        s.set_nodelay(true)
+            .map_err(|e| unreachable(e.to_string()))?;
+        write_frame(
+            &mut s,
+            &Handshake::Hello {
+                version: PROTOCOL_VERSION,
+            }
+            .frame(),
+        )
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
         let (kind, body) = read_frame(&mut s)
             .await?
             .ok_or_else(|| unreachable("closed the connection during the handshake".into()))?;
         let (agent_id, nonce) = match Handshake::parse(kind, &body) {
-            Ok(Handshake::Challenge { version, agent_id, nonce }) => {
+            Ok(Handshake::Challenge {
+                version,
+                agent_id,
+                nonce,
+            }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
                         "agent {addr} speaks protocol version {version}, this sa-image speaks {PROTOCOL_VERSION}"
@@ -65,22 +83,39 @@ async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
                 }
                 (agent_id, nonce)
             }
-            _ => return Err(Error::Protocol(format!("{addr} did not answer like a shard-agent"))),
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "{addr} did not answer like a shard-agent"
+                )))
+            }
         };
-        let auth = Handshake::Auth { owner: keys.owner_id().0, signature: keys.sign(&auth_message(&agent_id, &nonce)) };
-        write_frame(&mut s, &auth.frame()).await.map_err(|e| unreachable(e.to_string()))?;
+        let auth = Handshake::Auth {
+            owner: keys.owner_id().0,
+            signature: keys.sign(&auth_message(&agent_id, &nonce)),
+        };
+        write_frame(&mut s, &auth.frame())
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (kind, body) = read_frame(&mut s)
             .await?
             .ok_or_else(|| unreachable("closed the connection during the handshake".into()))?;
         match Response::parse(kind, body)? {
             Response::Ok => Ok((s, agent_id)),
-            Response::Error { message, .. } => Err(Error::Refused { addr: addr.to_string(), why: message }),
-            _ => Err(Error::Protocol(format!("{addr} sent an unexpected handshake answer"))),
+            Response::Error { message, .. } => Err(Error::Refused {
+                addr: addr.to_string(),
+                why: message,
+            }),
+            _ => Err(Error::Protocol(format!(
+                "{addr} sent an unexpected handshake answer"
+            ))),
         }
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
         Ok(r) => r,
-        Err(_) => Err(unreachable(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -111,21 +146,37 @@ impl AgentClient {
 
     async fn exchange(&self, stream: &mut TcpStream, req: &Request) -> Result<Response> {
         let fut = async {
-            write_frame(stream, &req.frame()).await.map_err(|e| Error::io("send", e))?;
-            let (kind, body) =
-                read_frame(stream).await?.ok_or_else(|| Error::Protocol("connection closed".into()))?;
+            write_frame(stream, &req.frame())
+                .await
+                .map_err(|e| Error::io("send", e))?;
+            let (kind, body) = read_frame(stream)
+                .await?
+                .ok_or_else(|| Error::Protocol("connection closed".into()))?;
             Response::parse(kind, body)
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(r) => r,
-            Err(_) => Err(Error::Protocol(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))),
+            Err(_) => Err(Error::Protocol(format!(
+                "no answer within {}s",
+                REQUEST_TIMEOUT.as_secs()
+            ))),
         }
     }
 
     /// Sends a request and returns the agent's answer; an agent's error becomes an [`Error`].
     pub async fn call(&self, req: &Request) -> Result<Response> {
-        let _slot = self.inner.slots.acquire().await.map_err(|_| Error::Protocol("client closed".into()))?;
-        let pooled = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Protocol("client closed".into()))?;
+        let pooled = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
         let (resp, stream) = match pooled {
             Some(mut s) => match self.exchange(&mut s, req).await {
                 Ok(r) => (r, s),
@@ -134,7 +185,11 @@ impl AgentClient {
             },
             None => self.fresh_exchange(req).await?,
         };
-        self.inner.idle.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stream);
         match resp {
             Response::Error { code, message } => Err(code.into_error(message)),
             r => Ok(r),
@@ -152,21 +207,30 @@ impl AgentClient {
         let r = self
             .exchange(&mut s, req)
             .await
-            .map_err(|e| Error::AgentUnreachable { addr: self.inner.addr.clone(), why: e.to_string() })?;
+            .map_err(|e| Error::AgentUnreachable {
+                addr: self.inner.addr.clone(),
+                why: e.to_string(),
+            })?;
         Ok((r, s))
     }
 
     async fn expect_ok(&self, req: &Request) -> Result<()> {
         match self.call(req).await? {
             Response::Ok => Ok(()),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
 
     async fn expect_data(&self, req: &Request) -> Result<Vec<u8>> {
         match self.call(req).await? {
             Response::Data(d) => Ok(d),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
 }
@@ -177,30 +241,56 @@ impl ShardRead for AgentClient {
         self.expect_data(&Request::GetShard { key: *key }).await
     }
     async fn get_blob(&self, name: &str) -> Result<Vec<u8>> {
-        self.expect_data(&Request::GetBlob { name: name.to_string() }).await
+        self.expect_data(&Request::GetBlob {
+            name: name.to_string(),
+        })
+        .await
     }
     async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>> {
-        match self.call(&Request::ListBlobs { prefix: prefix.to_string() }).await? {
+        match self
+            .call(&Request::ListBlobs {
+                prefix: prefix.to_string(),
+            })
+            .await?
+        {
             Response::Names(n) => Ok(n),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
     async fn stat(&self) -> Result<StoreStat> {
         match self.call(&Request::Stat).await? {
             Response::Stat(s) => Ok(s),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
     async fn list_volumes(&self) -> Result<Vec<String>> {
         match self.call(&Request::ListVolumes).await? {
             Response::Names(n) => Ok(n),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
     async fn list_shards(&self, volume: &VolumeId, bucket: u8) -> Result<Vec<ShardEntry>> {
-        match self.call(&Request::ListShards { volume: *volume, bucket }).await? {
+        match self
+            .call(&Request::ListShards {
+                volume: *volume,
+                bucket,
+            })
+            .await?
+        {
             Response::Shards(s) => Ok(s),
-            _ => Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
         }
     }
 }
@@ -208,16 +298,27 @@ impl ShardRead for AgentClient {
 #[async_trait]
 impl ShardWrite for AgentClient {
     async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
-        self.expect_ok(&Request::PutShard { key: *key, data: file }).await
+        self.expect_ok(&Request::PutShard {
+            key: *key,
+            data: file,
+        })
+        .await
     }
     async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
         self.expect_ok(&Request::DeleteShard { key: *key }).await
     }
     async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.expect_ok(&Request::PutBlob { name: name.to_string(), data }).await
+        self.expect_ok(&Request::PutBlob {
+            name: name.to_string(),
+            data,
+        })
+        .await
     }
     async fn delete_blob(&self, name: &str) -> Result<()> {
-        self.expect_ok(&Request::DeleteBlob { name: name.to_string() }).await
+        self.expect_ok(&Request::DeleteBlob {
+            name: name.to_string(),
+        })
+        .await
     }
     async fn sync(&self) -> Result<()> {
         self.expect_ok(&Request::Sync).await
@@ -225,13 +326,24 @@ impl ShardWrite for AgentClient {
     async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats> {
         let mut total = SweepStats::default();
         for chunk in keys.chunks(crate::wire::MAX_SWEEP_KEYS) {
-            match self.call(&Request::SweepShards { min_age, keys: chunk.to_vec() }).await? {
+            match self
+                .call(&Request::SweepShards {
+                    min_age,
+                    keys: chunk.to_vec(),
+                })
+                .await?
+            {
                 Response::Swept(s) => {
                     total.deleted += s.deleted;
                     total.bytes += s.bytes;
                     total.young += s.young;
                 }
-                _ => return Err(Error::Protocol(format!("{}: unexpected answer", self.inner.addr))),
+                _ => {
+                    return Err(Error::Protocol(format!(
+                        "{}: unexpected answer",
+                        self.inner.addr
+                    )))
+                }
             }
         }
         Ok(total)

@@ -59,7 +59,10 @@ fn agent_binary(given: Option<PathBuf>) -> PathBuf {
     if let Some(p) = given {
         return p;
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let p = dir.join("shard-agent");
         if p.exists() {
             return p;
@@ -76,9 +79,17 @@ fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentPro
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {} (build it with `cargo build --release`)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (build it with `cargo build --release`)",
+                bin.display()
+            )
+        })?;
     let stdout = child.stdout.take().context("agent stdout")?;
-    let mut proc = AgentProc { child, addr: String::new() };
+    let mut proc = AgentProc {
+        child,
+        addr: String::new(),
+    };
     // The agent prints "listening on IP:PORT" once bound; read it with a deadline.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -86,15 +97,23 @@ fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentPro
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx.recv_timeout(Duration::from_secs(10)).context("shard-agent did not start within 10s")?;
-    proc.addr = line.trim().strip_prefix("listening on ").context("shard-agent did not report its address")?.to_string();
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("shard-agent did not start within 10s")?;
+    proc.addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("shard-agent did not report its address")?
+        .to_string();
     Ok(proc)
 }
 
 /// Writes a sample disk: 1/2 random, 1/4 zero, 1/4 text, in 1 MiB runs.
 fn make_image(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut xof = blake3::Hasher::new().update(b"sa-image demo").finalize_xof();
+    let mut xof = blake3::Hasher::new()
+        .update(b"sa-image demo")
+        .finalize_xof();
     let mut chunk = vec![0u8; 1 << 20];
     let text = b"The quick brown fox jumps over the office server. ";
     let mut written = 0u64;
@@ -103,7 +122,10 @@ fn make_image(path: &Path, size: u64) -> Result<()> {
         let len = (size - written).min(chunk.len() as u64) as usize;
         match n % 4 {
             0 | 2 => xof.fill(&mut chunk[..len]),
-            1 => chunk[..len].iter_mut().enumerate().for_each(|(i, b)| *b = text[i % text.len()]),
+            1 => chunk[..len]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = text[i % text.len()]),
             _ => chunk[..len].fill(0),
         }
         f.write_all(&chunk[..len])?;
@@ -134,7 +156,10 @@ pub async fn run(mut args: DemoArgs, cfg: Option<&Path>) -> Result<u8> {
     merge!(args, file; size, agent_bin; bools keep);
     let size = parse_size(args.size.as_deref().unwrap_or("256MiB"))?;
     let size = size.div_ceil(512) * 512;
-    let dir = tempfile::Builder::new().prefix("sa-image-demo-").tempdir().context("cannot make a temp dir")?;
+    let dir = tempfile::Builder::new()
+        .prefix("sa-image-demo-")
+        .tempdir()
+        .context("cannot make a temp dir")?;
     let result = tokio::select! {
         r = demo(dir.path(), size, agent_binary(args.agent_bin.clone())) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; agents stopped and files removed")),
@@ -151,7 +176,10 @@ async fn demo(dir: &Path, size: u64, agent_bin: PathBuf) -> Result<u8> {
     println!("sa-image demo in {}", dir.display());
     let image = dir.join("disk.img");
     make_image(&image, size)?;
-    println!("  made a {} sample disk image (random data, text, zero runs)", format_size(size));
+    println!(
+        "  made a {} sample disk image (random data, text, zero runs)",
+        format_size(size)
+    );
 
     let key = MasterKey::generate()?;
     crate::cmd::keygen::write_key_file(&dir.join("master.key"), &key, false)?;
@@ -161,7 +189,12 @@ async fn demo(dir: &Path, size: u64, agent_bin: PathBuf) -> Result<u8> {
     let mut agents = Vec::new();
     for i in 0..6 {
         let adir = dir.join(format!("agent{}", i + 1));
-        agents.push(start_agent(&agent_bin, &adir, &format!("127.0.0.{}", i + 2), &owner)?);
+        agents.push(start_agent(
+            &agent_bin,
+            &adir,
+            &format!("127.0.0.{}", i + 2),
+            &owner,
+        )?);
     }
     let addrs: Vec<String> = agents.iter().map(|a| a.addr.clone()).collect();
     println!("  started 6 shard-agents: {}", addrs.join(" "));
@@ -190,11 +223,21 @@ async fn demo(dir: &Path, size: u64, agent_bin: PathBuf) -> Result<u8> {
 
     agents[1].kill();
     agents[4].kill();
-    println!("  killed 2 of 6 agents: {} and {}", agents[1].addr, agents[4].addr);
+    println!(
+        "  killed 2 of 6 agents: {} and {}",
+        agents[1].addr, agents[4].addr
+    );
 
     let restored = dir.join("restored.img");
     let t = Instant::now();
-    let rep = restore(&snap.snapshot, &restored, &[agents[0].addr.clone()], keys.clone(), false).await?;
+    let rep = restore(
+        &snap.snapshot,
+        &restored,
+        &[agents[0].addr.clone()],
+        keys.clone(),
+        false,
+    )
+    .await?;
     let rest_secs = t.elapsed().as_secs_f64();
     println!(
         "  restored from {} alone (the catalog named the rest): {:.2}s ({}/s), {} of {} stripes rebuilt from parity",
@@ -208,8 +251,14 @@ async fn demo(dir: &Path, size: u64, agent_bin: PathBuf) -> Result<u8> {
     if a != b {
         bail!("restored image differs from the original (blake3 {a} vs {b})");
     }
-    println!("  verified: restored image is byte-identical (blake3 {})", &a.to_hex()[..16]);
+    println!(
+        "  verified: restored image is byte-identical (blake3 {})",
+        &a.to_hex()[..16]
+    );
     drop(agents);
-    println!("demo passed in {:.1}s; agents stopped", t0.elapsed().as_secs_f64());
+    println!(
+        "demo passed in {:.1}s; agents stopped",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(0)
 }

@@ -34,7 +34,10 @@ pub struct OwnerIdArgs {
 /// Writes a key file: created new with mode 0600, never following a symlink to an old key.
 pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
     if path.exists() && !force {
-        bail!("{} exists already; keep it (it may be the only way to your backups) or pass --force", path.display());
+        bail!(
+            "{} exists already; keep it (it may be the only way to your backups) or pass --force",
+            path.display()
+        );
     }
     let tmp = path.with_extension("tmp-new");
     let _ = std::fs::remove_file(&tmp);
@@ -45,7 +48,9 @@ pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     writeln!(f, "{}", key.to_text())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
@@ -56,7 +61,9 @@ pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
 pub fn keygen(mut args: KeygenArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: KeygenArgs = config::load(cfg)?;
     merge!(args, file; out; bools force);
-    let out = args.out.context("give --out KEYFILE: where to write the new key")?;
+    let out = args
+        .out
+        .context("give --out KEYFILE: where to write the new key")?;
     let key = MasterKey::generate()?;
     write_key_file(&out, &key, args.force)?;
     let keys = key.derive();

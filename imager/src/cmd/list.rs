@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use sa_core::keys::MasterKey;
-use sa_core::manifest::Manifest;
+use sa_core::manifest::{Manifest, StripeRef};
+use sa_core::seal::StripeId;
 use sa_core::size::format_size;
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,11 @@ pub struct ListEntry {
     pub stripe_size: u32,
     /// Agents in the table.
     pub agents: usize,
+    /// Bytes of data (non-zero stripes, plaintext) this snapshot added: stripes that no older
+    /// snapshot of the volume holds. What it costs on the agents is this times (k+m)/k.
+    pub new_data: u64,
+    /// Bytes of data it shares with at least one other snapshot of the volume (stored once).
+    pub shared_data: u64,
 }
 
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
@@ -69,7 +75,56 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if mo <= 2 { y + 1 } else { y };
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// New and shared data per manifest (same order), per volume, oldest first.
+fn data_figures(manifests: &[Manifest]) -> Vec<(u64, u64)> {
+    use std::collections::{HashMap, HashSet};
+    let ids = |m: &Manifest| -> HashSet<StripeId> {
+        m.stripes
+            .iter()
+            .filter_map(|s| {
+                if let StripeRef::Data { id, .. } = s {
+                    Some(*id)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    };
+    let mut refs: HashMap<(&str, StripeId), u32> = HashMap::new();
+    for m in manifests {
+        for id in ids(m) {
+            *refs.entry((m.volume_name.as_str(), id)).or_default() += 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..manifests.len()).collect();
+    order.sort_by_key(|&i| (manifests[i].created, manifests[i].created_nanos));
+    let mut seen: HashSet<(&str, StripeId)> = HashSet::new();
+    let mut out = vec![(0, 0); manifests.len()];
+    for i in order {
+        let m = &manifests[i];
+        let v = m.volume_name.as_str();
+        for (n, s) in m.stripes.iter().enumerate() {
+            if let StripeRef::Data { id, .. } = s {
+                let len = m.layout.stripe_len(n as u64) as u64;
+                if !seen.contains(&(v, *id)) {
+                    out[i].0 += len;
+                }
+                if refs.get(&(v, *id)).copied().unwrap_or(0) > 1 {
+                    out[i].1 += len;
+                }
+            }
+        }
+        seen.extend(ids(m).into_iter().map(|id| (v, id)));
+    }
+    out
 }
 
 fn entry(m: &Manifest) -> ListEntry {
@@ -85,6 +140,8 @@ fn entry(m: &Manifest) -> ListEntry {
         m: m.layout.m,
         stripe_size: m.layout.stripe_size,
         agents: m.agents.len(),
+        new_data: 0,
+        shared_data: 0,
     }
 }
 
@@ -94,7 +151,16 @@ pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
     merge!(args, file; key, agents; bools json);
     let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
     let (manifests, _) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
-    let rows: Vec<ListEntry> = manifests.iter().map(entry).collect();
+    let figures = data_figures(&manifests);
+    let rows: Vec<ListEntry> = manifests
+        .iter()
+        .zip(figures)
+        .map(|(m, (new_data, shared_data))| ListEntry {
+            new_data,
+            shared_data,
+            ..entry(m)
+        })
+        .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -103,14 +169,19 @@ pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
         println!("no snapshots yet");
         return Ok(0);
     }
-    println!("{:<16}  {:<20}  {:<16} {:>10} {:>8} {:>6}  k+m", "snapshot", "created", "volume", "size", "stripes", "zero");
+    println!(
+        "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  k+m",
+        "snapshot", "created", "volume", "size", "new data", "shared", "stripes", "zero"
+    );
     for r in &rows {
         println!(
-            "{:<16}  {:<20}  {:<16} {:>10} {:>8} {:>6}  {}+{}",
+            "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  {}+{}",
             r.snapshot,
             r.created,
             r.volume,
             format_size(r.size),
+            format_size(r.new_data),
+            format_size(r.shared_data),
             r.stripes,
             r.zero_stripes,
             r.k,

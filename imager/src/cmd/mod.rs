@@ -1,8 +1,12 @@
 //! One module per command: its arguments (flags and config keys) and what it does.
 
 pub mod demo;
+pub mod forget;
+pub mod gc;
 pub mod keygen;
 pub mod list;
+pub mod prune;
 pub mod restore;
+pub mod serve;
 pub mod snapshot;
 pub mod verify;

@@ -81,12 +81,25 @@ pub async fn run(mut args: RestoreArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RestoreArgs = config::load(cfg)?;
     merge!(args, file; to, key, agents; bools json);
     let key = MasterKey::load(&require_key(&args.key)?)?;
-    let to = args.to.clone().context("give --to TARGET: an image file or a block device")?;
-    let report = restore(&args.snapshot, &to, &require_agents(&args.agents)?, Arc::new(key.derive()), args.json).await?;
+    let to = args
+        .to
+        .clone()
+        .context("give --to TARGET: an image file or a block device")?;
+    let report = restore(
+        &args.snapshot,
+        &to,
+        &require_agents(&args.agents)?,
+        Arc::new(key.derive()),
+        args.json,
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("restored snapshot {} of '{}' to {}", report.snapshot, report.volume, report.target);
+        println!(
+            "restored snapshot {} of '{}' to {}",
+            report.snapshot, report.volume, report.target
+        );
         println!(
             "  {} in {:.1}s ({}/s); {} of {} stripes rebuilt from parity",
             format_size(report.size),
@@ -130,7 +143,11 @@ pub async fn restore(
     for (i, why) in &slots.down {
         tracing::warn!("agent {} is down: {why}", slots.names[*i]);
     }
-    let agents_down: Vec<String> = slots.down.iter().map(|(i, _)| slots.names[*i].clone()).collect();
+    let agents_down: Vec<String> = slots
+        .down
+        .iter()
+        .map(|(i, _)| slots.names[*i].clone())
+        .collect();
     let target = open_target(to, Some(&partial_path(to)), layout.volume_size)?;
     let (is_device, write_path) = (target.is_device, target.path.clone());
     let target = Arc::new(target.file);
@@ -168,11 +185,17 @@ pub async fn restore(
                         problems: vec![],
                         error: sa_core::Error::Protocol(e.to_string()),
                     })?
-                    .map_err(|e| crate::fetch::StripeLost { stripe: i, problems: vec![], error: sa_core::Error::io("write target", e) })?;
+                    .map_err(|e| crate::fetch::StripeLost {
+                        stripe: i,
+                        problems: vec![],
+                        error: sa_core::Error::io("write target", e),
+                    })?;
                 Ok((i, problems, rec))
             });
         }
-        let Some(joined) = set.join_next().await else { break };
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
         match joined.context("restore task failed")? {
             Ok((i, problems, rec)) => {
                 reconstructed += rec as u64;
@@ -183,7 +206,13 @@ pub async fn restore(
                     };
                     *per_problem.entry(key).or_default() += 1;
                     if p.problem == Problem::Corrupt || reported.insert(p.slot) {
-                        tracing::warn!("stripe {i} shard {}: {} on {}: {}", p.index, key, slots.names[p.slot], p.detail);
+                        tracing::warn!(
+                            "stripe {i} shard {}: {} on {}: {}",
+                            p.index,
+                            key,
+                            slots.names[p.slot],
+                            p.detail
+                        );
                     }
                 }
                 bar.inc(layout.stripe_len(i) as u64);
@@ -202,7 +231,12 @@ pub async fn restore(
                 let lost_on: Vec<String> = l
                     .problems
                     .iter()
-                    .map(|p| format!("shard {} on {} {:?}", p.index, slots.names[p.slot], p.problem))
+                    .map(|p| {
+                        format!(
+                            "shard {} on {} {:?}",
+                            p.index, slots.names[p.slot], p.problem
+                        )
+                    })
                     .collect();
                 format!(
                     "stripe {} (bytes {}..{}): {} [{}]",
@@ -229,9 +263,12 @@ pub async fn restore(
             if is_device { "the device holds an INCOMPLETE image" } else { "no target file was left behind" }
         );
     }
-    target.sync_all().context("cannot flush the target to disk")?;
+    target
+        .sync_all()
+        .context("cannot flush the target to disk")?;
     if !is_device {
-        std::fs::rename(&write_path, to).with_context(|| format!("cannot rename into {}", to.display()))?;
+        std::fs::rename(&write_path, to)
+            .with_context(|| format!("cannot rename into {}", to.display()))?;
     }
     Ok(RestoreReport {
         snapshot: m.snapshot.clone(),

@@ -160,7 +160,9 @@ pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
             let (codec, clients) = (codec.clone(), clients.clone());
             set.spawn(async move { check_stripe(i, id, sl, codec, clients).await });
         }
-        let Some(joined) = set.join_next().await else { break };
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
         let c = joined.context("verify task failed")?;
         bar.inc(layout.stripe_len(c.stripe) as u64);
         let mut bad = 0;
@@ -181,7 +183,13 @@ pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
                         report.shards_missing += 1;
                     }
                     if report.bad_shards.len() < 1000 {
-                        report.bad_shards.push(BadShard { stripe: c.stripe, index, agent: a.addr.clone(), problem, detail });
+                        report.bad_shards.push(BadShard {
+                            stripe: c.stripe,
+                            index,
+                            agent: a.addr.clone(),
+                            problem,
+                            detail,
+                        });
                     }
                 }
             }
@@ -218,8 +226,14 @@ pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
 }
 
 fn print_text(r: &VerifyReport) {
-    println!("snapshot {} of '{}': {} stripes ({} zero)", r.snapshot, r.volume, r.stripes, r.zero_stripes);
-    println!("  {:<28} {:>9} {:>8} {:>8} {:>8}", "agent", "reachable", "ok", "missing", "corrupt");
+    println!(
+        "snapshot {} of '{}': {} stripes ({} zero)",
+        r.snapshot, r.volume, r.stripes, r.zero_stripes
+    );
+    println!(
+        "  {:<28} {:>9} {:>8} {:>8} {:>8}",
+        "agent", "reachable", "ok", "missing", "corrupt"
+    );
     for a in &r.agents {
         println!(
             "  {:<28} {:>9} {:>8} {:>8} {:>8}",
@@ -231,10 +245,16 @@ fn print_text(r: &VerifyReport) {
         );
     }
     for b in r.bad_shards.iter().take(20) {
-        println!("  stripe {} shard {} on {}: {:?}: {}", b.stripe, b.index, b.agent, b.problem, b.detail);
+        println!(
+            "  stripe {} shard {} on {}: {:?}: {}",
+            b.stripe, b.index, b.agent, b.problem, b.detail
+        );
     }
     if r.bad_shards.len() > 20 {
-        println!("  ... {} more bad shards (see --json)", r.bad_shards.len() - 20);
+        println!(
+            "  ... {} more bad shards (see --json)",
+            r.bad_shards.len() - 20
+        );
     }
     if r.lost_stripes > 0 {
         println!(
@@ -267,7 +287,12 @@ async fn check_stripe(
     let mut set = JoinSet::new();
     for (idx, &slot) in slots.iter().enumerate() {
         let (codec, client) = (codec.clone(), clients.get(slot as usize).cloned().flatten());
-        set.spawn(async move { (idx, fetch_shard(&codec, client.as_ref(), &id, idx, plain_len).await) });
+        set.spawn(async move {
+            (
+                idx,
+                fetch_shard(&codec, client.as_ref(), &id, idx, plain_len).await,
+            )
+        });
     }
     let mut payloads: Vec<Option<Vec<u8>>> = vec![None; layout.shards()];
     let mut shard_results = Vec::new();
@@ -279,7 +304,11 @@ async fn check_stripe(
                 shard_results.push((idx, slots[idx] as usize, Ok(())));
             }
             Err(e) => {
-                shard_results.push((idx, slots[idx] as usize, Err((Problem::of(&e), e.to_string()))));
+                shard_results.push((
+                    idx,
+                    slots[idx] as usize,
+                    Err((Problem::of(&e), e.to_string())),
+                ));
             }
         }
     }
@@ -288,22 +317,36 @@ async fn check_stripe(
     let checked = tokio::task::spawn_blocking(move || {
         let mut bad_parity = Vec::new();
         if payloads.iter().all(|p| p.is_some()) {
-            let data: Vec<&[u8]> = payloads.iter().take(k).map(|p| p.as_deref().unwrap_or_default()).collect();
+            let data: Vec<&[u8]> = payloads
+                .iter()
+                .take(k)
+                .map(|p| p.as_deref().unwrap_or_default())
+                .collect();
             for (j, par) in c2.parity_of(&data).into_iter().enumerate() {
                 if payloads[k + j].as_deref() != Some(&par[..]) {
                     bad_parity.push(k + j);
                 }
             }
         }
-        let decoded = c2.decode(&id, plain_len, payloads).map(|_| ()).map_err(|e| e.to_string());
+        let decoded = c2
+            .decode(&id, plain_len, payloads)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         (bad_parity, decoded)
     })
     .await;
     let (bad_parity, decodable) = checked.unwrap_or_else(|e| (vec![], Err(e.to_string())));
     for idx in bad_parity {
         if let Some(entry) = shard_results.iter_mut().find(|(j, _, _)| *j == idx) {
-            entry.2 = Err((Problem::Corrupt, "parity does not match the data shards".into()));
+            entry.2 = Err((
+                Problem::Corrupt,
+                "parity does not match the data shards".into(),
+            ));
         }
     }
-    StripeCheck { stripe: i, shard_results, decodable }
+    StripeCheck {
+        stripe: i,
+        shard_results,
+        decodable,
+    }
 }
