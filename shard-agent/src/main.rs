@@ -16,6 +16,12 @@ use sa_core::store::DirStore;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
+/// mimalloc: the data path allocates and frees many shard-sized (1 MiB) buffers; glibc's
+/// allocator returns them to the kernel and page-faults them back in, which cost about a quarter
+/// of the CPU time of a restore or a live read (measured with perf).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Stores shards of sa-image backups for one owner, in a directory, within a quota.
 #[derive(Parser, Debug)]
 #[command(name = "shard-agent", version, about, long_about = None)]
