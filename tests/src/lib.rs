@@ -21,6 +21,7 @@
 //! - [`scan`] looks at agents' directories from the outside: shard files, and a raw byte search
 //!   (an agent must never hold plaintext).
 //! - [`loopdev`] attaches an image to a loop device (root only) and detaches it on drop.
+//! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
 //!
 //! # The tests
@@ -51,11 +52,13 @@ pub mod image;
 pub mod loopdev;
 pub mod proc;
 pub mod scan;
+pub mod serve;
 pub mod wait;
 
 pub use agent::Agent;
 pub use cluster::{json, Cluster, Key};
 pub use image::{sha256, ImageSpec};
+pub use serve::Serve;
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;

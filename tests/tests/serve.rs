@@ -2,116 +2,17 @@
 //! (nbdinfo, nbdcopy, qemu-img, nbdfuse + a loop device + the kernel's ext4, nbdsh), with agents
 //! lost before and during the reads, a corrupt shard, and a writable overlay.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use sa_tests::cluster::{expect_ok, parse_json, shown, str_of, u64_of};
+use sa_tests::cluster::{expect_ok, shown, str_of, u64_of};
 use sa_tests::loopdev::{is_root, LoopDevice};
 use sa_tests::proc::{run, Proc};
-use sa_tests::{scan, sha256, wait, Cluster, ImageSpec, MIB, STRIPE};
+use sa_tests::{scan, sha256, wait, Cluster, ImageSpec, Serve, MIB, STRIPE};
 
 /// Longest a client run may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A running `sa-image serve`; killed when dropped.
-struct Serve {
-    proc: Proc,
-    /// `nbd://127.0.0.1:PORT`
-    url: String,
-    id: String,
-    lines: mpsc::Receiver<String>,
-    stderr: PathBuf,
-}
-
-impl Serve {
-    /// Starts `sa-image serve SNAPSHOT --listen 127.0.0.1:0 --json EXTRA` with the cluster's key
-    /// and `agents`, and waits for its `serving snapshot` line.
-    fn start(c: &Cluster, snapshot: &str, agents: &str, extra: &[&str]) -> Serve {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stderr = c.path(&format!("serve-{n}.log"));
-        let mut cmd = Command::new(sa_tests::bins::bin("sa-image"));
-        cmd.args(["serve", snapshot, "--listen", "127.0.0.1:0", "--json"])
-            .args(extra)
-            .arg("--key")
-            .arg(&c.key.path)
-            .arg("--agents")
-            .arg(agents)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("cannot create the serve log"));
-        let mut proc = Proc::spawn(cmd, "sa-image serve");
-        let stdout = proc.child().stdout.take().expect("stdout is piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = match lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(e) => panic!(
-                "serve printed no `serving` line ({e}); its log:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            ),
-        };
-        // serving snapshot ID (SIZE) on nbd://ADDR
-        let rest = first
-            .strip_prefix("serving snapshot ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-        let id = rest
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let url = rest
-            .rsplit(" on ")
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        assert!(url.starts_with("nbd://127.0.0.1:"), "no URL in {first:?}");
-        Serve {
-            proc,
-            url,
-            id,
-            lines,
-            stderr,
-        }
-    }
-
-    /// Everything serve has logged so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Stops it with SIGTERM, checks it exits 0, and returns its JSON report.
-    fn stop(mut self) -> serde_json::Value {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.proc.id().to_string()])
-            .status()
-            .expect("cannot run kill");
-        assert!(st.success(), "kill -TERM failed");
-        let status = self.proc.wait(Duration::from_secs(30));
-        assert!(
-            status.success(),
-            "serve exited with {status}; log:\n{}",
-            self.log()
-        );
-        let mut text = String::new();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            text.push_str(&l);
-            text.push('\n');
-        }
-        parse_json(&text, "serve --json report")
-    }
-}
 
 /// Runs a client command to the end (within [`CLIENT_TIMEOUT`]).
 fn client(c: &Cluster, prog: &str, args: &[&str]) -> Output {

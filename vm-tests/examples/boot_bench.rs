@@ -7,50 +7,14 @@
 //! cargo run --release -p sa-vm-tests --example boot_bench -- [ROUNDS]
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use sa_tests::proc::Proc;
-use sa_tests::{bins::bin, Cluster};
+use sa_tests::{Cluster, Serve};
 use sa_vm_tests::*;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// Starts `sa-image serve` (cold: a new process, empty cache) and returns it with its URL.
-fn start_serve(cluster: &Cluster, live: &str) -> (Proc, String) {
-    let mut cmd = Command::new(bin("sa-image"));
-    cmd.args(["serve", "latest", "--listen", "127.0.0.1:0", "--overlay"])
-        .arg(cluster.path("overlay.img"))
-        .arg("--key")
-        .arg(&cluster.key.path)
-        .args(["--agents", live])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut serve = Proc::spawn(cmd, "sa-image serve");
-    let stdout = serve.child().stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            if let Some(at) = line.find("nbd://") {
-                let _ = tx.send(
-                    line[at..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serve address");
-    (serve, url)
 }
 
 fn main() {
@@ -83,10 +47,17 @@ fn main() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         base.push(b.to_marker);
-        let (serve, url) = start_serve(&cluster, &live);
+        // A new serve process for every boot: a cold cache, as after a real disaster.
+        let overlay = cluster.path("overlay.img");
+        let serve = Serve::start(
+            &cluster,
+            "latest",
+            &live,
+            &["--overlay", overlay.to_str().expect("utf-8")],
+        );
         let o = boot_and_check(
             &format!("sa-image serve {r}"),
-            &url,
+            &serve.url,
             &img,
             &VmOptions::default(),
         )
