@@ -37,6 +37,10 @@ pub trait ShardRead: Send + Sync {
 pub trait ShardWrite: ShardRead {
     /// Stores a whole shard file. Visible only whole; durable after [`ShardWrite::sync`].
     async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()>;
+    /// Keeps an identical stored shard instead of receiving it again (a resumed snapshot):
+    /// true when the store holds a sound shard for `key` whose header is `header`; it then
+    /// counts as stored by this run (durable after [`ShardWrite::sync`]).
+    async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool>;
     /// Deletes a shard (missing is not an error).
     async fn delete_shard(&self, key: &ShardKey) -> Result<()>;
     /// Stores a catalog blob, durably, before returning.

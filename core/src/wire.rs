@@ -10,7 +10,7 @@
 //!                             "sa-agent-auth-v1" | agent id | nonce
 //! agent  -> client OK | ERROR (then closes)
 //! then requests, each answered in order on that connection:
-//!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key
+//!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key | CONFIRM_SHARD key header
 //!   PUT_BLOB name data | GET_BLOB name | LIST_BLOBS prefix | DELETE_BLOB name
 //!   SYNC (make every shard written so far durable) | STAT
 //!   LIST_VOLUMES                      -> NAMES (volume ids, hex)
@@ -60,6 +60,7 @@ mod kind {
     pub const LIST_VOLUMES: u8 = 19;
     pub const LIST_SHARDS: u8 = 20;
     pub const SWEEP_SHARDS: u8 = 21;
+    pub const CONFIRM_SHARD: u8 = 22;
     pub const OK: u8 = 100;
     pub const DATA: u8 = 101;
     pub const NAMES: u8 = 102;
@@ -210,6 +211,15 @@ pub enum Request {
     GetShard {
         /// Which shard.
         key: ShardKey,
+    },
+    /// Keep a stored shard instead of receiving it again: OK when the agent holds a sound shard
+    /// file with exactly this header (it then counts as written by this run: its time is
+    /// refreshed and the next SYNC makes it durable), NOT_FOUND otherwise.
+    ConfirmShard {
+        /// Which shard.
+        key: ShardKey,
+        /// The header the sender's copy has (its payload crc32c stands for the payload).
+        header: Vec<u8>,
     },
     /// Delete a shard file.
     DeleteShard {
@@ -376,6 +386,10 @@ impl Request {
                 put_key(&mut w, key);
                 (kind::GET_SHARD, &[])
             }
+            Request::ConfirmShard { key, header } => {
+                put_key(&mut w, key);
+                (kind::CONFIRM_SHARD, header)
+            }
             Request::DeleteShard { key } => {
                 put_key(&mut w, key);
                 (kind::DELETE_SHARD, &[])
@@ -436,6 +450,11 @@ impl Request {
             kind::GET_SHARD => Request::GetShard {
                 key: get_key(&mut r)?,
             },
+            kind::CONFIRM_SHARD => {
+                let key = get_key(&mut r)?;
+                let header = r.take(crate::shard::SHARD_HEADER_LEN)?.to_vec();
+                Request::ConfirmShard { key, header }
+            }
             kind::DELETE_SHARD => Request::DeleteShard {
                 key: get_key(&mut r)?,
             },
@@ -645,6 +664,11 @@ mod tests {
         })
         .await;
         round_trip_req(Request::GetShard { key }).await;
+        round_trip_req(Request::ConfirmShard {
+            key,
+            header: vec![9; crate::shard::SHARD_HEADER_LEN],
+        })
+        .await;
         round_trip_req(Request::PutBlob {
             name: "snap-x".into(),
             data: vec![1, 2],

@@ -138,6 +138,13 @@ impl Server {
                     Response::Ok
                 }
                 Request::GetShard { key } => Response::Data(store.get_shard_blocking(&key)?),
+                Request::ConfirmShard { key, header } => {
+                    if store.confirm_shard_blocking(&key, &header)? {
+                        Response::Ok
+                    } else {
+                        Response::error(&Error::ShardMissing)
+                    }
+                }
                 Request::DeleteShard { key } => {
                     store.delete_shard_blocking(&key)?;
                     Response::Ok

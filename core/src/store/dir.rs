@@ -237,6 +237,30 @@ impl DirStore {
         read_or_missing(&self.shard_path(key))
     }
 
+    /// Keeps a stored shard instead of receiving it again: true when a sound shard file with
+    /// exactly `header` is stored for `key` (its time is refreshed and the next sync makes it
+    /// durable, as if it had just been written), false when missing or different or corrupt.
+    pub fn confirm_shard_blocking(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
+        let path = self.shard_path(key);
+        let _sweep = self
+            .inner
+            .sweep_lock
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let stored = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        };
+        let sound = check_shard(&stored).is_ok_and(|h| h.key == *key);
+        if !sound || stored.get(..header.len()) != Some(header) {
+            return Ok(false);
+        }
+        touch(&path)?;
+        self.mark_dirty(&path);
+        Ok(true)
+    }
+
     /// Deletes a shard file.
     pub fn delete_shard_blocking(&self, key: &ShardKey) -> Result<()> {
         let path = self.shard_path(key);
@@ -571,6 +595,10 @@ impl ShardWrite for DirStore {
     async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
         let (s, k) = (self.clone(), *key);
         blocking(move || s.put_shard_blocking(&k, &file)).await
+    }
+    async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
+        let (s, k, h) = (self.clone(), *key, header.to_vec());
+        blocking(move || s.confirm_shard_blocking(&k, &h)).await
     }
     async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
         let (s, k) = (self.clone(), *key);

@@ -304,6 +304,17 @@ impl ShardWrite for AgentClient {
         })
         .await
     }
+    async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
+        let req = Request::ConfirmShard {
+            key: *key,
+            header: header.to_vec(),
+        };
+        match self.expect_ok(&req).await {
+            Ok(()) => Ok(true),
+            Err(Error::ShardMissing) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
         self.expect_ok(&Request::DeleteShard { key: *key }).await
     }

@@ -7,6 +7,9 @@
 //! at most IN_FLIGHT stripes exist between read and stored; then SYNC every agent (durability
 //! barrier) and only then store the sealed manifest on every agent: the commit point.
 //! ```
+//! Each new stripe's shards are first offered by header (`confirm_shard`): shards that an
+//! interrupted earlier run left whole on their agents are kept, not sent again, so a run after
+//! a crash resumes.
 //! A stripe whose id is already stored (by the previous snapshot of the same volume, on agents
 //! still in the table, or earlier in this run) is referenced, not sent again. A snapshot killed
 //! midway leaves only unreferenced shard files; it is never listed, and earlier ones are intact.
@@ -32,6 +35,7 @@ use sa_core::keys::{hex, random_bytes, Keys, MasterKey};
 use sa_core::layout::{rotate_placement, Layout};
 use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
 use sa_core::seal::{is_zero, StripeId};
+use sa_core::shard::SHARD_HEADER_LEN;
 use sa_core::size::{format_size, parse_size};
 use sa_core::store::{AgentClient, ShardWrite};
 use sa_core::stripe::StripeCodec;
@@ -121,6 +125,8 @@ pub struct SnapshotReport {
     pub new_stripes: u64,
     /// Stripes already stored, referenced only.
     pub reused_stripes: u64,
+    /// Stripes found stored whole on their agents (left by an interrupted run) and kept.
+    pub resumed_stripes: u64,
     /// Bytes of shard files sent.
     pub bytes_sent: u64,
     /// Wall time.
@@ -207,11 +213,12 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
 fn print_report(r: &SnapshotReport) {
     println!("snapshot {} of volume '{}' stored", r.snapshot, r.volume);
     println!(
-        "  {} in {} stripes: {} new, {} already stored, {} zero",
+        "  {} in {} stripes: {} new, {} already stored, {} kept from an interrupted run, {} zero",
         format_size(r.size),
         r.stripes,
         r.new_stripes,
         r.reused_stripes,
+        r.resumed_stripes,
         r.zero_stripes
     );
     println!(
@@ -600,6 +607,7 @@ pub async fn snapshot_with(
             zero_stripes: totals.zero,
             new_stripes: totals.new,
             reused_stripes: totals.reused,
+            resumed_stripes: totals.resumed,
             bytes_sent: totals.bytes_sent,
             seconds: started.elapsed().as_secs_f64(),
             agents: clients.len(),
@@ -641,6 +649,7 @@ struct StripeOutcome {
     zero: u64,
     new: u64,
     reused: u64,
+    resumed: u64,
     bytes_sent: u64,
 }
 
@@ -649,6 +658,7 @@ impl StripeOutcome {
         self.zero += o.zero;
         self.new += o.new;
         self.reused += o.reused;
+        self.resumed += o.resumed;
         self.bytes_sent += o.bytes_sent;
     }
 }
@@ -697,28 +707,46 @@ async fn store_stripe(
             StripeRef::Data { id, slots }
         }
         Prepared::New(enc, slots) => {
+            // Each shard is first offered by its header: an agent that already holds it whole
+            // (a snapshot killed midway left it; encryption is deterministic) keeps it, and
+            // only the others travel. This is what makes the next run resume.
             let mut puts = JoinSet::new();
             for (idx, file) in enc.shards.into_iter().enumerate() {
                 let client = clients[slots[idx] as usize].clone();
                 let key = codec.key(&enc.id, idx);
-                outcome.bytes_sent += file.len() as u64;
                 puts.spawn(async move {
-                    let r = client.put_shard(&key, file).await;
+                    let header = &file[..SHARD_HEADER_LEN];
+                    let r = match client.confirm_shard(&key, header).await {
+                        Ok(true) => Ok(0),
+                        Ok(false) => {
+                            let len = file.len() as u64;
+                            client.put_shard(&key, file).await.map(|()| len)
+                        }
+                        Err(e) => Err(e),
+                    };
                     (client.addr().to_string(), r)
                 });
             }
+            let mut sent_any = false;
             while let Some(r) = puts.join_next().await {
                 let (addr, r) = r.context("upload task failed")?;
                 match r {
-                    Ok(()) => {}
+                    Ok(sent) => {
+                        outcome.bytes_sent += sent;
+                        sent_any |= sent > 0;
+                    }
                     Err(sa_core::Error::Full(why)) => {
                         bail!("agent {addr} is full ({why}); nothing was committed")
                     }
                     Err(e) => bail!("agent {addr} failed while storing stripe {i}: {e}; nothing was committed, run the snapshot again"),
                 }
             }
-            outcome.new = 1;
-            StripeRef::Data { id: enc.id, slots }
+            if sent_any {
+                outcome.new = 1;
+            } else {
+                outcome.resumed = 1;
+            }
+            return Ok((i, StripeRef::Data { id: enc.id, slots }, outcome));
         }
     };
     Ok((i, sref, outcome))
