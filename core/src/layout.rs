@@ -38,12 +38,14 @@ impl Layout {
                 "k + m must be at most {MAX_SHARDS}"
             )));
         }
-        if stripe_size < 64 * 1024 || stripe_size > 64 << 20 || stripe_size as u64 % SECTOR != 0 {
+        if !(64 * 1024..=64 << 20).contains(&stripe_size)
+            || !(stripe_size as u64).is_multiple_of(SECTOR)
+        {
             return Err(Error::Invalid(format!(
                 "stripe size {stripe_size} must be a multiple of 512 between 64 KiB and 64 MiB"
             )));
         }
-        if volume_size % SECTOR != 0 {
+        if !volume_size.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
                 "volume size {volume_size} is not a multiple of {SECTOR} bytes: not a disk image?"
             )));
