@@ -108,9 +108,13 @@ pub struct VerifyReport {
     pub lost: Vec<u64>,
 }
 
+/// A shard's verdict: sound, or what is wrong with it.
+type ShardOutcome = Result<(), (Problem, String)>;
+
 struct StripeCheck {
     stripe: u64,
-    shard_results: Vec<(usize, usize, Result<(), (Problem, String)>)>,
+    /// (shard index, agent slot, sound or the problem).
+    shard_results: Vec<(usize, usize, ShardOutcome)>,
     decodable: Result<(), String>,
 }
 
