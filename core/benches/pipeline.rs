@@ -108,5 +108,10 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codecs, stages);
+criterion_group! {
+    #![allow(missing_docs)]
+    name = benches;
+    config = Criterion::default();
+    targets = codecs, stages
+}
 criterion_main!(benches);
