@@ -5,6 +5,9 @@
 //! with 1 MiB shards: encode, and decode with two data shards lost (what a restore with two agents
 //! down does).
 
+// criterion_group! generates an undocumented pub fn.
+#![allow(missing_docs)]
+
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
@@ -108,10 +111,5 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! {
-    #![allow(missing_docs)]
-    name = benches;
-    config = Criterion::default();
-    targets = codecs, stages
-}
+criterion_group!(benches, codecs, stages);
 criterion_main!(benches);
