@@ -12,13 +12,16 @@
 //!   read-ahead, stats and logs (which agents failed, which stripes were rebuilt or lost).
 //! - [`cache`]: the bounded LRU of decoded stripes, one fetch per stripe however many readers.
 //! - [`overlay`]: the writable overlay file and its persisted map of written blocks.
-//! - [`source`]: the [`nbd_server::BlockSource`] joining them: read-only without an overlay,
-//!   writable (write, flush, FUA, write-zeroes, trim) with one.
+//! - [`hydrate`]: live restore: the export writes to a target disk while a background copier
+//!   moves every stripe onto it, with the progress persisted so a restart resumes.
+//! - [`source`]: the [`nbd_server::BlockSource`] joining them: read-only without an overlay or a
+//!   hydrate target, writable (write, flush, FUA, write-zeroes, trim) with one.
 //! - [`stats`]: counters, printed when `serve` stops.
 //!
 //! The command itself (flags, agents, listening, signals) is [`crate::cmd::serve`].
 
 pub mod cache;
+pub mod hydrate;
 pub mod overlay;
 pub mod snapshot;
 pub mod source;

@@ -7,6 +7,11 @@
 //! ADDR has the port the system chose). On SIGINT or SIGTERM, `serve` stops taking connections,
 //! answers the requests in flight, syncs the overlay, and prints its counters (one JSON object
 //! after the `serving` line with `--json`).
+//!
+//! With `--hydrate TARGET` (live restore, see [`crate::serve::hydrate`]) the export is writable
+//! into TARGET, and a background copier moves every stripe onto it at `--hydrate-rate`; when it is
+//! done, one more line goes to stdout: `hydration complete: N stripes in S s`, and TARGET alone is
+//! the disk. Stopping `serve` midway keeps the progress: the next `serve --hydrate TARGET` resumes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,9 +30,10 @@ use crate::agents::{clients_for, open_catalog};
 use crate::config::{self, require_agents, require_key};
 use crate::fetch::StripeReader;
 use crate::merge;
+use crate::serve::hydrate::{self, Copier, Hydrate, HydrateReport};
 use crate::serve::overlay::Overlay;
 use crate::serve::snapshot::{Snapshot, READ_AHEAD};
-use crate::serve::source::ServeSource;
+use crate::serve::source::{ServeSource, WriteLayer};
 use crate::serve::stats::{Counters, Stats};
 
 /// Where `serve` listens unless told otherwise (the IANA NBD port, loopback only).
@@ -57,6 +63,19 @@ pub struct ServeArgs {
     /// to the agents. Reopening the same file keeps earlier writes.
     #[arg(long)]
     pub overlay: Option<PathBuf>,
+    /// Live restore: writes go to TARGET (a block device, or a file created if missing), and every
+    /// stripe is copied onto it in the background; afterwards TARGET alone is the disk. Not with
+    /// --overlay.
+    #[arg(long, value_name = "TARGET", conflicts_with = "overlay")]
+    pub hydrate: Option<PathBuf>,
+    /// Most bytes per second the live-restore copier moves, e.g. 200MiB, or `unlimited`
+    /// [default: 64MiB, about half of a gigabit link].
+    #[arg(long, value_name = "RATE")]
+    pub hydrate_rate: Option<String>,
+    /// Where the live-restore progress is kept [default: TARGET.hydrate]; required when TARGET
+    /// is a block device (put it on persistent storage, not /dev).
+    #[arg(long, value_name = "FILE")]
+    pub hydrate_state: Option<PathBuf>,
     /// Memory for decoded stripes, e.g. 256MiB [default: 256MiB].
     #[arg(long)]
     pub cache: Option<String>,
@@ -80,6 +99,9 @@ pub struct ServeReport {
     pub overlay: Option<String>,
     /// Blocks (4 KiB) held by the overlay at the end.
     pub overlay_blocks: u64,
+    /// Live restore, if `--hydrate` was given.
+    #[serde(flatten)]
+    pub hydrate: Option<HydrateReport>,
     /// Counters.
     #[serde(flatten)]
     pub counters: Counters,
@@ -92,7 +114,21 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, listen, overlay, cache; bools json);
+    merge!(args, file; key, agents, listen, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    if args.overlay.is_some() && args.hydrate.is_some() {
+        anyhow::bail!(
+            "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
+             hydrate target; give one of them"
+        );
+    }
+    if args.hydrate_state.is_some() && args.hydrate.is_none() {
+        anyhow::bail!("--hydrate-state needs --hydrate TARGET");
+    }
+    let rate_text = args
+        .hydrate_rate
+        .clone()
+        .unwrap_or_else(|| hydrate::DEFAULT_RATE.to_string());
+    let rate = hydrate::parse_rate(&rate_text)?;
     let key = MasterKey::load(&require_key(&args.key)?)?;
     let keys = Arc::new(key.derive());
     let agents = require_agents(&args.agents)?;
@@ -144,7 +180,23 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         Some(p) => Some(Arc::new(Overlay::open(p, layout.volume_size, &m.snapshot)?)),
         None => None,
     };
-    let source = Arc::new(ServeSource::new(snapshot, overlay.clone(), stats.clone()));
+    let hydrate = match &args.hydrate {
+        Some(t) => Some(Arc::new(
+            Hydrate::open(t, args.hydrate_state.as_deref(), layout, &m.snapshot)
+                .with_context(|| format!("cannot start the live restore onto {}", t.display()))?,
+        )),
+        None => None,
+    };
+    let layer: Option<Arc<dyn WriteLayer>> = match (&overlay, &hydrate) {
+        (Some(o), _) => Some(o.clone()),
+        (None, Some(h)) => Some(h.clone()),
+        (None, None) => None,
+    };
+    let source = Arc::new(ServeSource::new(
+        snapshot.clone(),
+        layer.clone(),
+        stats.clone(),
+    ));
     let description = format!(
         "sa-image snapshot {} of '{}' ({}){}",
         m.snapshot,
@@ -152,10 +204,13 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         format_size(layout.volume_size),
         if overlay.is_some() {
             ", writes to an overlay"
+        } else if hydrate.is_some() {
+            ", live restore: writes to the target"
         } else {
             ", read-only"
         }
     );
+    let write_lock = source.write_lock();
     let exports = Exports::single(Export::new(m.snapshot.clone(), description, source))
         .context("cannot name the export after the snapshot")?;
 
@@ -178,18 +233,45 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
             o.written_blocks()
         );
     }
+    if let Some(h) = &hydrate {
+        tracing::info!(
+            "live restore onto {} (progress in {}): {} of {} stripes there already",
+            h.path().display(),
+            h.state_path().display(),
+            h.filled_stripes(),
+            layout.stripe_count()
+        );
+    }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 
-    Server::new(Arc::new(exports))
+    // The copier starts once the export is announced: the guest can boot at once.
+    let (stop_copier, stopped) = tokio::sync::watch::channel(false);
+    let copier = hydrate.as_ref().map(|h| {
+        let c = Copier::new(h.clone(), snapshot.clone(), write_lock.clone(), rate);
+        tokio::spawn(c.run(stopped))
+    });
+
+    let served = Server::new(Arc::new(exports))
         .run(listener, stop_signal())
         .await
-        .context("NBD server failed")?;
+        .context("NBD server failed");
 
-    if let Some(o) = &overlay {
-        o.flush()
+    // The copier finishes the stripes in flight and makes its progress durable.
+    let _ = stop_copier.send(true);
+    if let Some(c) = copier {
+        let _ = c.await;
+    }
+    served?;
+    if let Some(l) = &layer {
+        let what = match (&overlay, &hydrate) {
+            (Some(o), _) => format!("the overlay {}", o.path().display()),
+            (_, Some(h)) => format!("the hydrate target {}", h.path().display()),
+            _ => String::new(),
+        };
+        l.flush()
             .await
-            .with_context(|| format!("cannot sync the overlay {}", o.path().display()))?;
+            .with_context(|| format!("cannot sync {what}"))?;
     }
     let report = ServeReport {
         snapshot: m.snapshot.clone(),
@@ -198,6 +280,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         listen: bound.to_string(),
         overlay: overlay.as_ref().map(|o| o.path().display().to_string()),
         overlay_blocks: overlay.as_ref().map_or(0, |o| o.written_blocks()),
+        hydrate: hydrate.as_ref().map(|h| h.report()),
         counters: stats.report(&slots.names),
         agents_down,
         seconds: started.elapsed().as_secs_f64(),
@@ -244,6 +327,22 @@ fn print_report(r: &ServeReport) {
     }
     if let Some(o) = &r.overlay {
         println!("  overlay {o}: {} blocks written", r.overlay_blocks);
+    }
+    if let Some(h) = &r.hydrate {
+        println!(
+            "  live restore onto {}: {} of {} stripes there{}; this run copied {} stripes ({}) in {:.1}s; \
+             reads: {} from the target, {} needed the agents; {} blocks written",
+            h.hydrate_target,
+            h.hydrate_stripes_filled,
+            h.hydrate_stripes_total,
+            if h.hydrate_complete { " (complete)" } else { "" },
+            h.hydrated_stripes,
+            format_size(h.hydrate_bytes),
+            h.hydrate_seconds,
+            h.reads_from_target,
+            h.reads_from_agents,
+            h.written_blocks
+        );
     }
 }
 

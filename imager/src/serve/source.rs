@@ -1,13 +1,16 @@
 //! [`ServeSource`]: the [`BlockSource`] that `sa-image serve` exports: the snapshot, and over it
-//! the overlay when there is one.
+//! a [`WriteLayer`] when the export is writable: the overlay ([`Overlay`]) or, in live restore,
+//! the hydrate target ([`super::hydrate::Hydrate`]).
 //!
-//! - Reads: bytes of blocks written into the overlay come from the overlay file, the rest from
-//!   the snapshot; a read touching no written block goes straight to the snapshot.
-//! - Writes (overlay only): whole 4 KiB blocks go to the overlay file. A write that covers a block
-//!   only in part first reads that block (from the overlay if written there before, else from the
-//!   snapshot) and merges. Writes are serialised among themselves, so two partial writes to one
-//!   block cannot both merge against its old contents; reads run alongside.
-//! - Flush and FUA: the overlay's data and map are synced before the answer.
+//! - Reads: bytes the layer answers for (blocks written into the overlay; in live restore also
+//!   every stripe already copied to the target) come from the layer, the rest from the snapshot;
+//!   a read touching none of them goes straight to the snapshot.
+//! - Writes (writable only): whole 4 KiB blocks go to the layer. A write that covers a block
+//!   only in part first reads that block (from the layer if it answers for it, else from the
+//!   snapshot) and merges. Writes are serialised among themselves by one lock (shared with the
+//!   live-restore copier, see [`ServeSource::write_lock`]), so two partial writes to one block
+//!   cannot both merge against its old contents; reads run alongside.
+//! - Flush and FUA: the layer's data and map are synced before the answer.
 //! - Write-zeroes writes zero blocks (no faster than writing: `FAST_ZERO` is refused as the spec
 //!   asks). Trim does nothing: the contents of a trimmed range are unspecified, the old ones do.
 //! - Block status: zero stripes not written over are holes that read as zeroes; the rest is data.
@@ -26,51 +29,112 @@ use super::stats::{add, bump, Stats};
 /// Largest piece of a write-zeroes request written at once.
 const ZERO_CHUNK: u64 = 4 << 20;
 
+/// Where the writes of a writable export go, and which bytes it then answers for instead of the
+/// snapshot. Its unit is the [`BLOCK`]: a block is answered for whole or not at all.
+#[async_trait]
+pub trait WriteLayer: Send + Sync + 'static {
+    /// Whether any block touching `offset..offset + len` is read from the layer.
+    fn any(&self, offset: u64, len: u64) -> bool;
+    /// Cuts `offset..offset + len` into runs `(offset, len, from_layer)`.
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)>;
+    /// Whether any block touching the range was written through NBD (block status: data).
+    fn written_any(&self, offset: u64, len: u64) -> bool {
+        self.any(offset, len)
+    }
+    /// Cuts the range into runs `(offset, len, written through NBD)`.
+    fn written_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        self.runs(offset, len)
+    }
+    /// Reads `len` bytes at `offset` (only meaningful where the layer answers).
+    async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>>;
+    /// Writes whole blocks at a block boundary (the last may end at the end of the volume) and
+    /// from then on answers for them.
+    async fn write_blocks(&self, offset: u64, data: Vec<u8>) -> std::io::Result<()>;
+    /// Makes every write that has returned durable.
+    async fn flush(&self) -> std::io::Result<()>;
+    /// Told once per NBD read whether the layer alone answered it (for the counters).
+    fn note_read(&self, _from_layer_only: bool) {}
+}
+
+#[async_trait]
+impl WriteLayer for Overlay {
+    fn any(&self, offset: u64, len: u64) -> bool {
+        Overlay::any(self, offset, len)
+    }
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        Overlay::runs(self, offset, len)
+    }
+    async fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        Overlay::read(self, offset, len).await
+    }
+    async fn write_blocks(&self, offset: u64, data: Vec<u8>) -> std::io::Result<()> {
+        Overlay::write_blocks(self, offset, data).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        Overlay::flush(self).await
+    }
+}
+
 /// What `serve` exports.
 pub struct ServeSource {
     snapshot: Arc<Snapshot>,
-    overlay: Option<Arc<Overlay>>,
+    layer: Option<Arc<dyn WriteLayer>>,
     stats: Arc<Stats>,
-    writing: tokio::sync::Mutex<()>,
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ServeSource {
-    /// The snapshot, read-only, or writable into `overlay`.
-    pub fn new(snapshot: Arc<Snapshot>, overlay: Option<Arc<Overlay>>, stats: Arc<Stats>) -> Self {
+    /// The snapshot, read-only, or writable into any [`WriteLayer`].
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        layer: Option<Arc<dyn WriteLayer>>,
+        stats: Arc<Stats>,
+    ) -> Self {
         ServeSource {
             snapshot,
-            overlay,
+            layer,
             stats,
-            writing: tokio::sync::Mutex::new(()),
+            writing: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
-    fn overlay(&self) -> Result<&Arc<Overlay>, SourceError> {
-        self.overlay.as_ref().ok_or(SourceError::ReadOnly)
+    /// The lock every write holds from its read-modify-write to its return. Whoever else
+    /// writes into the layer (the live-restore copier) takes it too, so it never interleaves
+    /// with a write.
+    pub fn write_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.writing.clone()
     }
 
-    async fn read_merged(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+    fn layer(&self) -> Result<&Arc<dyn WriteLayer>, SourceError> {
+        self.layer.as_ref().ok_or(SourceError::ReadOnly)
+    }
+
+    /// Fills `buf` from the layer and the snapshot; true when the layer alone answered.
+    async fn read_merged(&self, offset: u64, buf: &mut [u8]) -> Result<bool, SourceError> {
         let Some(ov) = self
-            .overlay
+            .layer
             .as_ref()
             .filter(|o| o.any(offset, buf.len() as u64))
         else {
-            return self.snapshot.read(offset, buf).await;
+            self.snapshot.read(offset, buf).await?;
+            return Ok(false);
         };
-        for (at, len, written) in ov.runs(offset, buf.len() as u64) {
+        let mut only_layer = true;
+        for (at, len, from_layer) in ov.runs(offset, buf.len() as u64) {
             let dst = &mut buf[(at - offset) as usize..(at - offset + len) as usize];
-            if written {
+            if from_layer {
                 dst.copy_from_slice(&ov.read(at, len as usize).await?);
             } else {
+                only_layer = false;
                 self.snapshot.read(at, dst).await?;
             }
         }
-        Ok(())
+        Ok(only_layer)
     }
 
-    /// Writes `data` at `offset` into the overlay, merging partial blocks. Caller holds `writing`.
+    /// Writes `data` at `offset` into the layer, merging partial blocks. Caller holds `writing`.
     async fn write_locked(&self, offset: u64, data: &[u8]) -> Result<(), SourceError> {
-        let ov = self.overlay()?;
+        let ov = self.layer()?;
         let size = self.snapshot.size();
         let end = offset + data.len() as u64;
         let start = offset / BLOCK * BLOCK;
@@ -93,8 +157,8 @@ impl ServeSource {
         Ok(())
     }
 
-    async fn flush_overlay(&self) -> Result<(), SourceError> {
-        self.overlay()?.flush().await?;
+    async fn flush_layer(&self) -> Result<(), SourceError> {
+        self.layer()?.flush().await?;
         bump(&self.stats.flushes);
         Ok(())
     }
@@ -106,22 +170,22 @@ impl BlockSource for ServeSource {
         self.snapshot.size()
     }
     fn read_only(&self) -> bool {
-        self.overlay.is_none()
+        self.layer.is_none()
     }
     fn can_flush(&self) -> bool {
-        self.overlay.is_some()
+        self.layer.is_some()
     }
     fn can_fua(&self) -> bool {
-        self.overlay.is_some()
+        self.layer.is_some()
     }
     fn can_trim(&self) -> bool {
-        self.overlay.is_some()
+        self.layer.is_some()
     }
     fn can_write_zeroes(&self) -> bool {
-        self.overlay.is_some()
+        self.layer.is_some()
     }
     fn can_multi_conn(&self) -> bool {
-        // One snapshot, one overlay: every connection sees every write, and a flush on any
+        // One snapshot, one layer: every connection sees every write, and a flush on any
         // connection syncs them all.
         true
     }
@@ -132,7 +196,10 @@ impl BlockSource for ServeSource {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         bump(&self.stats.requests);
         bump(&self.stats.reads);
-        self.read_merged(offset, buf).await?;
+        let only_layer = self.read_merged(offset, buf).await?;
+        if let Some(l) = &self.layer {
+            l.note_read(only_layer);
+        }
         add(&self.stats.bytes_read, buf.len() as u64);
         Ok(())
     }
@@ -145,21 +212,21 @@ impl BlockSource for ServeSource {
             self.write_locked(offset, data).await?;
         }
         if fua {
-            self.flush_overlay().await?;
+            self.flush_layer().await?;
         }
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), SourceError> {
         bump(&self.stats.requests);
-        self.flush_overlay().await
+        self.flush_layer().await
     }
 
     async fn trim(&self, _offset: u64, _len: u64, fua: bool) -> Result<(), SourceError> {
         bump(&self.stats.requests);
-        self.overlay()?;
+        self.layer()?;
         if fua {
-            self.flush_overlay().await?;
+            self.flush_layer().await?;
         }
         Ok(())
     }
@@ -171,7 +238,7 @@ impl BlockSource for ServeSource {
         flags: ZeroFlags,
     ) -> Result<(), SourceError> {
         bump(&self.stats.requests);
-        self.overlay()?;
+        self.layer()?;
         if flags.fast {
             return Err(SourceError::Unsupported);
         }
@@ -188,7 +255,7 @@ impl BlockSource for ServeSource {
             }
         }
         if flags.fua {
-            self.flush_overlay().await?;
+            self.flush_layer().await?;
         }
         Ok(())
     }
@@ -196,15 +263,15 @@ impl BlockSource for ServeSource {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, SourceError> {
         bump(&self.stats.requests);
         let base = self.snapshot.extents(offset, len);
-        let Some(ov) = self.overlay.as_ref() else {
+        let Some(ov) = self.layer.as_ref() else {
             return Ok(base);
         };
         // Written blocks are data, whatever lies under them.
         let mut out: Vec<Extent> = Vec::new();
         let mut at = offset;
         for e in base {
-            let runs = if e.hole && ov.any(at, e.len) {
-                ov.runs(at, e.len)
+            let runs = if e.hole && ov.written_any(at, e.len) {
+                ov.written_runs(at, e.len)
             } else {
                 vec![(at, e.len, false)]
             };
