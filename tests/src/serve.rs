@@ -102,8 +102,13 @@ impl Serve {
             "serve exited with {status}; log:\n{}",
             self.log()
         );
+        // The report is the JSON object at the end; lines before it (such as
+        // `hydration complete: ...`) are skipped.
         let mut text = String::new();
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            if text.is_empty() && !l.starts_with('{') {
+                continue;
+            }
             text.push_str(&l);
             text.push('\n');
         }

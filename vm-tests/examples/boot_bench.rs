@@ -65,6 +65,35 @@ fn main() {
         ours.push(o.to_marker);
         drop(serve);
     }
+    // After a live restore: hydrate a target fully, restart serve on it, boot once, and count
+    // where the boot's reads were served from.
+    let target = cluster.path("hydrated.img");
+    let target_arg = target.to_str().expect("utf-8");
+    let hydrate = ["--hydrate", target_arg, "--hydrate-rate", "unlimited"];
+    let serve = Serve::start(&cluster, "latest", &live, &hydrate);
+    let t = std::time::Instant::now();
+    while !serve
+        .lines
+        .recv_timeout(Duration::from_secs(120))
+        .expect("hydration")
+        .contains("hydration complete")
+    {}
+    let hydrate_secs = t.elapsed().as_secs_f64();
+    drop(serve);
+    let serve = Serve::start(&cluster, "latest", &live, &hydrate);
+    boot_and_check(
+        "boot after hydration",
+        &serve.url,
+        &img,
+        &VmOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stats = serve.stop();
+    println!(
+        "boot after hydration: {} reads from the target, {} from the agents (hydrating {} MiB took {hydrate_secs:.2}s)",
+        stats["reads_from_target"], stats["reads_from_agents"], img.size >> 20
+    );
+
     let (b, o) = (median(base), median(ours));
     println!("boot to marker, median of {rounds} cold boots: qemu-nbd (raw file) {b:.2?}, sa-image serve (6 agents, 2 down, new process each boot) {o:.2?}");
     println!(
