@@ -70,6 +70,9 @@ pub enum Error {
         /// Why the connection failed.
         why: String,
     },
+    /// The agent that holds the shard could not be reached when this run started.
+    #[error("its agent is down (unreachable since this run started)")]
+    AgentDown,
     /// The agent refused us (authentication).
     #[error("agent {addr} refused access: {why}")]
     Refused {

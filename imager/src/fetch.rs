@@ -108,10 +108,7 @@ pub async fn fetch_shard(
     plain_len: usize,
 ) -> Result<Vec<u8>, Error> {
     let Some(client) = client else {
-        return Err(Error::AgentUnreachable {
-            addr: "agent".into(),
-            why: "not connected".into(),
-        });
+        return Err(Error::AgentDown);
     };
     let file = client.get_shard(&codec.key(id, index)).await?;
     codec.check(id, index, plain_len, file)

@@ -108,13 +108,13 @@ fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentPro
     Ok(proc)
 }
 
-/// Writes a sample disk: 1/2 random, 1/4 zero, 1/4 text, in 1 MiB runs.
+/// Writes a sample disk: 1/2 random, 1/4 zero, 1/4 text, in 4 MiB runs (one stripe each).
 fn make_image(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut xof = blake3::Hasher::new()
         .update(b"sa-image demo")
         .finalize_xof();
-    let mut chunk = vec![0u8; 1 << 20];
+    let mut chunk = vec![0u8; 4 << 20];
     let text = b"The quick brown fox jumps over the office server. ";
     let mut written = 0u64;
     let mut n = 0u64;

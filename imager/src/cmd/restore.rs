@@ -159,7 +159,9 @@ pub async fn restore(
     let mut lost: Vec<crate::fetch::StripeLost> = Vec::new();
     let mut reconstructed = 0u64;
     let mut per_problem: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut reported = std::collections::HashSet::new();
+    // Agents already reported down above are not reported again per shard.
+    let mut reported: std::collections::HashSet<usize> =
+        slots.down.iter().map(|(i, _)| *i).collect();
     let mut next = 0u64;
     let count = layout.stripe_count();
     loop {
