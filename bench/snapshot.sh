@@ -41,9 +41,11 @@ sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 cat "$work/img1" > /dev/null   # both tools read from page cache
 
 start_agents "$work/run1"
+sync
 timed "$work/t_snap" "$bin/sa-image" snapshot "$work/img1" --key "$work/key" --agents "$addrs" --volume bench --json
 export RESTIC_PASSWORD=bench
 restic init -q --repo "$work/restic" > /dev/null
+sync
 timed "$work/t_restic" restic -q --repo "$work/restic" backup --stdin --stdin-filename img1 < "$work/img1"
 
 read -r sw su ss srss < "$work/t_snap"
@@ -52,19 +54,29 @@ echo "snapshot 1 GiB -> 6 agents k4m2: ${sw}s (cpu ${su}u+${ss}s, peak RSS $((sr
 echo "restic backup --stdin 1 GiB:    ${rw}s (cpu ${ru}u+${rs}s, peak RSS $((rrss/1024)) MiB)"
 echo "ratio restic/sa-image time: $(echo "scale=2; $rw / $sw" | bc)  (>= 1 means sa-image is faster)"
 
-# Restore with 2 agents down vs cp.
+# Restore with 2 agents down vs cp. This VM hands freed memory back to its host, so the first
+# writer of fresh page cache pays for faulting it back in: alternate the runs, two rounds, and
+# keep each one's best.
 kill "$pid_2" "$pid_5"; wait "$pid_2" "$pid_5" 2>/dev/null || true
 one=$(echo "$addrs" | cut -d, -f1)
-timed "$work/t_rest" "$bin/sa-image" restore latest --to "$work/out1" --key "$work/key" --agents "$one" --json
-cmp "$work/img1" "$work/out1"
-rm -f "$work/out1"
-timed "$work/t_cp" cp "$work/img1" "$work/out1"
-read -r tw tu ts trss < "$work/t_rest"
-read -r cw _ _ _ < "$work/t_cp"
+best() { sort -n | head -1; }
+for round in 1 2; do
+  sync
+  timed "$work/t_cp$round" cp "$work/img1" "$work/out1"; rm -f "$work/out1"; sync
+  # restore ends with an fsync of the target; the fair durable baseline is cp followed by sync.
+  timed "$work/t_cps$round" sh -c "cp '$work/img1' '$work/out1' && sync"; rm -f "$work/out1"; sync
+  timed "$work/t_rest$round" "$bin/sa-image" restore latest --to "$work/out1" --key "$work/key" --agents "$one" --json
+  cmp "$work/img1" "$work/out1"; rm -f "$work/out1"
+done
+tw=$(cat "$work"/t_rest? | awk '{print $1}' | best)
+cw=$(cat "$work"/t_cp? | awk '{print $1}' | best)
+csw=$(cat "$work"/t_cps? | awk '{print $1}' | best)
+read -r _ tu ts trss < "$work/t_rest2"
 mbs() { echo "scale=0; 1024 / $1" | bc; }
 echo "restore 1 GiB, 2 of 6 agents down: ${tw}s = $(mbs "$tw") MiB/s (cpu ${tu}u+${ts}s, peak RSS $((trss/1024)) MiB)"
-echo "cp of the image:                   ${cw}s = $(mbs "$cw") MiB/s"
-echo "ratio restore/cp throughput: $(echo "scale=2; $cw / $tw" | bc)"
+echo "cp of the image:                   ${cw}s = $(mbs "$cw") MiB/s (page cache only)"
+echo "cp + sync of the image:            ${csw}s = $(mbs "$csw") MiB/s (durable, like restore)"
+echo "ratio restore/cp throughput: $(echo "scale=2; $cw / $tw" | bc); restore/(cp+sync): $(echo "scale=2; $csw / $tw" | bc)"
 
 # Peak RSS for a 4 GiB image (3 GiB random, 1 GiB zero).
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=()
