@@ -47,7 +47,7 @@ serve_run() {
   t0=$(now)
   "$bin/sa-image" serve latest --key "$work/key" --agents "$addrs" --listen 127.0.0.1:0 --json > "$out" 2> "$err" &
   pid=$!; pids+=($pid)
-  wait_for "$out" '^serving snapshot'
+  wait_for "$out" '^serving snapshot .* on nbd://[0-9.]*:[0-9][0-9]*$'
   url=$(sed -n 's/^serving snapshot .* on \(nbd:.*\)$/\1/p' "$out" | head -1)
   nbdsh -u "$url" -c 'h.pread(4096, 0)'
   t1=$(now)
