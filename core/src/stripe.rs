@@ -20,6 +20,23 @@ pub struct StripeCodec {
     codec: Codec,
 }
 
+/// A checked shard file; its payload follows the header (kept in place: no copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(Vec<u8>);
+
+impl Payload {
+    /// The payload bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0[SHARD_HEADER_LEN..]
+    }
+
+    /// The payload as its own vector (moves the bytes down over the header).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.0.drain(..SHARD_HEADER_LEN);
+        self.0
+    }
+}
+
 /// A stripe ready to upload: its id and one framed shard file per shard index.
 pub struct EncodedStripe {
     /// The stripe's id.
@@ -79,15 +96,15 @@ impl StripeCodec {
         EncodedStripe { id, shards }
     }
 
-    /// Checks a fetched shard file for shard `index` of stripe `id` and strips its header.
+    /// Checks a fetched shard file for shard `index` of stripe `id`.
     /// A failure means: treat this shard as missing.
     pub fn check(
         &self,
         id: &StripeId,
         index: usize,
         plain_len: usize,
-        mut file: Vec<u8>,
-    ) -> Result<Vec<u8>> {
+        file: Vec<u8>,
+    ) -> Result<Payload> {
         let key = self.key(id, index);
         let payload_len = open_shard(&file, &key, self.layout.k, self.layout.m)?.len();
         if payload_len != self.layout.shard_len(plain_len) {
@@ -97,23 +114,33 @@ impl StripeCodec {
                 self.layout.shard_len(plain_len)
             )));
         }
-        file.drain(..SHARD_HEADER_LEN);
-        Ok(file)
+        Ok(Payload(file))
     }
 
     /// Rebuilds a stripe's plaintext from checked shard payloads (`k + m` entries, `None` for
     /// missing; any `k` present suffice), then decrypts and verifies it against its id.
+    /// With every data shard present, the payloads are only copied once, into the plaintext.
     pub fn decode(
         &self,
         id: &StripeId,
         plain_len: usize,
-        mut payloads: Vec<Option<Vec<u8>>>,
+        mut payloads: Vec<Option<Payload>>,
     ) -> Result<Vec<u8>> {
         let k = self.layout.k as usize;
-        self.codec.reconstruct_data(&mut payloads)?;
         let mut buf = Vec::with_capacity(self.layout.shard_len(plain_len) * k);
-        for p in payloads.iter().take(k) {
-            buf.extend_from_slice(p.as_deref().unwrap_or_default());
+        if payloads.iter().take(k).all(Option::is_some) {
+            for p in payloads.iter().take(k).flatten() {
+                buf.extend_from_slice(p.as_slice());
+            }
+        } else {
+            let mut bare: Vec<Option<Vec<u8>>> = payloads
+                .iter_mut()
+                .map(|p| p.take().map(Payload::into_vec))
+                .collect();
+            self.codec.reconstruct_data(&mut bare)?;
+            for p in bare.iter().take(k) {
+                buf.extend_from_slice(p.as_deref().unwrap_or_default());
+            }
         }
         buf.truncate(plain_len + TAG_LEN);
         self.keys.open_stripe(id, &mut buf)?;
@@ -141,8 +168,19 @@ mod tests {
         let enc = sc.encode(id, plain.clone());
         assert_eq!(enc.shards.len(), 6);
         let check = |i: usize, f: &Vec<u8>| sc.check(&id, i, plain.len(), f.clone()).unwrap();
+        let whole: Vec<Option<Payload>> = enc
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Some(check(i, f)))
+            .collect();
+        assert_eq!(
+            sc.decode(&id, plain.len(), whole).unwrap(),
+            plain,
+            "no shard lost"
+        );
         // Lose shards 0 and 3; corrupt none.
-        let payloads: Vec<Option<Vec<u8>>> = enc
+        let payloads: Vec<Option<Payload>> = enc
             .shards
             .iter()
             .enumerate()

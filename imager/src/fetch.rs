@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sa_core::manifest::{Manifest, StripeRef};
 use sa_core::store::{AgentClient, ShardRead};
-use sa_core::stripe::StripeCodec;
+use sa_core::stripe::{Payload, StripeCodec};
 use sa_core::Error;
 use tokio::task::JoinSet;
 
@@ -106,7 +106,7 @@ pub async fn fetch_shard(
     id: &sa_core::seal::StripeId,
     index: usize,
     plain_len: usize,
-) -> Result<Vec<u8>, Error> {
+) -> Result<Payload, Error> {
     let Some(client) = client else {
         return Err(Error::AgentDown);
     };
@@ -188,14 +188,14 @@ impl StripeReader {
         if self.hedge.is_some() {
             order.sort_by_key(|&idx| self.slot_down(slots[idx] as usize));
         }
-        let mut payloads: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut payloads: Vec<Option<Payload>> = vec![None; n];
         let mut problems = Vec::new();
         let mut next = 0usize;
         let mut good = 0usize;
         let mut hedged = 0usize;
         let mut in_flight = vec![false; n];
         let mut set = JoinSet::new();
-        let launch = |set: &mut JoinSet<(usize, Result<Vec<u8>, Error>)>,
+        let launch = |set: &mut JoinSet<(usize, Result<Payload, Error>)>,
                       in_flight: &mut [bool],
                       idx: usize| {
             in_flight[idx] = true;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use sa_core::catalog::resolve;
 use sa_core::keys::MasterKey;
 use sa_core::manifest::StripeRef;
-use sa_core::stripe::StripeCodec;
+use sa_core::stripe::{Payload, StripeCodec};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
@@ -298,7 +298,7 @@ async fn check_stripe(
             )
         });
     }
-    let mut payloads: Vec<Option<Vec<u8>>> = vec![None; layout.shards()];
+    let mut payloads: Vec<Option<Payload>> = vec![None; layout.shards()];
     let mut shard_results = Vec::new();
     while let Some(r) = set.join_next().await {
         let Ok((idx, r)) = r else { continue };
@@ -324,10 +324,10 @@ async fn check_stripe(
             let data: Vec<&[u8]> = payloads
                 .iter()
                 .take(k)
-                .map(|p| p.as_deref().unwrap_or_default())
+                .map(|p| p.as_ref().map(Payload::as_slice).unwrap_or_default())
                 .collect();
             for (j, par) in c2.parity_of(&data).into_iter().enumerate() {
-                if payloads[k + j].as_deref() != Some(&par[..]) {
+                if payloads[k + j].as_ref().map(Payload::as_slice) != Some(&par[..]) {
                     bad_parity.push(k + j);
                 }
             }
