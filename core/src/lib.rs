@@ -11,6 +11,7 @@
 //!   AES-256-GCM under a synthetic nonce, so equal stripes give equal shards (dedupe, resumable).
 //! * [`codec`]: the erasure code (XOR for `m = 1`, Reed-Solomon otherwise).
 //! * [`stripe`]: plaintext → id → ciphertext → shards → framed shard files, and back.
+//! * [`pool`]: reusable stripe buffers (keeps the allocator from faulting memory back in).
 //! * [`shard`]: the shard file format (fixed header, crc32c) an agent can check without a key.
 //! * [`manifest`], [`catalog`]: what a snapshot is, sealed and replicated to every agent.
 //! * [`store`]: the [`store::ShardRead`]/[`store::ShardWrite`] traits, a local directory store
@@ -27,6 +28,7 @@ pub mod error;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
+pub mod pool;
 pub mod seal;
 pub mod shard;
 pub mod size;

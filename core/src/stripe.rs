@@ -124,10 +124,23 @@ impl StripeCodec {
         &self,
         id: &StripeId,
         plain_len: usize,
+        payloads: Vec<Option<Payload>>,
+    ) -> Result<Vec<u8>> {
+        self.decode_into(id, plain_len, payloads, Vec::new())
+    }
+
+    /// [`StripeCodec::decode`] into `buf` (cleared first; a recycled buffer saves an allocation
+    /// and the page faults of fresh memory).
+    pub fn decode_into(
+        &self,
+        id: &StripeId,
+        plain_len: usize,
         mut payloads: Vec<Option<Payload>>,
+        mut buf: Vec<u8>,
     ) -> Result<Vec<u8>> {
         let k = self.layout.k as usize;
-        let mut buf = Vec::with_capacity(self.layout.shard_len(plain_len) * k);
+        buf.clear();
+        buf.reserve(self.layout.shard_len(plain_len) * k);
         if payloads.iter().take(k).all(Option::is_some) {
             for p in payloads.iter().take(k).flatten() {
                 buf.extend_from_slice(p.as_slice());

@@ -625,10 +625,23 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, V
     r.read_exact(&mut kind)
         .await
         .map_err(|e| Error::io("read frame", e))?;
-    let mut body = vec![0u8; len - 1];
-    r.read_exact(&mut body)
+    // Read into spare capacity: no zeroing of a megabyte that is overwritten at once.
+    let want = len - 1;
+    let mut body = Vec::with_capacity(want);
+    let got = r
+        .take(want as u64)
+        .read_to_end(&mut body)
         .await
         .map_err(|e| Error::io("read frame", e))?;
+    if got != want {
+        return Err(Error::io(
+            "read frame",
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("frame cut short after {got} of {want} bytes"),
+            ),
+        ));
+    }
     Ok(Some((kind[0], body)))
 }
 

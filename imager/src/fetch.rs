@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sa_core::manifest::{Manifest, StripeRef};
+use sa_core::pool::BufferPool;
 use sa_core::store::{AgentClient, ShardRead};
 use sa_core::stripe::{Payload, StripeCodec};
 use sa_core::Error;
@@ -97,6 +98,8 @@ pub struct StripeReader {
     cooling: Arc<Vec<AtomicU64>>,
     epoch: Instant,
     hedge: Option<Duration>,
+    /// Where decoded stripes' buffers come from (serve recycles evicted cache entries).
+    pool: Option<Arc<BufferPool>>,
 }
 
 /// Fetches and checks one shard file.
@@ -129,7 +132,14 @@ impl StripeReader {
             cooling,
             epoch: Instant::now(),
             hedge: None,
+            pool: None,
         }
+    }
+
+    /// Decodes into buffers taken from `pool`.
+    pub fn with_pool(mut self, pool: Arc<BufferPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Hedges slow fetches: after `delay` without `k` good shards, fetch one more shard (and one
@@ -296,8 +306,14 @@ impl StripeReader {
         }
         let reconstructed = payloads.iter().take(k).any(|p| p.is_none());
         let codec = self.codec.clone();
+        let buf = self
+            .pool
+            .as_ref()
+            .map(|p| p.take(layout.stripe_size as usize + 64 * k))
+            .unwrap_or_default();
         let decoded =
-            tokio::task::spawn_blocking(move || codec.decode(&id, plain_len, payloads)).await;
+            tokio::task::spawn_blocking(move || codec.decode_into(&id, plain_len, payloads, buf))
+                .await;
         match decoded {
             Ok(Ok(data)) => Ok(StripeData {
                 data,

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use sa_core::pool::BufferPool;
 use tokio::sync::OnceCell;
 
 /// A decoded stripe shared between readers.
@@ -48,6 +49,8 @@ struct State {
 pub struct StripeCache {
     capacity: usize,
     state: Mutex<State>,
+    /// Where evicted stripes' buffers go back, for the next fetch.
+    pool: Option<Arc<BufferPool>>,
 }
 
 impl StripeCache {
@@ -56,7 +59,14 @@ impl StripeCache {
         StripeCache {
             capacity,
             state: Mutex::new(State::default()),
+            pool: None,
         }
+    }
+
+    /// Hands the buffers of evicted stripes (that no reader still holds) back to `pool`.
+    pub fn with_pool(mut self, pool: Arc<BufferPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -150,8 +160,15 @@ impl StripeCache {
                 .min_by_key(|(_, s)| s.last_use.load(Ordering::Relaxed))
                 .map(|(&k, s)| (k, s.cell.get().map_or(0, |v| v.len())));
             let Some((k, bytes)) = victim else { break };
-            st.slots.remove(&k);
+            let evicted = st.slots.remove(&k);
             st.used -= bytes;
+            let buf = evicted
+                .and_then(|s| Arc::try_unwrap(s).ok())
+                .and_then(|s| s.cell.into_inner())
+                .and_then(|v| Arc::try_unwrap(v).ok());
+            if let (Some(pool), Some(buf)) = (&self.pool, buf) {
+                pool.give(buf);
+            }
         }
     }
 }

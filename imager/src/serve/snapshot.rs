@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use super::cache::{Origin, Stripe, StripeCache};
 use super::stats::{add, bump, Stats};
 use crate::fetch::{Problem, StripeData, StripeLost, StripeReader};
+use sa_core::pool::BufferPool;
 
 /// Stripes fetched from the agents at once (across all requests and read-ahead).
 pub const FETCH_PARALLEL: usize = 16;
@@ -69,11 +70,13 @@ impl Snapshot {
         names: Vec<String>,
         stats: Arc<Stats>,
     ) -> Self {
+        // Evicted stripes' buffers are reused for the next fetches (see sa_core::pool).
+        let pool = Arc::new(BufferPool::new(FETCH_PARALLEL + READ_AHEAD_PARALLEL));
         Snapshot {
             layout: manifest.layout,
             manifest,
-            reader,
-            cache: StripeCache::new(cache_bytes),
+            reader: reader.with_pool(pool.clone()),
+            cache: StripeCache::new(cache_bytes).with_pool(pool),
             stats,
             names,
             fetches: Semaphore::new(FETCH_PARALLEL),
