@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use sa_core::catalog::resolve;
 use sa_core::keys::MasterKey;
+use sa_core::pool::BufferPool;
 use sa_core::size::format_size;
 use sa_core::stripe::StripeCodec;
 use serde::{Deserialize, Serialize};
@@ -153,7 +154,9 @@ pub async fn restore(
     let target = Arc::new(target.file);
 
     let codec = Arc::new(StripeCodec::new(keys.clone(), layout, m.volume)?);
-    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone());
+    // Written stripes' buffers are reused for the next ones (see sa_core::pool).
+    let pool = Arc::new(BufferPool::new(PARALLEL));
+    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_pool(pool.clone());
     let bar = bytes_bar(layout.volume_size, "restore", quiet);
     let mut set = JoinSet::new();
     let mut lost: Vec<crate::fetch::StripeLost> = Vec::new();
@@ -168,7 +171,8 @@ pub async fn restore(
         while set.len() < PARALLEL && next < count {
             let i = next;
             next += 1;
-            let (reader, target, m) = (reader.clone(), target.clone(), m.clone());
+            let (reader, target, m, pool) =
+                (reader.clone(), target.clone(), m.clone(), pool.clone());
             set.spawn(async move {
                 let zero = matches!(m.stripes[i as usize], sa_core::manifest::StripeRef::Zero);
                 // A fresh file is already zero; a device must be written.
@@ -180,18 +184,22 @@ pub async fn restore(
                 let problems = sd.problems;
                 let rec = sd.reconstructed;
                 let data = sd.data;
-                tokio::task::spawn_blocking(move || target.write_all_at(&data, off))
-                    .await
-                    .map_err(|e| crate::fetch::StripeLost {
-                        stripe: i,
-                        problems: vec![],
-                        error: sa_core::Error::Protocol(e.to_string()),
-                    })?
-                    .map_err(|e| crate::fetch::StripeLost {
-                        stripe: i,
-                        problems: vec![],
-                        error: sa_core::Error::io("write target", e),
-                    })?;
+                tokio::task::spawn_blocking(move || {
+                    let r = target.write_all_at(&data, off);
+                    pool.give(data);
+                    r
+                })
+                .await
+                .map_err(|e| crate::fetch::StripeLost {
+                    stripe: i,
+                    problems: vec![],
+                    error: sa_core::Error::Protocol(e.to_string()),
+                })?
+                .map_err(|e| crate::fetch::StripeLost {
+                    stripe: i,
+                    problems: vec![],
+                    error: sa_core::Error::io("write target", e),
+                })?;
                 Ok((i, problems, rec))
             });
         }
