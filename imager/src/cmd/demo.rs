@@ -72,26 +72,23 @@ fn agent_binary(given: Option<PathBuf>) -> PathBuf {
     PathBuf::from("shard-agent")
 }
 
-fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentProc> {
-    let mut child = Command::new(bin)
-        .arg("--dir")
-        .arg(dir)
-        .args(["--listen", &format!("{ip}:0"), "--owner", owner])
+/// Starts `cmd` with stdout piped and returns it (killed when dropped) with the first line it
+/// prints, read with a deadline: how a child reports the address it bound.
+fn spawn_with_first_line(
+    mut cmd: Command,
+    what: &str,
+    timeout: Duration,
+) -> Result<(AgentProc, String)> {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| {
-            format!(
-                "cannot start {} (build it with `cargo build --release`)",
-                bin.display()
-            )
-        })?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let mut proc = AgentProc {
+        .with_context(|| format!("cannot start {what} (build it with `cargo build --release`)"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let proc = AgentProc {
         child,
         addr: String::new(),
     };
-    // The agent prints "listening on IP:PORT" once bound; read it with a deadline.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -99,10 +96,19 @@ fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentPro
         let _ = tx.send(line);
     });
     let line = rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("shard-agent did not start within 10s")?;
+        .recv_timeout(timeout)
+        .with_context(|| format!("{what} did not start within {}s", timeout.as_secs()))?;
+    Ok((proc, line.trim().to_string()))
+}
+
+fn start_agent(bin: &Path, dir: &Path, ip: &str, owner: &str) -> Result<AgentProc> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--dir")
+        .arg(dir)
+        .args(["--listen", &format!("{ip}:0"), "--owner", owner]);
+    // The agent prints "listening on IP:PORT" once bound.
+    let (mut proc, line) = spawn_with_first_line(cmd, "shard-agent", Duration::from_secs(10))?;
     proc.addr = line
-        .trim()
         .strip_prefix("listening on ")
         .context("shard-agent did not report its address")?
         .to_string();
@@ -184,35 +190,18 @@ fn restore_through_nbd(
         return Ok(());
     };
     let exe = std::env::current_exe().context("cannot find sa-image itself")?;
-    let mut child = Command::new(exe)
-        .args([
-            "serve",
-            snapshot,
-            "--listen",
-            "127.0.0.1:0",
-            "--agents",
-            agent,
-            "--key",
-        ])
-        .arg(dir.join("master.key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start sa-image serve")?;
-    let stdout = child.stdout.take().context("serve stdout")?;
-    let mut serve = AgentProc {
-        child,
-        addr: String::new(),
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("sa-image serve did not start within 30s")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "serve",
+        snapshot,
+        "--listen",
+        "127.0.0.1:0",
+        "--agents",
+        agent,
+        "--key",
+    ])
+    .arg(dir.join("master.key"));
+    let (mut serve, line) = spawn_with_first_line(cmd, "sa-image serve", Duration::from_secs(30))?;
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("nbd://"))
