@@ -20,7 +20,7 @@ use ring::aead::{Aad, Nonce, NONCE_LEN};
 use crate::enc::{Reader, Writer};
 use crate::error::{Error, Result};
 use crate::keys::{random_bytes, Keys};
-use crate::manifest::{Manifest, SNAPSHOT_BLOB_PREFIX};
+use crate::manifest::{group_revisions, Manifest, SNAPSHOT_BLOB_PREFIX};
 use crate::seal::TAG_LEN;
 use crate::store::ShardRead;
 
@@ -214,27 +214,34 @@ pub async fn load_catalog(
     keys: &Keys,
 ) -> Result<(Vec<Manifest>, Vec<(String, Error)>)> {
     let names = store.list_blobs(SNAPSHOT_BLOB_PREFIX).await?;
-    let ids: Vec<String> = names
-        .iter()
-        .map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string())
-        .collect();
+    let revisions = group_revisions(names.iter().map(String::as_str));
+    let ids: Vec<String> = revisions.keys().cloned().collect();
     let forgotten = load_tombstones(store, keys, Some(&ids)).await?;
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    for (name, id) in names.into_iter().zip(ids) {
+    for (id, revs) in revisions {
         if forgotten.iter().any(|t| t.snapshot == id) {
             continue;
         }
-        match store
-            .get_blob(&name)
-            .await
-            .and_then(|b| Manifest::open(keys, &name, &b))
-        {
-            Ok(m) => ok.push(m),
-            // Deleted between list and get (a concurrent forget): not an error.
-            Err(Error::ShardMissing) => {}
-            Err(e) => bad.push((name, e)),
+        // The newest revision that opens; an older one only when every newer one fails.
+        let mut errors = Vec::new();
+        for (_, name) in revs {
+            match store
+                .get_blob(&name)
+                .await
+                .and_then(|b| Manifest::open(keys, &name, &b))
+            {
+                Ok(m) => {
+                    ok.push(m);
+                    errors.clear();
+                    break;
+                }
+                // Deleted between list and get (a concurrent forget or repair): not an error.
+                Err(Error::ShardMissing) => {}
+                Err(e) => errors.push((name, e)),
+            }
         }
+        bad.extend(errors);
     }
     sort_by_creation(&mut ok);
     Ok((ok, bad))
@@ -350,6 +357,18 @@ mod tests {
         assert_eq!(
             ms.iter().map(|m| m.snapshot.as_str()).collect::<Vec<_>>(),
             vec!["bbbb"]
+        );
+        // A repaired revision wins over the snapshot's own, whichever the agent lists first.
+        m.revision = 2;
+        m.agents[0].addr = "moved:1".into();
+        s.put_blob(&m.blob_name(), m.seal(&keys).unwrap())
+            .await
+            .unwrap();
+        let (ms, _) = load_catalog(&s, &keys).await.unwrap();
+        assert_eq!(ms.len(), 1);
+        assert_eq!(
+            (ms[0].revision, ms[0].agents[0].addr.as_str()),
+            (2, "moved:1")
         );
     }
 }

@@ -90,6 +90,22 @@ pub enum Error {
     /// Invalid parameters (layout, sizes, key text).
     #[error("{0}")]
     Invalid(String),
+    /// A key file that group or others may read: the key decrypts every backup.
+    #[error(
+        "key file {path} may be read by other users (mode {mode:03o}); refusing to use it: run `chmod 600 {path}`"
+    )]
+    InsecureKeyFile {
+        /// The key file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key file is wrapped under a passphrase and none was given.
+    #[error("key file {0} is protected by a passphrase: give --passphrase-file FILE, or run on a terminal to be asked for it")]
+    PassphraseNeeded(String),
+    /// The passphrase does not unwrap the key file (or the file was altered).
+    #[error("wrong passphrase for the key file (or the file was altered)")]
+    WrongPassphrase,
 }
 
 impl Error {
@@ -112,6 +128,13 @@ impl Error {
     /// True when the failure is about this one shard (missing, corrupt, agent gone), so
     /// a reader should treat the shard as missing and reconstruct around it.
     pub fn is_shard_loss(&self) -> bool {
-        !matches!(self, Error::Invalid(_) | Error::UnsupportedVersion { .. })
+        !matches!(
+            self,
+            Error::Invalid(_)
+                | Error::UnsupportedVersion { .. }
+                | Error::InsecureKeyFile { .. }
+                | Error::PassphraseNeeded(_)
+                | Error::WrongPassphrase
+        )
     }
 }

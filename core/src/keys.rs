@@ -97,12 +97,20 @@ impl MasterKey {
         Ok(MasterKey(key))
     }
 
-    /// Reads a key file (its text form).
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; MASTER_KEY_LEN] {
+        &self.0
+    }
+
+    /// Reads a plain key file (see [`crate::keyfile`]); a wrapped one is
+    /// [`Error::PassphraseNeeded`], a file others may read [`Error::InsecureKeyFile`].
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("cannot read key file {}", path.display()), e))?;
-        Self::from_text(&text)
-            .map_err(|e| Error::Invalid(format!("key file {}: {e}", path.display())))
+        match crate::keyfile::read_key_file(path)? {
+            crate::keyfile::KeyFile::Plain(k) => Ok(k),
+            crate::keyfile::KeyFile::Wrapped(_) => {
+                Err(Error::PassphraseNeeded(path.display().to_string()))
+            }
+        }
     }
 
     /// Derives all working keys.

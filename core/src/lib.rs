@@ -7,6 +7,8 @@
 //!   shards plus `m` parity shards, placed on `k + m` distinct agents ([`layout::rotate_placement`]).
 //! * [`keys`]: one 32-byte master key (the recovery key) derives every key by HKDF-SHA256; the
 //!   owner's Ed25519 identity proves ownership to agents, which never hold a secret.
+//! * [`keyfile`]: the key file on disk, plain or wrapped under a passphrase (Argon2id +
+//!   AES-256-GCM); a key file others may read is refused.
 //! * [`seal`]: a stripe's id is a keyed BLAKE3 of its plaintext; stripes are encrypted with
 //!   AES-256-GCM under a synthetic nonce, so equal stripes give equal shards (dedupe, resumable).
 //! * [`codec`]: the erasure code (XOR for `m = 1`, Reed-Solomon otherwise).
@@ -25,6 +27,9 @@ pub mod catalog;
 pub mod codec;
 pub mod enc;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
+pub mod keyfile;
 pub mod keys;
 pub mod layout;
 pub mod manifest;

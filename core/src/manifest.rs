@@ -9,6 +9,14 @@
 //! another.
 //!
 //! Sealed blob layout: magic `SA-MANIF` (8), version u16, reserved u16, nonce (12), ciphertext+tag.
+//!
+//! **Revisions.** `repair` moves shards, so it writes a new *revision* of a snapshot's manifest
+//! (same snapshot id, same stripes, new slots and perhaps a longer agent table). Revision 0 is
+//! what `snapshot` writes, as blob `snap-<ID>` with body version 1; revision `N > 0` is blob
+//! `snap-<ID>.r<N>` with body version 2 (version 1 plus the revision, after the creation time).
+//! Readers take the highest revision any agent holds ([`group_revisions`]), so an agent that was
+//! offline during a repair and still holds an older revision cannot bring back the old slots.
+//! The revision is inside the authenticated body and must match the blob's name, like the id.
 
 use ring::aead::{Aad, Nonce, NONCE_LEN};
 
@@ -21,8 +29,10 @@ use crate::shard::VolumeId;
 
 /// Magic at the start of a sealed manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"SA-MANIF";
-/// Current manifest format version.
+/// Current manifest format version (the sealed envelope, and the body of revision 0).
 pub const MANIFEST_VERSION: u16 = 1;
+/// Body version of a manifest revision above 0 (version 1 plus a `u32` revision).
+pub const MANIFEST_REVISED_VERSION: u16 = 2;
 /// Prefix of catalog blob names that hold manifests.
 pub const SNAPSHOT_BLOB_PREFIX: &str = "snap-";
 /// Largest manifest accepted (decompressed), against decompression bombs: 1 GiB covers
@@ -61,6 +71,8 @@ pub struct Manifest {
     pub volume_name: String,
     /// Volume id (keyed hash of the name).
     pub volume: VolumeId,
+    /// Revision: 0 as the snapshot wrote it, one more per `repair` that moved shards.
+    pub revision: u32,
     /// Creation time, seconds since the Unix epoch (UTC).
     pub created: u64,
     /// Sub-second part of the creation time, in nanoseconds: orders snapshots taken within
@@ -77,7 +89,7 @@ pub struct Manifest {
 impl Manifest {
     /// The catalog blob name of this snapshot.
     pub fn blob_name(&self) -> String {
-        format!("{SNAPSHOT_BLOB_PREFIX}{}", self.snapshot)
+        blob_name_of(&self.snapshot, self.revision)
     }
 
     /// Number of all-zero stripes.
@@ -92,13 +104,21 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         let shards = self.layout.shards();
         let mut w = Writer::with_capacity(256 + self.stripes.len() * (33 + 2 * shards));
-        w.u16(MANIFEST_VERSION)
+        let version = if self.revision == 0 {
+            MANIFEST_VERSION
+        } else {
+            MANIFEST_REVISED_VERSION
+        };
+        w.u16(version)
             .str(&self.snapshot)
             .str(&self.volume_name)
             .bytes(&self.volume)
             .u64(self.created)
-            .u32(self.created_nanos)
-            .u64(self.layout.volume_size)
+            .u32(self.created_nanos);
+        if self.revision > 0 {
+            w.u32(self.revision);
+        }
+        w.u64(self.layout.volume_size)
             .u32(self.layout.stripe_size)
             .u8(self.layout.k)
             .u8(self.layout.m)
@@ -127,11 +147,11 @@ impl Manifest {
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = Reader::new(b, "manifest");
         let version = r.u16()?;
-        if version != MANIFEST_VERSION {
+        if version != MANIFEST_VERSION && version != MANIFEST_REVISED_VERSION {
             return Err(Error::UnsupportedVersion {
                 what: "manifest",
                 found: version,
-                supported: MANIFEST_VERSION,
+                supported: MANIFEST_REVISED_VERSION,
             });
         }
         let snapshot = r.str()?;
@@ -139,6 +159,15 @@ impl Manifest {
         let volume = r.array()?;
         let created = r.u64()?;
         let created_nanos = r.u32()?;
+        let revision = if version == MANIFEST_REVISED_VERSION {
+            let rev = r.u32()?;
+            if rev == 0 {
+                return Err(Error::malformed("manifest", "version 2 with revision 0"));
+            }
+            rev
+        } else {
+            0
+        };
         let volume_size = r.u64()?;
         let stripe_size = r.u32()?;
         let k = r.u8()?;
@@ -193,6 +222,7 @@ impl Manifest {
             snapshot,
             volume_name,
             volume,
+            revision,
             created,
             created_nanos,
             layout,
@@ -205,28 +235,7 @@ impl Manifest {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
         let body = zstd::bulk::compress(&self.to_bytes(), 3)
             .map_err(|e| Error::io("compress manifest", e))?;
-        let nonce: [u8; NONCE_LEN] = random_bytes();
-        let mut out = Vec::with_capacity(24 + body.len() + TAG_LEN);
-        out.extend_from_slice(&MANIFEST_MAGIC);
-        out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&nonce);
-        let header_len = out.len();
-        let mut ct = body;
-        let aad = out.clone();
-        let tag = keys
-            .catalog
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad[..]),
-                &mut ct,
-            )
-            .map_err(|_| Error::Invalid("manifest too large to encrypt".into()))?;
-        out.reserve(ct.len() + TAG_LEN);
-        out.extend_from_slice(&ct);
-        out.extend_from_slice(tag.as_ref());
-        debug_assert_eq!(header_len, 24);
-        Ok(out)
+        seal_compressed(keys, body)
     }
 
     /// Decrypts, decompresses and parses a sealed manifest read from blob `blob_name`.
@@ -256,8 +265,7 @@ impl Manifest {
                 &mut ct,
             )
             .map_err(|_| Error::AuthFailed(format!("catalog entry {blob_name}")))?;
-        let plain = zstd::bulk::decompress(body, MAX_MANIFEST_BODY)
-            .map_err(|e| Error::malformed("manifest", format!("decompression failed: {e}")))?;
+        let plain = decompress_bounded(body)?;
         let m = Manifest::from_bytes(&plain)?;
         if m.blob_name() != blob_name {
             return Err(Error::malformed(
@@ -267,6 +275,94 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+/// The blob name of revision `revision` of snapshot `snapshot`: `snap-<ID>` for 0, else
+/// `snap-<ID>.r<N>`.
+pub fn blob_name_of(snapshot: &str, revision: u32) -> String {
+    if revision == 0 {
+        format!("{SNAPSHOT_BLOB_PREFIX}{snapshot}")
+    } else {
+        format!("{SNAPSHOT_BLOB_PREFIX}{snapshot}.r{revision}")
+    }
+}
+
+/// Splits a manifest blob name into snapshot id and revision; `None` for other names.
+pub fn parse_blob_name(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix(SNAPSHOT_BLOB_PREFIX)?;
+    match rest.split_once(".r") {
+        None => Some((rest, 0)),
+        Some((id, rev)) => match rev.parse::<u32>() {
+            Ok(r) if r > 0 && !id.is_empty() && rev == r.to_string() => Some((id, r)),
+            _ => None,
+        },
+    }
+}
+
+/// Groups manifest blob names by snapshot id, each id's names newest revision first.
+pub fn group_revisions<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<String, Vec<(u32, String)>> {
+    let mut out: std::collections::BTreeMap<String, Vec<(u32, String)>> = Default::default();
+    for n in names {
+        if let Some((id, rev)) = parse_blob_name(n) {
+            let e = out.entry(id.to_string()).or_default();
+            if !e.iter().any(|(r, _)| *r == rev) {
+                e.push((rev, n.to_string()));
+            }
+        }
+    }
+    for v in out.values_mut() {
+        v.sort_by_key(|r| std::cmp::Reverse(r.0));
+    }
+    out
+}
+
+/// Encrypts a compressed manifest body (see the module docs for the layout).
+pub(crate) fn seal_compressed(keys: &Keys, body: Vec<u8>) -> Result<Vec<u8>> {
+    let nonce: [u8; NONCE_LEN] = random_bytes();
+    let mut out = Vec::with_capacity(24 + body.len() + TAG_LEN);
+    out.extend_from_slice(&MANIFEST_MAGIC);
+    out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&nonce);
+    let header_len = out.len();
+    let mut ct = body;
+    let aad = out.clone();
+    let tag = keys
+        .catalog
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..]),
+            &mut ct,
+        )
+        .map_err(|_| Error::Invalid("manifest too large to encrypt".into()))?;
+    out.reserve(ct.len() + TAG_LEN);
+    out.extend_from_slice(&ct);
+    out.extend_from_slice(tag.as_ref());
+    debug_assert_eq!(header_len, 24);
+    Ok(out)
+}
+
+/// Decompresses a manifest body, refusing one larger than [`MAX_MANIFEST_BODY`]. Streams, so
+/// memory follows the real size: a one-shot decompress would reserve the whole limit up front.
+fn decompress_bounded(body: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let bad =
+        |e: std::io::Error| Error::malformed("manifest", format!("decompression failed: {e}"));
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::with_buffer(body)
+        .map_err(bad)?
+        .take(MAX_MANIFEST_BODY as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(bad)?;
+    if out.len() > MAX_MANIFEST_BODY {
+        return Err(Error::malformed(
+            "manifest",
+            format!("decompresses to more than {MAX_MANIFEST_BODY} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -280,6 +376,7 @@ pub(crate) mod tests {
             snapshot: "0123456789abcdef".into(),
             volume_name: "sda".into(),
             volume: [5; 16],
+            revision: 0,
             created: 1_700_000_000,
             created_nanos: 5,
             layout,
@@ -341,6 +438,41 @@ pub(crate) mod tests {
             Manifest::open(&keys, &m.blob_name(), &v),
             Err(Error::UnsupportedVersion { .. })
         ));
+    }
+
+    #[test]
+    fn revisions_round_trip_and_are_bound_to_their_name() {
+        let keys = MasterKey::from_bytes([9; 32]).derive();
+        let mut m = sample();
+        assert_eq!(m.blob_name(), "snap-0123456789abcdef");
+        let v1 = m.to_bytes();
+        m.revision = 3;
+        assert_eq!(m.blob_name(), "snap-0123456789abcdef.r3");
+        let v2 = m.to_bytes();
+        assert_eq!(v2.len(), v1.len() + 4);
+        assert_eq!(u16::from_le_bytes([v2[0], v2[1]]), MANIFEST_REVISED_VERSION);
+        let sealed = m.seal(&keys).unwrap();
+        assert_eq!(Manifest::open(&keys, &m.blob_name(), &sealed).unwrap(), m);
+        // A revision renamed to pass for another (or for revision 0) is refused.
+        assert!(Manifest::open(&keys, "snap-0123456789abcdef", &sealed).is_err());
+        assert!(Manifest::open(&keys, "snap-0123456789abcdef.r4", &sealed).is_err());
+        assert_eq!(parse_blob_name("snap-ab"), Some(("ab", 0)));
+        assert_eq!(parse_blob_name("snap-ab.r12"), Some(("ab", 12)));
+        for bad in [
+            "snap-ab.r0",
+            "snap-ab.r",
+            "snap-ab.r01",
+            "snap-.r1",
+            "lease-ab",
+        ] {
+            assert_eq!(parse_blob_name(bad), None, "{bad}");
+        }
+        let g = group_revisions(["snap-ab", "snap-ab.r2", "snap-cd", "snap-ab.r1", "x"]);
+        assert_eq!(
+            g["ab"].iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![2, 1, 0]
+        );
+        assert_eq!(g["cd"], vec![(0, "snap-cd".to_string())]);
     }
 
     #[test]

@@ -7,12 +7,12 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::shard::{ShardKey, VolumeId};
-pub use crate::wire::{ShardEntry, StoreStat, SweepStats};
+pub use crate::wire::{ScrubFinding, ScrubStatus, ShardEntry, StoreStat, SweepStats};
 
 pub mod dir;
 pub mod remote;
 
-pub use dir::DirStore;
+pub use dir::{Checked, DirStore};
 pub use remote::AgentClient;
 
 /// The read side of a store.

@@ -17,8 +17,17 @@
 //!   LIST_SHARDS volume [16], bucket u8 -> SHARDS (stripe id [32], index u8, age u64 s) per shard
 //!                                        whose stripe id starts with byte `bucket`
 //!   SWEEP_SHARDS min_age u64, n u32, n keys -> SWEPT deleted u64, bytes u64, young u64
-//! answers: OK | DATA bytes | NAMES list | STAT fields | SHARDS | SWEPT | ERROR code message
+//!   SCRUB start u8                    -> SCRUBBED rate u64, running u8, passes started u64,
+//!                                        passes done u64, last done u64 (Unix s), checked u64,
+//!                                        bytes u64, bad total u64, n u32, n × (key, restored u8,
+//!                                        reason str)
+//! answers: OK | DATA bytes | NAMES list | STAT fields | SHARDS | SWEPT | SCRUBBED | ERROR code message
 //! ```
+//! `SCRUB` (kind 23, answer 107) was added to version 1 for health checks: with `start = 1` the
+//! agent begins a full pass over its shard files now (unless one is running) and answers with its
+//! scrub state at once; with `start = 0` it only reports. The answer lists the shards the scrub
+//! found bad and moved to the agent's quarantine (at most [`MAX_SCRUB_FINDINGS`]; `restored`
+//! says a sound copy has been stored again since). An older agent answers with a protocol error.
 //! `LIST_VOLUMES`, `LIST_SHARDS` and `SWEEP_SHARDS` were added to version 1 for garbage
 //! collection (kinds 19..21, answers 105..106): an older agent answers them with a protocol
 //! error, which the collector reports as "agent too old" and skips. Listing goes by stripe-id
@@ -41,6 +50,9 @@ pub const AGENT_MAGIC: [u8; 8] = *b"SA-AGENT";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame accepted (a 64 MiB stripe's shard plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
+/// Largest frame accepted before authentication: handshake messages are under 200 bytes, so a
+/// stranger cannot make an agent set aside a 64 MiB buffer per connection.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Domain separation for the authentication signature.
 pub const AUTH_CONTEXT: &[u8] = b"sa-agent-auth-v1";
 
@@ -61,6 +73,7 @@ mod kind {
     pub const LIST_SHARDS: u8 = 20;
     pub const SWEEP_SHARDS: u8 = 21;
     pub const CONFIRM_SHARD: u8 = 22;
+    pub const SCRUB: u8 = 23;
     pub const OK: u8 = 100;
     pub const DATA: u8 = 101;
     pub const NAMES: u8 = 102;
@@ -68,6 +81,7 @@ mod kind {
     pub const ERROR: u8 = 104;
     pub const SHARDS: u8 = 105;
     pub const SWEPT: u8 = 106;
+    pub const SCRUBBED: u8 = 107;
 }
 
 /// Error codes an agent sends back.
@@ -171,6 +185,44 @@ pub struct SweepStats {
     pub young: u64,
 }
 
+/// Most findings one `SCRUBBED` answer lists (the total is always given).
+pub const MAX_SCRUB_FINDINGS: usize = 10_000;
+
+/// A shard the agent's scrub found bad and quarantined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubFinding {
+    /// Which shard.
+    pub key: ShardKey,
+    /// True when a sound copy has been stored again since (a repair put it back).
+    pub restored: bool,
+    /// What was wrong, e.g. "payload crc32c mismatch".
+    pub reason: String,
+}
+
+/// An agent's scrub state, as `SCRUB` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScrubStatus {
+    /// Background rate limit, bytes per second; 0 when the background scrub is off (a pass
+    /// asked for then runs unthrottled).
+    pub rate: u64,
+    /// Whether a pass is running now.
+    pub running: bool,
+    /// Passes started since the agent started.
+    pub passes_started: u64,
+    /// Passes completed since the agent started.
+    pub passes_done: u64,
+    /// When the last pass completed, Unix seconds (0: none yet).
+    pub last_done: u64,
+    /// Shards checked by the running pass, or by the last one.
+    pub checked: u64,
+    /// Bytes read by the running pass, or by the last one.
+    pub bytes: u64,
+    /// Shards in quarantine in all (`bad` may list fewer).
+    pub bad_total: u64,
+    /// Quarantined shards (at most [`MAX_SCRUB_FINDINGS`]).
+    pub bad: Vec<ScrubFinding>,
+}
+
 /// The handshake messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handshake {
@@ -268,6 +320,11 @@ pub enum Request {
         /// The shards to delete.
         keys: Vec<ShardKey>,
     },
+    /// Report the scrub state; with `start`, begin a full pass now first.
+    Scrub {
+        /// Begin a pass now (unless one is running).
+        start: bool,
+    },
 }
 
 /// An answer to a request.
@@ -285,6 +342,8 @@ pub enum Response {
     Shards(Vec<ShardEntry>),
     /// Outcome of a `SweepShards`.
     Swept(SweepStats),
+    /// Scrub state (answer to `Scrub`).
+    Scrubbed(ScrubStatus),
     /// Failure.
     Error {
         /// What kind.
@@ -424,6 +483,10 @@ impl Request {
                 }
                 (kind::SWEEP_SHARDS, &[])
             }
+            Request::Scrub { start } => {
+                w.u8(u8::from(*start));
+                (kind::SCRUB, &[])
+            }
         };
         Frame {
             kind,
@@ -482,6 +545,9 @@ impl Request {
                 }
                 Request::SweepShards { min_age, keys }
             }
+            kind::SCRUB => Request::Scrub {
+                start: r.u8()? != 0,
+            },
             k => return Err(Error::Protocol(format!("unknown request kind {k}"))),
         };
         r.finish()?;
@@ -517,6 +583,23 @@ impl Response {
             Response::Swept(s) => {
                 w.u64(s.deleted).u64(s.bytes).u64(s.young);
                 (kind::SWEPT, &[])
+            }
+            Response::Scrubbed(s) => {
+                w.u64(s.rate)
+                    .u8(u8::from(s.running))
+                    .u64(s.passes_started)
+                    .u64(s.passes_done)
+                    .u64(s.last_done)
+                    .u64(s.checked)
+                    .u64(s.bytes)
+                    .u64(s.bad_total);
+                let listed = &s.bad[..s.bad.len().min(MAX_SCRUB_FINDINGS)];
+                w.u32(listed.len() as u32);
+                for f in listed {
+                    put_key(&mut w, &f.key);
+                    w.u8(u8::from(f.restored)).str(&f.reason);
+                }
+                (kind::SCRUBBED, &[])
             }
             Response::Error { code, message } => {
                 w.u16(code.to_u16()).str(message);
@@ -564,6 +647,34 @@ impl Response {
                 }
                 Response::Shards(entries)
             }
+            kind::SCRUBBED => {
+                let mut s = ScrubStatus {
+                    rate: r.u64()?,
+                    running: r.u8()? != 0,
+                    passes_started: r.u64()?,
+                    passes_done: r.u64()?,
+                    last_done: r.u64()?,
+                    checked: r.u64()?,
+                    bytes: r.u64()?,
+                    bad_total: r.u64()?,
+                    bad: Vec::new(),
+                };
+                let n = r.u32()? as usize;
+                if n > MAX_SCRUB_FINDINGS {
+                    return Err(Error::Protocol(format!(
+                        "scrub answer lists {n} shards, at most {MAX_SCRUB_FINDINGS}"
+                    )));
+                }
+                s.bad.reserve(n.min(r.remaining() / 52));
+                for _ in 0..n {
+                    s.bad.push(ScrubFinding {
+                        key: get_key(&mut r)?,
+                        restored: r.u8()? != 0,
+                        reason: r.str()?,
+                    });
+                }
+                Response::Scrubbed(s)
+            }
             kind::SWEPT => Response::Swept(SweepStats {
                 deleted: r.u64()?,
                 bytes: r.u64()?,
@@ -609,6 +720,16 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame<'_>) -> std
 
 /// Reads a frame: `Ok(None)` on a clean end of stream before a frame starts.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, Vec<u8>)>> {
+    read_frame_max(r, MAX_FRAME).await
+}
+
+/// Reads a frame of at most `max` bytes (see [`MAX_HANDSHAKE_FRAME`]); the length is checked
+/// before the body is allocated.
+pub async fn read_frame_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<(u8, Vec<u8>)>> {
+    let max = max.min(MAX_FRAME);
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -616,9 +737,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, V
         Err(e) => return Err(Error::io("read frame", e)),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
+    if len == 0 || len > max {
         return Err(Error::Protocol(format!(
-            "frame length {len} outside 1..={MAX_FRAME}"
+            "frame length {len} outside 1..={max}"
         )));
     }
     let mut kind = [0u8; 1];
@@ -708,6 +829,8 @@ mod tests {
             keys: vec![],
         })
         .await;
+        round_trip_req(Request::Scrub { start: true }).await;
+        round_trip_req(Request::Scrub { start: false }).await;
         for resp in [
             Response::Ok,
             Response::Data(vec![1, 2, 3]),
@@ -732,6 +855,29 @@ mod tests {
                 deleted: 4,
                 bytes: 4096,
                 young: 1,
+            }),
+            Response::Scrubbed(ScrubStatus::default()),
+            Response::Scrubbed(ScrubStatus {
+                rate: 20 << 20,
+                running: true,
+                passes_started: 3,
+                passes_done: 2,
+                last_done: 1_700_000_000,
+                checked: 10,
+                bytes: 10 << 20,
+                bad_total: 2,
+                bad: vec![
+                    ScrubFinding {
+                        key,
+                        restored: false,
+                        reason: "payload crc32c mismatch".into(),
+                    },
+                    ScrubFinding {
+                        key: ShardKey { index: 0, ..key },
+                        restored: true,
+                        reason: String::new(),
+                    },
+                ],
             }),
         ] {
             let mut buf = Vec::new();
@@ -770,6 +916,30 @@ mod tests {
         w.u64(0).u32(u32::MAX);
         assert!(Request::parse(kind::SWEEP_SHARDS, w.buf).is_err());
         assert!(Response::parse(kind::SHARDS, vec![5, 0, 0, 0, 1]).is_err());
+        assert!(Response::parse(kind::SCRUBBED, vec![0; 20]).is_err());
+        assert!(Request::parse(kind::SCRUB, vec![]).is_err());
         assert!(Handshake::parse(kind::HELLO, b"NOTMAGIC\x01\x00".to_vec().as_slice()).is_err());
+    }
+
+    #[tokio::test]
+    async fn handshake_frames_are_small() {
+        let hello = Handshake::Hello { version: 1 };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &hello.frame()).await.unwrap();
+        let (k, body) = read_frame_max(&mut &buf[..], MAX_HANDSHAKE_FRAME)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(Handshake::parse(k, &body).unwrap(), hello);
+        // A stranger's 64 MiB "hello" is refused on its length alone.
+        let mut big = ((MAX_FRAME) as u32).to_le_bytes().to_vec();
+        big.push(kind::HELLO);
+        assert!(read_frame_max(&mut &big[..], MAX_HANDSHAKE_FRAME)
+            .await
+            .is_err());
+        assert!(
+            read_frame_max(&mut &big[..], usize::MAX).await.is_err(),
+            "truncated"
+        );
     }
 }

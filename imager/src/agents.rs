@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use sa_core::catalog::sort_by_creation;
 use sa_core::keys::{hex, Keys};
-use sa_core::manifest::{Manifest, SNAPSHOT_BLOB_PREFIX};
+use sa_core::manifest::{group_revisions, Manifest, SNAPSHOT_BLOB_PREFIX};
 use sa_core::store::{AgentClient, ShardRead};
 use tokio::task::JoinSet;
 
@@ -92,15 +92,13 @@ pub async fn open_catalog(
     }
     // A snapshot forgotten (tombstone on any agent) stays hidden where a stale copy remains,
     // e.g. on an agent that was offline during `forget`/`prune`.
-    let ids: Vec<String> = holders
-        .keys()
-        .map(|n| n[SNAPSHOT_BLOB_PREFIX.len()..].to_string())
-        .collect();
+    let mut revisions = group_revisions(holders.keys().map(String::as_str));
+    let ids: Vec<String> = revisions.keys().cloned().collect();
     for c in &live {
         match sa_core::catalog::load_tombstones(*c, keys, Some(&ids)).await {
             Ok(ts) => {
                 for t in ts {
-                    holders.remove(&format!("{SNAPSHOT_BLOB_PREFIX}{}", t.snapshot));
+                    revisions.remove(&t.snapshot);
                 }
             }
             Err(e) => tracing::warn!("{}: cannot list tombstones: {e}", c.addr()),
@@ -108,27 +106,31 @@ pub async fn open_catalog(
     }
     let mut manifests = Vec::new();
     let mut unreadable: Vec<(String, sa_core::Error)> = Vec::new();
-    for (name, on) in holders {
+    // Per snapshot, the newest revision (a repair's) any agent holds; an older one only when no
+    // copy of every newer one opens.
+    for revs in revisions.into_values() {
         let mut last = None;
-        for &i in &on {
-            match live[i]
-                .get_blob(&name)
-                .await
-                .and_then(|b| Manifest::open(keys, &name, &b))
-            {
-                Ok(m) => {
-                    manifests.push(m);
-                    last = None;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!("{}: catalog copy {name} unusable: {e}", live[i].addr());
-                    last = Some(e);
+        'revs: for (_, name) in &revs {
+            for &i in holders.get(name).map(Vec::as_slice).unwrap_or_default() {
+                match live[i]
+                    .get_blob(name)
+                    .await
+                    .and_then(|b| Manifest::open(keys, name, &b))
+                {
+                    Ok(m) => {
+                        manifests.push(m);
+                        last = None;
+                        break 'revs;
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}: catalog copy {name} unusable: {e}", live[i].addr());
+                        last = Some((name.clone(), e));
+                    }
                 }
             }
         }
         if let Some(e) = last {
-            unreadable.push((name, e));
+            unreadable.push(e);
         }
     }
     if manifests.is_empty() && !unreadable.is_empty() {

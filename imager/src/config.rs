@@ -39,6 +39,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "cache_dir",
     "changed_since",
     "changed_map",
+    "no_wait",
+    "report_only",
+    "passphrase_file",
 ];
 
 /// Reads a config file into `T` (whose fields are all optional).
@@ -76,6 +79,15 @@ macro_rules! merge {
 /// The key file setting, required.
 pub fn require_key(key: &Option<PathBuf>) -> Result<PathBuf> {
     key.clone().context("no key file: give --key KEYFILE (or `key` in the config file); make one with `sa-image keygen --out KEYFILE`")
+}
+
+/// Loads the master key named by the `key` setting (required), unwrapping a passphrase-protected
+/// key file with `passphrase_file` or, on a terminal, a passphrase asked for.
+pub fn load_key(
+    key: &Option<PathBuf>,
+    passphrase_file: &Option<PathBuf>,
+) -> Result<sa_core::keys::MasterKey> {
+    crate::passphrase::load_key(&require_key(key)?, passphrase_file.as_deref())
 }
 
 /// The agents setting, required.

@@ -61,7 +61,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use sa_core::catalog::{Lease, Tombstone, FORGOTTEN_BLOB_PREFIX, LEASE_BLOB_PREFIX};
 use sa_core::keys::{hex, unhex, Keys};
-use sa_core::manifest::{Manifest, StripeRef, SNAPSHOT_BLOB_PREFIX};
+use sa_core::manifest::{
+    group_revisions, parse_blob_name, Manifest, StripeRef, SNAPSHOT_BLOB_PREFIX,
+};
 use sa_core::shard::ShardKey;
 use sa_core::store::{AgentClient, ShardRead, ShardWrite};
 use serde::Serialize;
@@ -105,6 +107,8 @@ pub struct Catalog {
     pub live: Vec<Manifest>,
     /// Manifests with a tombstone that a live lease still names (kept until the lease ends).
     pub leased_forgotten: Vec<Manifest>,
+    /// Older revisions of kept snapshots (replaced by a repair): their shards are kept too.
+    pub superseded: Vec<Manifest>,
     /// Tombstoned snapshot ids.
     pub tombstones: HashSet<String>,
     /// Live leases.
@@ -187,47 +191,59 @@ pub async fn read_catalog(clients: &[AgentClient], keys: &Keys) -> Result<Catalo
     let leased: HashSet<&str> = leases.iter().filter_map(|l| l.base.as_deref()).collect();
     let mut live = Vec::new();
     let mut leased_forgotten = Vec::new();
-    for (name, at) in &holders {
-        let id = &name[SNAPSHOT_BLOB_PREFIX.len()..];
-        let forgotten = tombstones.contains(id);
-        if forgotten && !leased.contains(id) {
+    let mut superseded = Vec::new();
+    let revisions = group_revisions(holders.keys().map(String::as_str));
+    for (id, revs) in &revisions {
+        let forgotten = tombstones.contains(id.as_str());
+        if forgotten && !leased.contains(id.as_str()) {
             continue;
         }
-        let mut opened = None;
-        let mut errors = Vec::new();
-        let mut only_missing = true;
-        for &i in at {
-            match clients[i]
-                .get_blob(name)
-                .await
-                .and_then(|b| Manifest::open(keys, name, &b))
-            {
-                Ok(m) => {
-                    opened = Some(m);
-                    break;
-                }
-                Err(e) => {
-                    only_missing &= matches!(e, sa_core::Error::ShardMissing);
-                    errors.push(format!("{}: {e}", clients[i].addr()));
+        // Every revision present is opened: the newest describes the snapshot, and the shards
+        // the older ones place are kept too (an agent offline during a repair still has one).
+        let mut newest: Option<Manifest> = None;
+        for (_, name) in revs {
+            let mut opened = None;
+            let mut errors = Vec::new();
+            let mut only_missing = true;
+            for &i in &holders[name] {
+                match clients[i]
+                    .get_blob(name)
+                    .await
+                    .and_then(|b| Manifest::open(keys, name, &b))
+                {
+                    Ok(m) => {
+                        opened = Some(m);
+                        break;
+                    }
+                    Err(e) => {
+                        only_missing &= matches!(e, sa_core::Error::ShardMissing);
+                        errors.push(format!("{}: {e}", clients[i].addr()));
+                    }
                 }
             }
+            match opened {
+                Some(m) if newest.is_none() => newest = Some(m),
+                Some(m) => superseded.push(m),
+                // Every copy vanished between list and get: a concurrent forget or repair.
+                None if only_missing => {}
+                None => bail!(
+                    "catalog entry {name} cannot be opened on any agent ({}); nothing is collected while a \
+                     manifest is unreadable: is this the right key? run `sa-image list` to see",
+                    errors.join("; ")
+                ),
+            }
         }
-        match opened {
+        match newest {
             Some(m) if forgotten => leased_forgotten.push(m),
             Some(m) => live.push(m),
-            // Every copy vanished between list and get: a concurrent forget (tombstone first).
-            None if only_missing => {}
-            None => bail!(
-                "catalog entry {name} cannot be opened on any agent ({}); nothing is collected while a \
-                 manifest is unreadable: is this the right key? run `sa-image list` to see",
-                errors.join("; ")
-            ),
+            None => {}
         }
     }
-    live.sort_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
+    sa_core::catalog::sort_by_creation(&mut live);
     Ok(Catalog {
         live,
         leased_forgotten,
+        superseded,
         tombstones,
         leases,
         expired_leases,
@@ -272,13 +288,29 @@ pub async fn forget(clients: &[AgentClient], keys: &Keys, ids: &[String]) -> Res
         {
             continue;
         }
-        let name = format!("{SNAPSHOT_BLOB_PREFIX}{id}");
+        let prefix = format!("{SNAPSHOT_BLOB_PREFIX}{id}");
         for c in clients {
-            if let Err(e) = c.delete_blob(&name).await {
-                warnings.push(format!(
-                    "{}: {name} not deleted (the tombstone hides it): {e}",
-                    c.addr()
-                ));
+            // Every revision of it (repair writes `snap-<ID>.r<N>`).
+            let names = match c.list_blobs(&prefix).await {
+                Ok(n) => n,
+                Err(e) => {
+                    warnings.push(format!(
+                        "{}: {prefix} not deleted (the tombstone hides it): {e}",
+                        c.addr()
+                    ));
+                    continue;
+                }
+            };
+            for name in names
+                .into_iter()
+                .filter(|n| parse_blob_name(n).is_some_and(|(i, _)| i == id))
+            {
+                if let Err(e) = c.delete_blob(&name).await {
+                    warnings.push(format!(
+                        "{}: {name} not deleted (the tombstone hides it): {e}",
+                        c.addr()
+                    ));
+                }
             }
         }
     }
@@ -372,7 +404,8 @@ pub async fn collect(attempts: &[Attempt], keys: &Arc<Keys>, opts: GcOptions) ->
             .map(|s| now.saturating_sub(s) + 60)
             .unwrap_or(0);
     let kept: Vec<&Manifest> = cat.live.iter().chain(&cat.leased_forgotten).collect();
-    let keep = Arc::new(mark(&kept));
+    let marked: Vec<&Manifest> = kept.iter().copied().chain(&cat.superseded).collect();
+    let keep = Arc::new(mark(&marked));
     let leased: HashSet<String> = cat.leases.iter().filter_map(|l| l.base.clone()).collect();
 
     let mut report = GcReport {
@@ -387,10 +420,9 @@ pub async fn collect(attempts: &[Attempt], keys: &Arc<Keys>, opts: GcOptions) ->
             .snap_names
             .iter()
             .filter(|(j, n)| {
-                *j == i && {
-                    let id = &n[SNAPSHOT_BLOB_PREFIX.len()..];
-                    cat.tombstones.contains(id) && !leased.contains(id)
-                }
+                *j == i
+                    && parse_blob_name(n)
+                        .is_some_and(|(id, _)| cat.tombstones.contains(id) && !leased.contains(id))
             })
             .map(|(_, n)| n.clone())
             .chain(

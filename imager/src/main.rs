@@ -1,9 +1,12 @@
 //! `sa-image`: snapshot a server's whole disk onto shard agents on the office's PCs, and get it
 //! back — restored to a disk, or (soon) served live over NBD.
 //!
-//! Commands: `keygen`, `owner-id`, `snapshot`, `list`, `verify`, `restore`, `prune`, `forget`, `gc`, `demo`.
+//! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`, `repair`,
+//! `restore`, `serve`, `prune`, `forget`, `gc`, `demo`.
 //! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
-//! stripe is still recoverable, and 3 when data is lost.
+//! stripe is still recoverable, and 3 when data is lost; `status` exits 2 when a snapshot is below
+//! its configured redundancy and 3 when data is lost; `scrub` exits 2 when bad shards wait for
+//! `repair`; `repair` exits 2 when a shard could not be placed and 3 when a stripe is lost.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +18,8 @@ mod cmd;
 mod config;
 mod fetch;
 mod gc;
+mod health;
+mod passphrase;
 mod progress;
 mod serve;
 mod source;
@@ -48,12 +53,22 @@ enum Command {
     Keygen(cmd::keygen::KeygenArgs),
     /// Print the owner id that agents must be started with.
     OwnerId(cmd::keygen::OwnerIdArgs),
+    /// Key files: `key import` writes one from the printed recovery text.
+    #[command(subcommand)]
+    Key(cmd::keygen::KeyCommand),
     /// Snapshot a disk (block device or image file) onto the agents.
     Snapshot(cmd::snapshot::SnapshotArgs),
     /// List the snapshots in the catalog (any one reachable agent is enough).
     List(cmd::list::ListArgs),
+    /// Agents (reachable, last seen, usage) and each snapshot's margin: how many more agent
+    /// losses it survives now.
+    Status(cmd::status::StatusArgs),
     /// Read and check every shard of a snapshot.
     Verify(cmd::verify::VerifyArgs),
+    /// Ask every agent to check all its shard files now, and gather the bad ones they found.
+    Scrub(cmd::scrub::ScrubArgs),
+    /// Rebuild every missing or bad shard onto agents outside its stripe, and update the catalog.
+    Repair(cmd::repair::RepairArgs),
     /// Restore a snapshot to a file or block device.
     Restore(cmd::restore::RestoreArgs),
     /// Serve a snapshot as an NBD export (read-only, or writable into a local overlay file).
@@ -97,9 +112,15 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Keygen(a) => cmd::keygen::keygen(a, config.as_deref()),
             Command::OwnerId(a) => cmd::keygen::owner_id(a, config.as_deref()),
+            Command::Key(cmd::keygen::KeyCommand::Import(a)) => {
+                cmd::keygen::import(a, config.as_deref())
+            }
             Command::Snapshot(a) => cmd::snapshot::run(a, config.as_deref()).await,
             Command::List(a) => cmd::list::run(a, config.as_deref()).await,
+            Command::Status(a) => cmd::status::run(a, config.as_deref()).await,
             Command::Verify(a) => cmd::verify::run(a, config.as_deref()).await,
+            Command::Scrub(a) => cmd::scrub::run(a, config.as_deref()).await,
+            Command::Repair(a) => cmd::repair::run(a, config.as_deref()).await,
             Command::Restore(a) => cmd::restore::run(a, config.as_deref()).await,
             Command::Serve(a) => cmd::serve::run(a, config.as_deref()).await,
             Command::Prune(a) => cmd::prune::run(a, config.as_deref()).await,

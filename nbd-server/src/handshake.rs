@@ -131,7 +131,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// `NBD_OPT_INFO`/`NBD_OPT_GO` data: name, then the information requests.
-fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+pub(crate) fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     let mut c = Cursor(data);
     let len = c.u32()?;
     let name = c.string(len)?;
@@ -144,7 +144,7 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
 }
 
 /// `NBD_OPT_{LIST,SET}_META_CONTEXT` data: export name, then queries.
-fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+pub(crate) fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     let mut c = Cursor(data);
     let len = c.u32()?;
     let name = c.string(len)?;

@@ -53,6 +53,8 @@
 
 pub mod error;
 pub mod exports;
+#[cfg(test)]
+mod fuzz;
 mod handshake;
 pub mod memory;
 pub mod proto;

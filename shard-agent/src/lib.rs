@@ -9,8 +9,12 @@
 //! * The agent never sees a key that decrypts data, and shard file names are made from the
 //!   (checked) shard key, never from a path on the wire.
 //!
+//! * [`scrub::Scrubber`] checks every shard file's crc32c in the background at a bounded rate
+//!   and moves bad ones to a quarantine directory; `SCRUB` requests ask for a pass now and report.
+//!
 //! Portable `std` + tokio only: agents run on Windows and macOS desk PCs too.
 
+pub mod scrub;
 mod server;
 
 pub use server::Server;

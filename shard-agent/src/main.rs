@@ -1,10 +1,11 @@
 //! `shard-agent`: stores one owner's encrypted shards in a directory on a desk PC.
 //!
 //! ```text
-//! shard-agent --dir DIR --listen ADDR:PORT --owner OWNER_ID [--quota SIZE] [--config FILE]
+//! shard-agent --dir DIR --listen ADDR:PORT --owner OWNER_ID [--quota SIZE] [--scrub-rate SIZE]
+//!             [--config FILE]
 //! ```
 //! Every flag is also a key of the TOML config file (`dir`, `listen`, `owner`, `quota`,
-//! `max_connections`); flags win over the file.
+//! `max_connections`, `scrub_rate`); flags win over the file.
 
 use std::path::PathBuf;
 
@@ -41,6 +42,10 @@ struct Args {
     /// Most client connections at once.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Background scrub rate, bytes per second, e.g. 20MiB (the default); 0 turns the background
+    /// scrub off (a pass asked for with `sa-image scrub` then runs unthrottled).
+    #[arg(long)]
+    scrub_rate: Option<String>,
     /// TOML file with any of the keys above.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -54,6 +59,7 @@ struct FileConfig {
     owner: Option<String>,
     quota: Option<String>,
     max_connections: Option<usize>,
+    scrub_rate: Option<String>,
 }
 
 #[tokio::main]
@@ -90,6 +96,10 @@ async fn main() -> Result<()> {
         None => 0,
     };
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(256);
+    let scrub_rate = match args.scrub_rate.or(file.scrub_rate) {
+        Some(r) => parse_size(r.trim_end_matches("/s"))?,
+        None => shard_agent::scrub::DEFAULT_RATE,
+    };
 
     let store = DirStore::open(&dir, quota)
         .with_context(|| format!("cannot open shard directory {}", dir.display()))?;
@@ -104,11 +114,14 @@ async fn main() -> Result<()> {
         used = stat.used,
         shards = stat.shards,
         quota,
+        scrub_rate,
         "shard-agent ready"
     );
     // Scripts and tests read this line to learn the port when --listen ends in :0.
     println!("listening on {local}");
-    let server = shard_agent::Server::new(store, owner, max_connections);
+    let scrub = shard_agent::scrub::Scrubber::new(store.clone(), scrub_rate);
+    tokio::spawn(scrub.clone().run());
+    let server = shard_agent::Server::new(store, owner, max_connections).with_scrub(scrub);
     tokio::select! {
         r = server.run(listener) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

@@ -6,11 +6,14 @@ use std::time::Duration;
 use sa_core::keys::{random_bytes, verify_owner, OwnerId};
 use sa_core::store::DirStore;
 use sa_core::wire::{
-    auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION,
+    auth_message, read_frame, read_frame_max, write_frame, Handshake, Request, Response,
+    MAX_HANDSHAKE_FRAME, PROTOCOL_VERSION,
 };
 use sa_core::{Error, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use crate::scrub::Scrubber;
 
 /// How long a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,6 +26,7 @@ pub struct Server {
     store: DirStore,
     owner: OwnerId,
     conns: Arc<Semaphore>,
+    scrub: Option<Scrubber>,
 }
 
 impl Server {
@@ -32,7 +36,14 @@ impl Server {
             store,
             owner,
             conns: Arc::new(Semaphore::new(max_connections.max(1))),
+            scrub: None,
         }
+    }
+
+    /// Answers `SCRUB` requests from `scrub` (without one, they are refused as unsupported).
+    pub fn with_scrub(mut self, scrub: Scrubber) -> Self {
+        self.scrub = Some(scrub);
+        self
     }
 
     /// Accepts connections until the listener fails.
@@ -86,7 +97,7 @@ impl Server {
     }
 
     async fn handshake(&self, s: &mut TcpStream) -> Result<()> {
-        let (kind, body) = read_frame(s)
+        let (kind, body) = read_frame_max(s, MAX_HANDSHAKE_FRAME)
             .await?
             .ok_or_else(|| Error::Protocol("closed before hello".into()))?;
         match Handshake::parse(kind, &body)? {
@@ -103,7 +114,7 @@ impl Server {
         write_frame(s, &challenge.frame())
             .await
             .map_err(|e| Error::io("send", e))?;
-        let (kind, body) = read_frame(s)
+        let (kind, body) = read_frame_max(s, MAX_HANDSHAKE_FRAME)
             .await?
             .ok_or_else(|| Error::Protocol("closed before auth".into()))?;
         let Handshake::Auth { owner, signature } = Handshake::parse(kind, &body)? else {
@@ -130,6 +141,18 @@ impl Server {
     }
 
     async fn apply(&self, req: Request) -> Response {
+        if let Request::Scrub { start } = req {
+            let Some(scrub) = &self.scrub else {
+                return Response::error(&Error::Invalid("this agent runs no scrub".into()));
+            };
+            if start {
+                tracing::info!("scrub pass asked for");
+            }
+            return match scrub.request(start).await {
+                Ok(s) => Response::Scrubbed(s),
+                Err(e) => Response::error(&e),
+            };
+        }
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Response> {
             Ok(match req {
@@ -181,6 +204,8 @@ impl Server {
                     }
                     Response::Swept(stats)
                 }
+                // Answered above, off the blocking pool.
+                Request::Scrub { .. } => Response::error(&Error::Invalid("scrub".into())),
             })
         })
         .await;

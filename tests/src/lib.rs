@@ -33,6 +33,9 @@
 //! - `tests/bad_input.rs`: missing, unreadable and odd-sized sources; too few agents; an agent
 //!   down or full; a wrong key and a stranger's agents; garbage on the agent port; a snapshot
 //!   killed midway; restore targets too small or too large; unknown ids; no agent reachable.
+//! - `tests/keys.rs`: passphrase-wrapped key files (`--passphrase-file`, a piped passphrase, a
+//!   wrong one), a snapshot and restore with one, `key import` of the recovery text, and key or
+//!   passphrase files that others may read refused with `chmod 600`.
 //! - `tests/targets_and_layouts.rs`: restores over junk (file and block device), incremental
 //!   snapshots, k=2 m=1 on four agents, a wiped agent, a damaged catalog copy.
 //!

@@ -6,6 +6,7 @@
 //! shards/VOL/SS/ID.N  shard files (see crate::shard), names made here from the key, never from the wire
 //! blobs/NAME        catalog blobs (names checked: [A-Za-z0-9._-], no leading dot)
 //! tmp/              files being written; emptied at start
+//! quarantine/VOL.ID.N.T  shard files a scrub found bad (T: when, Unix ns); never deleted here
 //! ```
 //! Crash safety: a file is written under `tmp/`, `fsync`ed, then renamed into place, so it is
 //! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
@@ -18,6 +19,12 @@
 //! [`DirStore::sweep_blocking`] deletes only files older than the age it is given, each check
 //! and delete under a write lock that every store takes for reading: a shard cannot be
 //! refreshed between the check and the delete.
+//!
+//! Scrub support: [`DirStore::check_stored_blocking`] checks one stored file's crc32c values
+//! without any key, and [`DirStore::quarantine_blocking`] moves a bad one out of `shards/` (under
+//! the same exclusive lock, after checking again, so a sound copy stored meanwhile by a repair is
+//! never moved). A quarantined file no longer counts as a shard nor against the quota; it stays
+//! for the PC's owner (or a forensic look) to delete. The agent's scrub task drives these.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -34,6 +41,17 @@ use crate::keys::{hex, random_bytes, unhex};
 use crate::shard::{check_shard, ShardKey};
 use crate::store::{ShardRead, ShardWrite, StoreStat};
 use crate::wire::{ShardEntry, SweepStats};
+
+/// What a scrub found in one stored shard file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Sound: header and payload crc32c match, and it is the shard its name says; its length.
+    Sound(u64),
+    /// No such file (deleted or replaced meanwhile).
+    Missing,
+    /// Bad, and why.
+    Bad(String),
+}
 
 /// A shard store in a directory.
 #[derive(Clone)]
@@ -460,6 +478,104 @@ impl DirStore {
         Ok(stats)
     }
 
+    /// Checks one stored shard file (header, payload crc32c, and that it is the shard its name
+    /// says) without any key: what a scrub does per file.
+    pub fn check_stored_blocking(&self, key: &ShardKey) -> Result<Checked> {
+        let path = self.shard_path(key);
+        let file = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Checked::Missing),
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        };
+        Ok(judge(key, &file))
+    }
+
+    /// Moves a bad shard file to `quarantine/` after checking it again under the lock that
+    /// excludes stores; true when it moved (false: missing, or sound now).
+    pub fn quarantine_blocking(&self, key: &ShardKey) -> Result<bool> {
+        let path = self.shard_path(key);
+        let _excl = self
+            .inner
+            .sweep_lock
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let file = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        };
+        if !matches!(judge(key, &file), Checked::Bad(_)) {
+            return Ok(false);
+        }
+        let qdir = self.inner.root.join("quarantine");
+        fs::create_dir_all(&qdir).map_err(io(format!("cannot create {}", qdir.display())))?;
+        let when = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dest = qdir.join(format!(
+            "{}.{}.{}.{when}",
+            hex(&key.volume),
+            hex(&key.stripe),
+            key.index
+        ));
+        fs::rename(&path, &dest).map_err(io(format!(
+            "cannot move {} into quarantine",
+            path.display()
+        )))?;
+        sync_dir(&qdir)?;
+        if let Some(parent) = path.parent() {
+            sync_dir(parent)?;
+        }
+        self.release(file.len() as u64);
+        self.inner.shards.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The shards in quarantine, oldest first, each with whether a sound copy is stored again.
+    pub fn quarantined_blocking(&self) -> Result<Vec<(ShardKey, bool)>> {
+        let qdir = self.inner.root.join("quarantine");
+        let entries = match fs::read_dir(&qdir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("cannot list {}", qdir.display()), e)),
+        };
+        let mut found: Vec<(u128, ShardKey)> = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let parts: Vec<&str> = name.split('.').collect();
+            let [vol, stripe, index, when] = parts[..] else {
+                continue;
+            };
+            let (Some(vol), Some(stripe), Ok(index), Ok(when)) = (
+                unhex(vol).filter(|v| v.len() == 16),
+                unhex(stripe).filter(|s| s.len() == 32),
+                index.parse::<u8>(),
+                when.parse::<u128>(),
+            ) else {
+                continue;
+            };
+            let mut key = ShardKey {
+                volume: [0; 16],
+                stripe: [0; 32],
+                index,
+            };
+            key.volume.copy_from_slice(&vol);
+            key.stripe.copy_from_slice(&stripe);
+            found.push((when, key));
+        }
+        found.sort();
+        let mut out: Vec<(ShardKey, bool)> = Vec::new();
+        for (_, key) in found {
+            if out.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let restored = matches!(self.check_stored_blocking(&key)?, Checked::Sound(_));
+            out.push((key, restored));
+        }
+        Ok(out)
+    }
+
     /// Usage figures.
     pub fn stat_blocking(&self) -> StoreStat {
         StoreStat {
@@ -468,6 +584,15 @@ impl DirStore {
             quota: self.inner.quota,
             shards: self.inner.shards.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A stored file's verdict: sound for `key`, or why not.
+fn judge(key: &ShardKey, file: &[u8]) -> Checked {
+    match check_shard(file) {
+        Ok(h) if h.key == *key => Checked::Sound(file.len() as u64),
+        Ok(h) => Checked::Bad(format!("holds shard {} instead", h.key.short())),
+        Err(e) => Checked::Bad(e.to_string()),
     }
 }
 
@@ -694,6 +819,53 @@ mod tests {
             .unwrap();
         f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs))
             .unwrap();
+    }
+
+    #[test]
+    fn scrub_checks_quarantines_and_sees_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        let (a, b) = (key(1), key(2));
+        let fa = encode_shard(&a, 4, 2, &[5; 100]);
+        s.put_shard_blocking(&a, &fa).unwrap();
+        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
+            .unwrap();
+        assert_eq!(
+            s.check_stored_blocking(&a).unwrap(),
+            Checked::Sound(fa.len() as u64)
+        );
+        assert_eq!(s.check_stored_blocking(&key(3)).unwrap(), Checked::Missing);
+        // A sound file is never quarantined.
+        assert!(!s.quarantine_blocking(&a).unwrap());
+        // Bit rot: one payload byte flipped on disk.
+        let mut rotten = fa.clone();
+        rotten[fa.len() - 7] ^= 0x40;
+        fs::write(s.shard_path(&a), &rotten).unwrap();
+        assert!(matches!(
+            s.check_stored_blocking(&a).unwrap(),
+            Checked::Bad(_)
+        ));
+        let before = s.stat_blocking();
+        assert!(s.quarantine_blocking(&a).unwrap());
+        let after = s.stat_blocking();
+        assert_eq!(after.shards, before.shards - 1);
+        assert_eq!(after.used, before.used - fa.len() as u64);
+        assert_eq!(s.check_stored_blocking(&a).unwrap(), Checked::Missing);
+        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, false)]);
+        // The rotten bytes are kept, not deleted.
+        let q: Vec<_> = fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .collect();
+        assert_eq!(q.len(), 1);
+        // A repair stores it again: reported as restored.
+        s.put_shard_blocking(&a, &fa).unwrap();
+        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, true)]);
+        // A file that holds another shard is bad too.
+        fs::write(s.shard_path(&b), &fa).unwrap();
+        assert!(matches!(
+            s.check_stored_blocking(&b).unwrap(),
+            Checked::Bad(_)
+        ));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::keys::Keys;
 use crate::shard::{ShardKey, VolumeId};
 use crate::store::{ShardEntry, ShardRead, ShardWrite, StoreStat, SweepStats};
 use crate::wire::{
-    auth_message, read_frame, write_frame, Handshake, Request, Response, PROTOCOL_VERSION,
+    auth_message, read_frame, write_frame, Handshake, Request, Response, ScrubStatus,
+    PROTOCOL_VERSION,
 };
 
 /// Most connections one client opens to one agent.
@@ -212,6 +213,19 @@ impl AgentClient {
                 why: e.to_string(),
             })?;
         Ok((r, s))
+    }
+
+    /// Asks for the agent's scrub state; with `start`, the agent first begins a full pass over
+    /// its shards (unless one is running). Not part of [`ShardRead`]: a local directory has no
+    /// background scrub.
+    pub async fn scrub(&self, start: bool) -> Result<ScrubStatus> {
+        match self.call(&Request::Scrub { start }).await? {
+            Response::Scrubbed(s) => Ok(s),
+            _ => Err(Error::Protocol(format!(
+                "{}: unexpected answer",
+                self.inner.addr
+            ))),
+        }
     }
 
     async fn expect_ok(&self, req: &Request) -> Result<()> {

@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use sa_core::catalog::resolve;
-use sa_core::keys::MasterKey;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::connect_many;
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::gc::{self, collect, parse_duration, GcOptions, GcReport, DEFAULT_GRACE};
 use crate::merge;
 
@@ -24,6 +23,10 @@ pub struct ForgetArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Every agent, HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -59,8 +62,8 @@ pub struct ForgetReport {
 /// `sa-image forget`.
 pub async fn run(mut args: ForgetArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ForgetArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, volume, gc_grace; bools dry_run, json);
-    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    merge!(args, file; key, passphrase_file, agents, volume, gc_grace; bools dry_run, json);
+    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let clients: Vec<_> = attempts

@@ -4,11 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
-use sa_core::keys::MasterKey;
 use serde::Deserialize;
 
 use crate::agents::connect_many;
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::gc::{collect, parse_duration, print_report, GcOptions, DEFAULT_GRACE};
 use crate::merge;
 
@@ -19,6 +18,10 @@ pub struct GcArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Every agent, HOST:PORT, comma-separated: only reachable ones are collected.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -36,8 +39,8 @@ pub struct GcArgs {
 /// `sa-image gc`.
 pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: GcArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, gc_grace; bools dry_run, json);
-    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    merge!(args, file; key, passphrase_file, agents, gc_grace; bools dry_run, json);
+    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let report = collect(

@@ -1,14 +1,21 @@
-//! `keygen` and `owner-id`.
+//! `keygen`, `owner-id` and `key import`.
+//!
+//! A key file holds the master key as its recovery text, or (`--passphrase`,
+//! `--passphrase-file`) wrapped under a passphrase with Argon2id and AES-256-GCM
+//! (format: [`sa_core::keyfile`]). Either way it is written with mode 0600, and one that others
+//! may read is refused when it is used.
 
-use std::io::Write;
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use sa_core::keyfile::{KdfParams, KeyFile, WrappedKey};
 use sa_core::keys::MasterKey;
 use serde::Deserialize;
 
-use crate::config::{self, require_key};
+use crate::config;
 use crate::merge;
+use crate::passphrase;
 
 /// Flags of `keygen`.
 #[derive(clap::Args, Debug, Default, Deserialize)]
@@ -20,6 +27,45 @@ pub struct KeygenArgs {
     /// Overwrite an existing key file (the old key is lost: its backups become unreadable).
     #[arg(long)]
     pub force: bool,
+    /// Protect the key file with a passphrase, asked for (twice on a terminal; from a pipe, the
+    /// first line of standard input).
+    #[arg(long)]
+    #[serde(skip)]
+    pub passphrase: bool,
+    /// Protect the key file with the passphrase on this file's first line.
+    #[arg(long, conflicts_with = "passphrase")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Subcommands of `key`.
+#[derive(clap::Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Write a key file from the recovery text (`sakey1-...`), read from standard input or --text.
+    Import(KeyImportArgs),
+}
+
+/// Flags of `key import`.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct KeyImportArgs {
+    /// Where to write the key file (mode 0600).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The recovery text; without it, it is read from standard input.
+    #[arg(long)]
+    #[serde(skip)]
+    pub text: Option<String>,
+    /// Overwrite an existing key file.
+    #[arg(long)]
+    pub force: bool,
+    /// Protect the key file with a passphrase, asked for (after the recovery text when both
+    /// come from standard input).
+    #[arg(long)]
+    #[serde(skip)]
+    pub passphrase: bool,
+    /// Protect the key file with the passphrase on this file's first line.
+    #[arg(long, conflicts_with = "passphrase")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 /// Flags of `owner-id`.
@@ -29,10 +75,18 @@ pub struct OwnerIdArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file.
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
 }
 
-/// Writes a key file: created new with mode 0600, never following a symlink to an old key.
+/// Writes a plain key file: created new with mode 0600, never following a symlink to an old key.
 pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
+    write_key_text(path, &KeyFile::Plain(key.clone()).to_text(), force)
+}
+
+/// Writes a key file's text: created new with mode 0600, never following a symlink to an old key.
+fn write_key_text(path: &Path, text: &str, force: bool) -> Result<()> {
     if path.exists() && !force {
         bail!(
             "{} exists already; keep it (it may be the only way to your backups) or pass --force",
@@ -51,7 +105,7 @@ pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
     let mut f = opts
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
-    writeln!(f, "{}", key.to_text())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -60,14 +114,34 @@ pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
 /// `sa-image keygen`.
 pub fn keygen(mut args: KeygenArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: KeygenArgs = config::load(cfg)?;
-    merge!(args, file; out; bools force);
+    merge!(args, file; out, passphrase_file; bools force);
     let out = args
         .out
         .context("give --out KEYFILE: where to write the new key")?;
+    if out.exists() && !args.force {
+        bail!(
+            "{} exists already; keep it (it may be the only way to your backups) or pass --force",
+            out.display()
+        );
+    }
     let key = MasterKey::generate()?;
-    write_key_file(&out, &key, args.force)?;
+    let wrapped = store_key(
+        &out,
+        &key,
+        args.passphrase,
+        args.passphrase_file.as_deref(),
+        args.force,
+    )?;
     let keys = key.derive();
-    println!("Wrote a new master key to {} (mode 0600).", out.display());
+    println!(
+        "Wrote a new master key to {} (mode 0600{}).",
+        out.display(),
+        if wrapped {
+            ", protected by your passphrase"
+        } else {
+            ""
+        }
+    );
     println!();
     println!("Recovery key (write it down and keep it offline; with one agent's address it restores everything):");
     println!("  {}", key.to_text());
@@ -80,9 +154,95 @@ pub fn keygen(mut args: KeygenArgs, cfg: Option<&Path>) -> Result<u8> {
 /// `sa-image owner-id`.
 pub fn owner_id(mut args: OwnerIdArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: OwnerIdArgs = config::load(cfg)?;
-    merge!(args, file; key);
-    let path = require_key(&args.key)?;
-    let key = MasterKey::load(&path)?;
+    merge!(args, file; key, passphrase_file);
+    let key = config::load_key(&args.key, &args.passphrase_file)?;
+    println!("{}", key.derive().owner_id());
+    Ok(0)
+}
+
+/// Writes `key` to `out`, wrapped when a passphrase is asked for or given; true when wrapped.
+fn store_key(
+    out: &Path,
+    key: &MasterKey,
+    ask: bool,
+    passphrase_file: Option<&Path>,
+    force: bool,
+) -> Result<bool> {
+    if !ask && passphrase_file.is_none() {
+        write_key_file(out, key, force)?;
+        return Ok(false);
+    }
+    let pass = passphrase::new_passphrase(passphrase_file)?;
+    let wrapped = WrappedKey::wrap(key, &pass, KdfParams::DEFAULT)?;
+    write_key_text(out, &KeyFile::Wrapped(wrapped).to_text(), force)?;
+    Ok(true)
+}
+
+/// Reads the recovery text from standard input: lines until they make a whole key.
+fn read_recovery_text() -> Result<MasterKey> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Type the recovery key (sakey1-...): ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut text = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the recovery text from standard input")?;
+        text.push_str(&line);
+        let attempt = MasterKey::from_text(&text);
+        let digits = text.chars().filter(char::is_ascii_hexdigit).count();
+        match attempt {
+            Ok(k) => return Ok(k),
+            // A key's text is 6 + 68 characters of letters and digits: stop once there is enough.
+            Err(e) if n == 0 || digits >= 70 => {
+                if text.trim().is_empty() {
+                    bail!("no recovery text on standard input (or give it with --text)");
+                }
+                return Err(e).context("that is not a valid recovery key");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// `sa-image key import`.
+pub fn import(mut args: KeyImportArgs, cfg: Option<&Path>) -> Result<u8> {
+    let mut file: KeyImportArgs = config::load(cfg)?;
+    merge!(args, file; out, passphrase_file; bools force);
+    let out = args
+        .out
+        .context("give --out KEYFILE: where to write the imported key")?;
+    if out.exists() && !args.force {
+        bail!(
+            "{} exists already; remove it first or pass --force",
+            out.display()
+        );
+    }
+    let key = match &args.text {
+        Some(t) => MasterKey::from_text(t).context("that is not a valid recovery key")?,
+        None => read_recovery_text()?,
+    };
+    let wrapped = store_key(
+        &out,
+        &key,
+        args.passphrase,
+        args.passphrase_file.as_deref(),
+        args.force,
+    )?;
+    println!(
+        "Wrote the key to {} (mode 0600{}). Its owner id:",
+        out.display(),
+        if wrapped {
+            ", protected by your passphrase"
+        } else {
+            ""
+        }
+    );
     println!("{}", key.derive().owner_id());
     Ok(0)
 }

@@ -4,14 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
-use sa_core::keys::MasterKey;
 use sa_core::manifest::{Manifest, StripeRef};
 use sa_core::seal::StripeId;
 use sa_core::size::format_size;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::open_catalog;
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::merge;
 
 /// Flags of `list`.
@@ -21,6 +20,10 @@ pub struct ListArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -148,8 +151,8 @@ fn entry(m: &Manifest) -> ListEntry {
 /// `sa-image list`.
 pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ListArgs = config::load(cfg)?;
-    merge!(args, file; key, agents; bools json);
-    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    merge!(args, file; key, passphrase_file, agents; bools json);
+    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
     let (manifests, _) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let figures = data_figures(&manifests);
     let rows: Vec<ListEntry> = manifests

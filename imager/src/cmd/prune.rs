@@ -15,13 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use sa_core::keys::MasterKey;
 use sa_core::manifest::Manifest;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::connect_many;
 use crate::cmd::list::rfc3339;
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::gc::{self, collect, parse_duration, GcOptions, GcReport, DEFAULT_GRACE};
 use crate::merge;
 
@@ -32,6 +31,10 @@ pub struct PruneArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Every agent, HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -141,7 +144,10 @@ fn bucket(rule: &str, created: u64) -> (i64, String) {
 /// Applies `policy` to the snapshots of one volume (any order); returns decisions newest first.
 pub fn decide(snaps: &[&Manifest], policy: Policy) -> Vec<Decision> {
     let mut order: Vec<&Manifest> = snaps.to_vec();
-    order.sort_by(|a, b| (b.created, &b.snapshot).cmp(&(a.created, &a.snapshot)));
+    // Newest first, to the nanosecond: snapshots taken within one second keep their order.
+    order.sort_by(|a, b| {
+        (b.created, b.created_nanos, &b.snapshot).cmp(&(a.created, a.created_nanos, &a.snapshot))
+    });
     let rules = [
         ("daily", policy.daily),
         ("weekly", policy.weekly),
@@ -186,7 +192,7 @@ pub fn decide(snaps: &[&Manifest], policy: Policy) -> Vec<Decision> {
 /// `sa-image prune`.
 pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: PruneArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, keep_last, keep_daily, keep_weekly, keep_monthly, volume, gc_grace;
+    merge!(args, file; key, passphrase_file, agents, keep_last, keep_daily, keep_weekly, keep_monthly, volume, gc_grace;
         bools dry_run, json);
     let policy = Policy {
         last: args.keep_last.unwrap_or(0),
@@ -197,7 +203,7 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     if policy == Policy::default() {
         bail!("no retention policy: give at least one of --keep-last, --keep-daily, --keep-weekly, --keep-monthly (N > 0)");
     }
-    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let clients: Vec<_> = attempts
@@ -295,6 +301,7 @@ mod tests {
             snapshot: id.into(),
             volume_name: "v".into(),
             volume: [0; 16],
+            revision: 0,
             created,
             created_nanos: 0,
             layout: Layout::new(1 << 20, 1 << 20, 4, 2).unwrap(),

@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sa_core::catalog::resolve;
-use sa_core::keys::MasterKey;
 use sa_core::pool::BufferPool;
 use sa_core::size::format_size;
 use sa_core::stripe::StripeCodec;
@@ -22,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::fetch::{Problem, StripeReader};
 use crate::merge;
 use crate::progress::bytes_bar;
@@ -44,6 +43,10 @@ pub struct RestoreArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -80,8 +83,8 @@ pub struct RestoreReport {
 /// `sa-image restore`.
 pub async fn run(mut args: RestoreArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RestoreArgs = config::load(cfg)?;
-    merge!(args, file; to, key, agents; bools json);
-    let key = MasterKey::load(&require_key(&args.key)?)?;
+    merge!(args, file; to, key, passphrase_file, agents; bools json);
+    let key = config::load_key(&args.key, &args.passphrase_file)?;
     let to = args
         .to
         .clone()

@@ -21,13 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use nbd_server::{Export, Exports, Server};
 use sa_core::catalog::resolve;
-use sa_core::keys::MasterKey;
 use sa_core::size::{format_size, parse_size};
 use sa_core::stripe::StripeCodec;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::fetch::StripeReader;
 use crate::merge;
 use crate::serve::hydrate::{self, Copier, Hydrate, HydrateReport};
@@ -53,6 +52,10 @@ pub struct ServeArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -114,7 +117,7 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, listen, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    merge!(args, file; key, passphrase_file, agents, listen, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
     if args.overlay.is_some() && args.hydrate.is_some() {
         anyhow::bail!(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -129,7 +132,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| hydrate::DEFAULT_RATE.to_string());
     let rate = hydrate::parse_rate(&rate_text)?;
-    let key = MasterKey::load(&require_key(&args.key)?)?;
+    let key = config::load_key(&args.key, &args.passphrase_file)?;
     let keys = Arc::new(key.derive());
     let agents = require_agents(&args.agents)?;
     let listen = args

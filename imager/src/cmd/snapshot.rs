@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use sa_core::keys::{hex, random_bytes, Keys, MasterKey};
+use sa_core::keys::{hex, random_bytes, Keys};
 use sa_core::layout::{rotate_placement, Layout};
 use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
 use sa_core::seal::{is_zero, StripeId};
@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::agents::{connect_many, none_reachable};
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::merge;
 use crate::progress::bytes_bar;
 use crate::source::open_source;
@@ -69,6 +69,10 @@ pub struct SnapshotArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Agents to store shards on, HOST:PORT, comma-separated (at least k + m).
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -172,12 +176,12 @@ pub struct SnapshotPlan {
 /// `sa-image snapshot`.
 pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
-    merge!(args, file; key, agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
+    merge!(args, file; key, passphrase_file, agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
         changed_map; bools json);
     if args.changed_since.is_some() != args.changed_map.is_some() {
         bail!("--changed-since and --changed-map go together: the map lists what changed since that snapshot");
     }
-    let key = MasterKey::load(&require_key(&args.key)?)?;
+    let key = config::load_key(&args.key, &args.passphrase_file)?;
     let stripe_size = parse_size(args.stripe_size.as_deref().unwrap_or("4MiB"))?;
     let stripe_size = u32::try_from(stripe_size).context("stripe size too large")?;
     let volume = match args.volume {
@@ -567,6 +571,7 @@ pub async fn snapshot_with(
             snapshot: snapshot_id.clone(),
             volume_name: plan.volume.clone(),
             volume: volume_id,
+            revision: 0,
             created,
             created_nanos,
             layout,
@@ -773,6 +778,7 @@ mod tests {
             snapshot: "0123456789abcdef".into(),
             volume_name: "sda".into(),
             volume: [0; 16],
+            revision: 0,
             created: 0,
             created_nanos: 0,
             layout,

@@ -11,14 +11,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sa_core::catalog::resolve;
-use sa_core::keys::MasterKey;
 use sa_core::manifest::StripeRef;
 use sa_core::stripe::{Payload, StripeCodec};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents, require_key};
+use crate::config::{self, require_agents};
 use crate::fetch::{fetch_shard, Problem};
 use crate::merge;
 use crate::progress::bytes_bar;
@@ -35,6 +34,10 @@ pub struct VerifyArgs {
     /// The key file.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -121,8 +124,8 @@ struct StripeCheck {
 /// `sa-image verify`.
 pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: VerifyArgs = config::load(cfg)?;
-    merge!(args, file; key, agents; bools json);
-    let keys = Arc::new(MasterKey::load(&require_key(&args.key)?)?.derive());
+    merge!(args, file; key, passphrase_file, agents; bools json);
+    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
     let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let m = Arc::new(resolve(&manifests, &args.snapshot, None)?.clone());
     let layout = m.layout;

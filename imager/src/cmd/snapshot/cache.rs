@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use sa_core::catalog::load_tombstones;
 use sa_core::keys::{hex, Keys};
-use sa_core::manifest::{Manifest, SNAPSHOT_BLOB_PREFIX};
+use sa_core::manifest::{group_revisions, parse_blob_name, Manifest, SNAPSHOT_BLOB_PREFIX};
 use sa_core::store::{AgentClient, ShardRead};
 
 /// One index line.
@@ -120,19 +120,28 @@ impl ManifestCache {
             tracing::warn!("cannot cache manifest {}: {e}", m.snapshot);
             return;
         }
-        // One cached manifest per volume: drop the older ones.
-        for (id, e) in &index {
-            if e.volume == vol && *id != m.snapshot {
-                let _ = std::fs::remove_file(self.dir.join(format!("{SNAPSHOT_BLOB_PREFIX}{id}")));
+        // One cached manifest per volume (its newest revision): drop the others.
+        let keep = m.blob_name();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((id, _)) = parse_blob_name(&name) else {
+                    continue;
+                };
+                let same_volume =
+                    id == m.snapshot || index.get(id).is_some_and(|e| e.volume == vol);
+                if same_volume && name != keep {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         self.save_index(&index);
     }
 
-    fn load(&self, keys: &Keys, id: &str) -> Option<Manifest> {
-        let name = format!("{SNAPSHOT_BLOB_PREFIX}{id}");
-        let sealed = std::fs::read(self.dir.join(&name)).ok()?;
-        match Manifest::open(keys, &name, &sealed) {
+    /// The cached manifest stored as blob `name` (a given revision of a snapshot).
+    fn load(&self, keys: &Keys, name: &str) -> Option<Manifest> {
+        let sealed = std::fs::read(self.dir.join(name)).ok()?;
+        match Manifest::open(keys, name, &sealed) {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::warn!("cached manifest {name} unusable, fetching it again: {e}");
@@ -185,20 +194,19 @@ pub async fn find_base(
     cache: Option<&ManifestCache>,
     pick: Pick<'_>,
 ) -> Result<Option<Base>> {
-    let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, c) in clients.iter().enumerate() {
         match c.list_blobs(SNAPSHOT_BLOB_PREFIX).await {
             Ok(names) => {
                 for n in names {
-                    holders
-                        .entry(n[SNAPSHOT_BLOB_PREFIX.len()..].to_string())
-                        .or_default()
-                        .push(i);
+                    by_name.entry(n).or_default().push(i);
                 }
             }
             Err(e) => tracing::warn!("{}: cannot list the catalog: {e}", c.addr()),
         }
     }
+    // Per snapshot id, its revisions newest first (a repair writes `snap-<ID>.r<N>`).
+    let mut holders = group_revisions(by_name.keys().map(String::as_str));
     let ids: Vec<String> = holders.keys().cloned().collect();
     for c in clients {
         if let Ok(ts) = load_tombstones(c, keys, Some(&ids)).await {
@@ -208,18 +216,21 @@ pub async fn find_base(
         }
     }
     let fetch = |id: &str| {
-        let on = holders.get(id).cloned().unwrap_or_default();
-        let name = format!("{SNAPSHOT_BLOB_PREFIX}{id}");
+        let revs = holders.get(id).cloned().unwrap_or_default();
+        let by_name = &by_name;
         async move {
-            for i in on {
-                match clients[i]
-                    .get_blob(&name)
-                    .await
-                    .and_then(|b| Manifest::open(keys, &name, &b).map(|m| (m, b)))
-                {
-                    Ok(mb) => return Some(mb),
-                    Err(e) => {
-                        tracing::warn!("{}: catalog copy {name} unusable: {e}", clients[i].addr())
+            for (_, name) in revs {
+                for &i in by_name.get(&name).map(Vec::as_slice).unwrap_or_default() {
+                    match clients[i]
+                        .get_blob(&name)
+                        .await
+                        .and_then(|b| Manifest::open(keys, &name, &b).map(|m| (m, b)))
+                    {
+                        Ok(mb) => return Some(mb),
+                        Err(e) => tracing::warn!(
+                            "{}: catalog copy {name} unusable: {e}",
+                            clients[i].addr()
+                        ),
                     }
                 }
             }
@@ -286,7 +297,13 @@ pub async fn find_base(
             from: "agents",
         }));
     }
-    if let Some(m) = cache.and_then(|c| c.load(keys, &id)) {
+    // The cached copy only if it is the newest revision the agents hold.
+    let newest_name = holders
+        .get(&id)
+        .and_then(|r| r.first())
+        .map(|(_, n)| n.clone())
+        .unwrap_or_else(|| format!("{SNAPSHOT_BLOB_PREFIX}{id}"));
+    if let Some(m) = cache.and_then(|c| c.load(keys, &newest_name)) {
         return Ok(Some(Base {
             manifest: m,
             from: "cache",

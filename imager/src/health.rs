@@ -1,0 +1,394 @@
+//! What `status` and `repair` share: the fleet of agents a catalog names, which shards each one
+//! holds, and how many more agent losses each snapshot survives.
+//!
+//! * [`Fleet`]: every agent of the addresses given and of every live snapshot's agent table (the
+//!   newest revision), by stable id; reachable ones with a connection and their `STAT`.
+//! * [`Presence`]: which shards each reachable agent holds, from `LIST_SHARDS` (names only: a
+//!   shard whose file rots is still present until the agent's scrub quarantines it; `verify`
+//!   reads every shard).
+//! * [`stripe_health`] / [`snapshot_margin`]: per stripe, the shards that are present on a
+//!   reachable agent, minus `k`: the *margin*, how many more agents may go before the stripe is
+//!   lost. A snapshot's margin is its worst stripe's; it is below the configured redundancy when
+//!   less than `m`, and data is lost when negative.
+//! * [`SeenBook`]: when each agent last answered, kept in the manifest cache directory of this
+//!   machine (a small text file; a lost one only loses history).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sa_core::keys::{hex, Keys};
+use sa_core::manifest::{Manifest, StripeRef};
+use sa_core::seal::StripeId;
+use sa_core::shard::VolumeId;
+use sa_core::store::{AgentClient, ShardRead, StoreStat};
+use tokio::task::JoinSet;
+
+use crate::agents::{connect_many, Attempt};
+
+/// One agent of the fleet.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Stable id.
+    pub id: [u8; 16],
+    /// Address it answered at, or the last one known.
+    pub addr: String,
+    /// Connection, when reachable.
+    pub client: Option<AgentClient>,
+    /// Its usage, when reachable.
+    pub stat: Option<StoreStat>,
+    /// Why it is not reachable.
+    pub error: Option<String>,
+}
+
+/// Every agent known from the addresses given and the snapshots' agent tables.
+pub struct Fleet {
+    /// By first appearance: the addresses given, then table entries.
+    pub members: Vec<Member>,
+}
+
+impl Fleet {
+    /// Builds the fleet: `attempts` (the addresses given) plus every table entry of `manifests`
+    /// not among them, connected by its last known address.
+    pub async fn gather(attempts: &[Attempt], manifests: &[Manifest], keys: &Arc<Keys>) -> Fleet {
+        let mut members: Vec<Member> = Vec::new();
+        let mut down_addrs: Vec<(String, String)> = Vec::new();
+        for (addr, r) in attempts {
+            match r {
+                Ok(c) if !members.iter().any(|m| m.id == c.agent_id()) => members.push(Member {
+                    id: c.agent_id(),
+                    addr: addr.clone(),
+                    client: Some(c.clone()),
+                    stat: None,
+                    error: None,
+                }),
+                Ok(_) => {}
+                Err(e) => down_addrs.push((addr.clone(), e.to_string())),
+            }
+        }
+        // Table entries not yet connected (newest snapshot's address first).
+        let mut wanted: Vec<([u8; 16], String)> = Vec::new();
+        for m in manifests.iter().rev() {
+            for a in &m.agents {
+                if !members.iter().any(|x| x.id == a.id) && !wanted.iter().any(|w| w.0 == a.id) {
+                    wanted.push((a.id, a.addr.clone()));
+                }
+            }
+        }
+        let addrs: Vec<String> = wanted.iter().map(|w| w.1.clone()).collect();
+        for ((id, addr), (_, r)) in wanted.into_iter().zip(connect_many(&addrs, keys).await) {
+            let (client, error) = match r {
+                Ok(c) if c.agent_id() == id => (Some(c), None),
+                Ok(c) => (
+                    None,
+                    Some(format!(
+                        "another agent ({}) answers at {addr} now",
+                        &hex(&c.agent_id())[..8]
+                    )),
+                ),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            if let (Some(c), true) = (&client, error.is_none()) {
+                if members.iter().any(|m| m.id == c.agent_id()) {
+                    continue;
+                }
+            }
+            members.push(Member {
+                id,
+                addr,
+                client,
+                stat: None,
+                error,
+            });
+        }
+        // Given addresses that did not answer and are in no table: still listed.
+        for (addr, e) in down_addrs {
+            if !members.iter().any(|m| m.addr == addr) {
+                members.push(Member {
+                    id: [0; 16],
+                    addr,
+                    client: None,
+                    stat: None,
+                    error: Some(e),
+                });
+            }
+        }
+        let mut set = JoinSet::new();
+        for (i, m) in members.iter().enumerate() {
+            if let Some(c) = m.client.clone() {
+                set.spawn(async move { (i, c.stat().await) });
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok((i, r)) = r {
+                match r {
+                    Ok(s) => members[i].stat = Some(s),
+                    Err(e) => {
+                        members[i].client = None;
+                        members[i].error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        Fleet { members }
+    }
+
+    /// The connection to agent `id`, when reachable.
+    pub fn client(&self, id: &[u8; 16]) -> Option<&AgentClient> {
+        self.members
+            .iter()
+            .find(|m| &m.id == id)
+            .and_then(|m| m.client.as_ref())
+    }
+
+    /// Reachable agents.
+    pub fn reachable(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.client.is_some())
+    }
+
+    /// Per slot of `m`'s agent table, the connection (None: unreachable).
+    pub fn slots_of(&self, m: &Manifest) -> Vec<Option<AgentClient>> {
+        m.agents
+            .iter()
+            .map(|a| self.client(&a.id).cloned())
+            .collect()
+    }
+}
+
+/// The shards one agent holds of one volume: `(stripe, index)`.
+type Held = HashSet<(StripeId, u8)>;
+
+/// Which shards each reachable agent holds, per volume: `(agent id, volume)` → shards.
+#[derive(Default)]
+pub struct Presence {
+    held: HashMap<([u8; 16], VolumeId), Held>,
+    /// Agents whose listing failed (counted as holding nothing), with why.
+    pub failed: Vec<(String, String)>,
+}
+
+impl Presence {
+    /// Lists the shards of `volumes` on every reachable agent of `fleet` (256 small requests per
+    /// volume and agent, agents in parallel).
+    pub async fn gather(fleet: &Fleet, volumes: &[VolumeId]) -> Presence {
+        let mut set = JoinSet::new();
+        for m in fleet.reachable() {
+            let (c, id, vols) = (m.client.clone(), m.id, volumes.to_vec());
+            let Some(c) = c else { continue };
+            set.spawn(async move {
+                let mut out = Vec::new();
+                for v in vols {
+                    let mut held = HashSet::new();
+                    for bucket in 0..=255u8 {
+                        match c.list_shards(&v, bucket).await {
+                            Ok(es) => held.extend(es.into_iter().map(|e| (e.stripe, e.index))),
+                            Err(e) => return (id, c.addr().to_string(), Err(e)),
+                        }
+                    }
+                    out.push((v, held));
+                }
+                (id, c.addr().to_string(), Ok(out))
+            });
+        }
+        let mut p = Presence::default();
+        while let Some(r) = set.join_next().await {
+            let Ok((id, addr, r)) = r else { continue };
+            match r {
+                Ok(vols) => {
+                    for (v, held) in vols {
+                        p.held.insert((id, v), held);
+                    }
+                }
+                Err(e) => p.failed.push((addr, e.to_string())),
+            }
+        }
+        p
+    }
+
+    /// Whether agent `agent` holds shard `index` of stripe `stripe` of `volume` (false when it
+    /// is unreachable or its listing failed).
+    pub fn holds(&self, agent: &[u8; 16], volume: &VolumeId, stripe: &StripeId, index: u8) -> bool {
+        self.held
+            .get(&(*agent, *volume))
+            .is_some_and(|h| h.contains(&(*stripe, index)))
+    }
+
+    /// Records that `agent` holds a shard (tests).
+    #[cfg(test)]
+    pub fn add(&mut self, agent: [u8; 16], volume: VolumeId, stripe: StripeId, index: u8) {
+        self.held
+            .entry((agent, volume))
+            .or_default()
+            .insert((stripe, index));
+    }
+}
+
+/// Shard indices of a stripe that are not present on a reachable agent.
+pub fn bad_shards(m: &Manifest, id: &StripeId, slots: &[u16], p: &Presence) -> Vec<usize> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(idx, &slot)| !p.holds(&m.agents[slot as usize].id, &m.volume, id, *idx as u8))
+        .map(|(idx, _)| idx)
+        .collect()
+}
+
+/// A snapshot's health by presence.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Margin {
+    /// Worst stripe's margin: present shards minus k (`m` when every shard is there; negative
+    /// when a stripe cannot be rebuilt). `m` for a snapshot of zero stripes only.
+    pub margin: i64,
+    /// Stripes that store data.
+    pub data_stripes: u64,
+    /// Stripes with at least one shard absent but recoverable.
+    pub degraded_stripes: u64,
+    /// Stripes with fewer than k shards present.
+    pub lost_stripes: u64,
+    /// Shards absent (missing, quarantined, or on an unreachable agent).
+    pub absent_shards: u64,
+}
+
+/// The presence-based health of one snapshot.
+pub fn snapshot_margin(m: &Manifest, p: &Presence) -> Margin {
+    let k = m.layout.k as i64;
+    let mut out = Margin {
+        margin: m.layout.m as i64,
+        ..Default::default()
+    };
+    for s in &m.stripes {
+        let StripeRef::Data { id, slots } = s else {
+            continue;
+        };
+        out.data_stripes += 1;
+        let bad = bad_shards(m, id, slots, p).len() as i64;
+        let margin = slots.len() as i64 - bad - k;
+        out.margin = out.margin.min(margin);
+        out.absent_shards += bad as u64;
+        if margin < 0 {
+            out.lost_stripes += 1;
+        } else if bad > 0 {
+            out.degraded_stripes += 1;
+        }
+    }
+    out
+}
+
+/// When each agent last answered, by id (hex): a small file in this machine's cache directory.
+pub struct SeenBook {
+    path: Option<PathBuf>,
+    /// Agent id (hex) → (Unix seconds, address).
+    pub seen: BTreeMap<String, (u64, String)>,
+}
+
+impl SeenBook {
+    /// Opens the book of `keys`' owner under the cache root `root` (None: the default root).
+    pub fn open(root: Option<&Path>, keys: &Keys) -> SeenBook {
+        let path = root
+            .map(Path::to_path_buf)
+            .or_else(crate::cmd::snapshot::cache::default_root)
+            .map(|r| r.join(&hex(&keys.owner_id().0)[..16]).join("agents-seen"));
+        let mut seen = BTreeMap::new();
+        if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            for line in text.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if let [id, t, addr] = f[..] {
+                    if let Ok(t) = t.parse() {
+                        seen.insert(id.to_string(), (t, addr.to_string()));
+                    }
+                }
+            }
+        }
+        SeenBook { path, seen }
+    }
+
+    /// Records the reachable members of `fleet` as seen `now`, and saves (failures are warnings).
+    pub fn record(&mut self, fleet: &Fleet, now: u64) {
+        for m in fleet.reachable() {
+            self.seen.insert(hex(&m.id), (now, m.addr.clone()));
+        }
+        let Some(path) = &self.path else { return };
+        let text: String = self
+            .seen
+            .iter()
+            .map(|(id, (t, a))| format!("{id} {t} {a}\n"))
+            .collect();
+        let tmp = path.with_extension("new");
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!(
+                "cannot record when agents were seen in {}: {e}",
+                path.display()
+            );
+        }
+    }
+
+    /// When agent `id` last answered (Unix seconds).
+    pub fn last_seen(&self, id: &[u8; 16]) -> Option<u64> {
+        self.seen.get(&hex(id)).map(|(t, _)| *t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sa_core::layout::Layout;
+    use sa_core::manifest::AgentEntry;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            snapshot: "s".into(),
+            volume_name: "v".into(),
+            volume: [1; 16],
+            revision: 0,
+            created: 0,
+            created_nanos: 0,
+            layout: Layout::new(3 << 20, 1 << 20, 2, 1).unwrap(),
+            agents: (0..3)
+                .map(|i| AgentEntry {
+                    id: [i; 16],
+                    addr: format!("a{i}:1"),
+                })
+                .collect(),
+            stripes: vec![
+                StripeRef::Data {
+                    id: [7; 32],
+                    slots: vec![0, 1, 2],
+                },
+                StripeRef::Zero,
+                StripeRef::Data {
+                    id: [8; 32],
+                    slots: vec![1, 2, 0],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn margins_follow_presence() {
+        let m = manifest();
+        let mut p = Presence::default();
+        for (stripe, slots) in [([7u8; 32], [0u8, 1, 2]), ([8; 32], [1, 2, 0])] {
+            for (idx, a) in slots.iter().enumerate() {
+                p.add([*a; 16], [1; 16], stripe, idx as u8);
+            }
+        }
+        let h = snapshot_margin(&m, &p);
+        assert_eq!((h.margin, h.data_stripes, h.absent_shards), (1, 2, 0));
+        // Agent 2 gone: every stripe loses one shard, margin 0, nothing lost.
+        p.held.remove(&([2; 16], [1; 16]));
+        let h = snapshot_margin(&m, &p);
+        assert_eq!((h.margin, h.degraded_stripes, h.lost_stripes), (0, 2, 0));
+        assert_eq!(bad_shards(&m, &[8; 32], &[1, 2, 0], &p), vec![1]);
+        // And one more shard of stripe 0: lost.
+        p.held
+            .get_mut(&([0; 16], [1; 16]))
+            .unwrap()
+            .remove(&([7; 32], 0));
+        let h = snapshot_margin(&m, &p);
+        assert_eq!((h.margin, h.lost_stripes), (-1, 1));
+    }
+}
