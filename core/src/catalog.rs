@@ -15,13 +15,11 @@
 //! would let one agent make every other one delete a snapshot's shards) nor move one to another
 //! name. Layout: magic `SA-RECRD` (8), version u16, reserved u16, nonce (12), ciphertext + tag.
 
-use ring::aead::{Aad, Nonce, NONCE_LEN};
-
 use crate::enc::{Reader, Writer};
+use crate::envelope;
 use crate::error::{Error, Result};
-use crate::keys::{random_bytes, Keys};
+use crate::keys::Keys;
 use crate::manifest::{group_revisions, Manifest, SNAPSHOT_BLOB_PREFIX};
-use crate::seal::TAG_LEN;
 use crate::store::ShardRead;
 
 /// Prefix of tombstone blobs.
@@ -32,62 +30,21 @@ pub const LEASE_BLOB_PREFIX: &str = "lease-";
 pub const RECORD_MAGIC: [u8; 8] = *b"SA-RECRD";
 /// Record format version.
 pub const RECORD_VERSION: u16 = 1;
-const RECORD_HEADER: usize = 24;
+
+const RECORD: envelope::Kind = envelope::Kind {
+    magic: RECORD_MAGIC,
+    version: RECORD_VERSION,
+    what: "catalog record",
+};
 
 /// Seals a small record stored as catalog blob `name` (the name is authenticated).
 pub fn seal_record(keys: &Keys, name: &str, body: &[u8]) -> Result<Vec<u8>> {
-    let nonce: [u8; NONCE_LEN] = random_bytes();
-    let mut out = Vec::with_capacity(RECORD_HEADER + body.len() + TAG_LEN);
-    out.extend_from_slice(&RECORD_MAGIC);
-    out.extend_from_slice(&RECORD_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&nonce);
-    let mut aad = out.clone();
-    aad.extend_from_slice(name.as_bytes());
-    let mut ct = body.to_vec();
-    let tag = keys
-        .catalog
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad[..]),
-            &mut ct,
-        )
-        .map_err(|_| Error::Invalid("record too large to encrypt".into()))?;
-    out.extend_from_slice(&ct);
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    envelope::seal(keys, &RECORD, name.as_bytes(), body.to_vec())
 }
 
 /// Opens a record read from catalog blob `name`.
 pub fn open_record(keys: &Keys, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
-    if sealed.len() < RECORD_HEADER + TAG_LEN || sealed[..8] != RECORD_MAGIC {
-        return Err(Error::malformed(
-            "catalog record",
-            format!("{name} is not a sealed record"),
-        ));
-    }
-    let version = u16::from_le_bytes([sealed[8], sealed[9]]);
-    if version != RECORD_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "catalog record",
-            found: version,
-            supported: RECORD_VERSION,
-        });
-    }
-    let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&sealed[12..24]);
-    let mut aad = sealed[..RECORD_HEADER].to_vec();
-    aad.extend_from_slice(name.as_bytes());
-    let mut ct = sealed[RECORD_HEADER..].to_vec();
-    let plain = keys
-        .catalog
-        .open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad[..]),
-            &mut ct,
-        )
-        .map_err(|_| Error::AuthFailed(format!("catalog entry {name}")))?;
-    Ok(plain.to_vec())
+    envelope::open(keys, &RECORD, name, name.as_bytes(), sealed)
 }
 
 /// A tombstone: snapshot `snapshot` was forgotten at `forgotten_at` (Unix seconds).

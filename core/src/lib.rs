@@ -26,6 +26,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod enc;
+pub mod envelope;
 pub mod error;
 #[cfg(test)]
 mod fuzz;

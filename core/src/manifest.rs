@@ -18,13 +18,12 @@
 //! offline during a repair and still holds an older revision cannot bring back the old slots.
 //! The revision is inside the authenticated body and must match the blob's name, like the id.
 
-use ring::aead::{Aad, Nonce, NONCE_LEN};
-
 use crate::enc::{Reader, Writer};
+use crate::envelope;
 use crate::error::{Error, Result};
-use crate::keys::{random_bytes, Keys};
+use crate::keys::Keys;
 use crate::layout::Layout;
-use crate::seal::{StripeId, TAG_LEN};
+use crate::seal::StripeId;
 use crate::shard::VolumeId;
 
 /// Magic at the start of a sealed manifest.
@@ -38,6 +37,12 @@ pub const SNAPSHOT_BLOB_PREFIX: &str = "snap-";
 /// Largest manifest accepted (decompressed), against decompression bombs: 1 GiB covers
 /// about 20 PiB of 4 MiB stripes.
 const MAX_MANIFEST_BODY: usize = 1 << 30;
+/// The sealed envelope of manifests (its version is that of the envelope, not of the body).
+const ENVELOPE: envelope::Kind = envelope::Kind {
+    magic: MANIFEST_MAGIC,
+    version: MANIFEST_VERSION,
+    what: "manifest",
+};
 
 /// One agent of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,32 +245,8 @@ impl Manifest {
 
     /// Decrypts, decompresses and parses a sealed manifest read from blob `blob_name`.
     pub fn open(keys: &Keys, blob_name: &str, sealed: &[u8]) -> Result<Self> {
-        if sealed.len() < 24 + TAG_LEN || sealed[..8] != MANIFEST_MAGIC {
-            return Err(Error::malformed(
-                "manifest",
-                format!("{blob_name} is not a sealed manifest"),
-            ));
-        }
-        let version = u16::from_le_bytes([sealed[8], sealed[9]]);
-        if version != MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: "manifest",
-                found: version,
-                supported: MANIFEST_VERSION,
-            });
-        }
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&sealed[12..24]);
-        let mut ct = sealed[24..].to_vec();
-        let body = keys
-            .catalog
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&sealed[..24]),
-                &mut ct,
-            )
-            .map_err(|_| Error::AuthFailed(format!("catalog entry {blob_name}")))?;
-        let plain = decompress_bounded(body)?;
+        let body = envelope::open(keys, &ENVELOPE, blob_name, &[], sealed)?;
+        let plain = decompress_bounded(&body)?;
         let m = Manifest::from_bytes(&plain)?;
         if m.blob_name() != blob_name {
             return Err(Error::malformed(
@@ -320,28 +301,7 @@ pub fn group_revisions<'a>(
 
 /// Encrypts a compressed manifest body (see the module docs for the layout).
 pub(crate) fn seal_compressed(keys: &Keys, body: Vec<u8>) -> Result<Vec<u8>> {
-    let nonce: [u8; NONCE_LEN] = random_bytes();
-    let mut out = Vec::with_capacity(24 + body.len() + TAG_LEN);
-    out.extend_from_slice(&MANIFEST_MAGIC);
-    out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&nonce);
-    let header_len = out.len();
-    let mut ct = body;
-    let aad = out.clone();
-    let tag = keys
-        .catalog
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad[..]),
-            &mut ct,
-        )
-        .map_err(|_| Error::Invalid("manifest too large to encrypt".into()))?;
-    out.reserve(ct.len() + TAG_LEN);
-    out.extend_from_slice(&ct);
-    out.extend_from_slice(tag.as_ref());
-    debug_assert_eq!(header_len, 24);
-    Ok(out)
+    envelope::seal(keys, &ENVELOPE, &[], body)
 }
 
 /// Decompresses a manifest body, refusing one larger than [`MAX_MANIFEST_BODY`]. Streams, so
