@@ -3,27 +3,29 @@
 //! `serve`, the snapshot itself stays as it was). Needs root, qemu and the image tools (see the
 //! crate docs), and the release binaries (`cargo build --release`).
 
-use std::path::Path;
-
 use sa_tests::{Cluster, Serve};
 use sa_vm_tests::*;
 
-fn build(dir: &Path) -> BootImage {
+/// A boot image snapshotted onto 6 agents, 2 of them then killed: the cluster, the image, its
+/// sha256, and the address of a live agent.
+fn appliance_with_two_agents_down() -> (Cluster, BootImage, String, String) {
     if let Err(e) = require_root() {
         panic!("{e}");
     }
-    build_boot_image(dir, 96).unwrap_or_else(|e| panic!("building the boot image: {e}"))
-}
-
-#[test]
-fn boots_from_agents_with_two_down_and_the_overlay_keeps_the_guests_writes() {
     let mut cluster = Cluster::start(6);
-    let img = build(cluster.dir());
+    let img = build_boot_image(cluster.dir(), 96)
+        .unwrap_or_else(|e| panic!("building the boot image: {e}"));
     let original = sha256_file(&img.path).unwrap_or_else(|e| panic!("{e}"));
     cluster.snapshot(&img.path, &["--volume", "appliance"]);
     cluster.agents[1].kill();
     cluster.agents[4].kill();
     let live = cluster.agents[0].addr_str();
+    (cluster, img, original, live)
+}
+
+#[test]
+fn boots_from_agents_with_two_down_and_the_overlay_keeps_the_guests_writes() {
+    let (cluster, img, original, live) = appliance_with_two_agents_down();
     let overlay = cluster.path("overlay.img");
     let overlay_arg = overlay.to_str().expect("utf-8 path");
 
@@ -69,13 +71,7 @@ fn boots_from_agents_with_two_down_and_the_overlay_keeps_the_guests_writes() {
 /// file the guest wrote during the first boot.
 #[test]
 fn live_restore_hydrates_a_target_that_then_boots_on_its_own() {
-    let mut cluster = Cluster::start(6);
-    let img = build(cluster.dir());
-    let original = sha256_file(&img.path).unwrap_or_else(|e| panic!("{e}"));
-    cluster.snapshot(&img.path, &["--volume", "appliance"]);
-    cluster.agents[1].kill();
-    cluster.agents[4].kill();
-    let live = cluster.agents[0].addr_str();
+    let (cluster, img, original, live) = appliance_with_two_agents_down();
     let target = cluster.path("new-disk.img");
     let target_arg = target.to_str().expect("utf-8 path");
 
