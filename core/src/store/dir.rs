@@ -169,6 +169,22 @@ impl DirStore {
             .join(format!("w{}-{n}", std::process::id()))
     }
 
+    /// Held by stores of a shard: excludes a sweep's check-and-delete of the same files.
+    fn sweep_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.inner
+            .sweep_lock
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Held by a sweep or a quarantine while it checks and removes files.
+    fn sweep_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.inner
+            .sweep_lock
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records the directories of a new shard file for the next [`DirStore::sync_blocking`].
     fn mark_dirty(&self, path: &Path) {
         let mut dirty = self
@@ -209,11 +225,7 @@ impl DirStore {
             )));
         }
         let path = self.shard_path(key);
-        let _sweep = self
-            .inner
-            .sweep_lock
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let _sweep = self.sweep_shared();
         let old = fs::metadata(&path).map(|m| m.len()).ok();
         // Encryption is deterministic, so a re-sent shard (a resumed or repeated snapshot) is
         // byte-identical to the stored one: keep the stored, already durable file rather than
@@ -260,15 +272,11 @@ impl DirStore {
     /// durable, as if it had just been written), false when missing or different or corrupt.
     pub fn confirm_shard_blocking(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
         let path = self.shard_path(key);
-        let _sweep = self
-            .inner
-            .sweep_lock
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        let stored = match fs::read(&path) {
+        let _sweep = self.sweep_shared();
+        let stored = match read_or_missing(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+            Err(Error::ShardMissing) => return Ok(false),
+            Err(e) => return Err(e),
         };
         let sound = check_shard(&stored).is_ok_and(|h| h.key == *key);
         if !sound || stored.get(..header.len()) != Some(header) {
@@ -446,11 +454,7 @@ impl DirStore {
         let mut stats = SweepStats::default();
         for key in keys {
             let path = self.shard_path(key);
-            let _excl = self
-                .inner
-                .sweep_lock
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let _excl = self.sweep_exclusive();
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
             };
@@ -494,15 +498,11 @@ impl DirStore {
     /// excludes stores; true when it moved (false: missing, or sound now).
     pub fn quarantine_blocking(&self, key: &ShardKey) -> Result<bool> {
         let path = self.shard_path(key);
-        let _excl = self
-            .inner
-            .sweep_lock
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let file = match fs::read(&path) {
+        let _excl = self.sweep_exclusive();
+        let file = match read_or_missing(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+            Err(Error::ShardMissing) => return Ok(false),
+            Err(e) => return Err(e),
         };
         if !matches!(judge(key, &file), Checked::Bad(_)) {
             return Ok(false);
