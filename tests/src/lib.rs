@@ -21,6 +21,7 @@
 //! - [`scan`] looks at agents' directories from the outside: shard files, and a raw byte search
 //!   (an agent must never hold plaintext).
 //! - [`loopdev`] attaches an image to a loop device (root only) and detaches it on drop.
+//! - [`nbd_client`] runs standard NBD clients and a random workload checked against a model.
 //! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
 //!
@@ -53,6 +54,7 @@ pub mod bins;
 pub mod cluster;
 pub mod image;
 pub mod loopdev;
+pub mod nbd_client;
 pub mod proc;
 pub mod scan;
 pub mod serve;

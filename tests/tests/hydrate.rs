@@ -5,16 +5,13 @@
 //! snapshot on the agents still restores to the original.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use sa_tests::cluster::{expect_fail, expect_ok, u64_of};
 use sa_tests::loopdev::{is_root, LoopDevice};
-use sa_tests::proc::run;
+use sa_tests::nbd_client::{client, model_run};
 use sa_tests::{sha256, wait, Cluster, ImageSpec, Serve, MIB, STRIPE};
 
-/// Longest a client run may take.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a hydration may take in these tests.
 const HYDRATE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -55,67 +52,6 @@ fn wait_hydrated(s: &mut Serve) {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
-}
-
-fn client(c: &Cluster, prog: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(prog);
-    cmd.args(args).env(
-        "PATH",
-        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-    );
-    run(cmd, c.dir(), CLIENT_TIMEOUT)
-}
-
-/// Random writes (unaligned, partial blocks, across stripe boundaries, some write-zeroes and
-/// FUA), flushes and reads through nbdsh, checked against (and applied to) a model of the disk.
-const NBDSH_SCRIPT: &str = r#"
-import random, sys
-url, model_path, seed, ops = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-h.connect_uri(url)
-size = h.get_size()
-model = bytearray(open(model_path, 'rb').read())
-assert len(model) == size, (len(model), size)
-assert not h.is_read_only() and h.can_flush() and h.can_fua()
-rnd = random.Random(seed)
-S = 4194304
-for n in range(ops):
-    if rnd.random() < 0.4:
-        off = rnd.randrange(size // S) * S + rnd.randrange(-5000, 5000)
-    else:
-        off = rnd.randrange(size)
-    off = max(0, min(off, size - 1))
-    ln = min(rnd.choice([1, 100, 511, 512, 4095, 4096, 4097, 65536, 300000, 5000000]), size - off)
-    op = rnd.random()
-    if op < 0.45:
-        data = rnd.randbytes(ln)
-        h.pwrite(data, off, nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0)
-        model[off:off + ln] = data
-    elif op < 0.5:
-        h.zero(ln, off)
-        model[off:off + ln] = bytes(ln)
-    elif op < 0.55:
-        h.flush()
-    else:
-        got = h.pread(ln, off)
-        if got != model[off:off + ln]:
-            sys.exit("op %d: read of %d at %d differs" % (n, ln, off))
-h.flush()
-open(model_path, 'wb').write(model)
-"#;
-
-/// Runs [`NBDSH_SCRIPT`]: `ops` random operations from `seed` against `url` and `model`.
-fn model_run(c: &Cluster, url: &str, model: &Path, seed: u64, ops: u32) {
-    let script = c.path("model.py");
-    if !script.exists() {
-        std::fs::write(&script, NBDSH_SCRIPT).unwrap();
-    }
-    let code = format!(
-        "import sys; sys.argv = ['model', '{url}', '{}', '{seed}', '{ops}']; exec(open('{}').read())",
-        path_str(model),
-        path_str(&script)
-    );
-    let out = client(c, "nbdsh", &["-c", &code]);
-    expect_ok(&out, "nbdsh model run");
 }
 
 /// Stripes marked filled in a hydrate state file (format: `imager/src/serve/hydrate.rs`).

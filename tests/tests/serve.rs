@@ -3,31 +3,14 @@
 //! lost before and during the reads, a corrupt shard, and a writable overlay.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sa_tests::cluster::{expect_ok, shown, str_of, u64_of};
+use sa_tests::cluster::{shown, str_of, u64_of};
 use sa_tests::loopdev::{is_root, LoopDevice};
-use sa_tests::proc::{run, Proc};
+use sa_tests::nbd_client::{client, client_ok, model_run, CLIENT_TIMEOUT};
+use sa_tests::proc::Proc;
 use sa_tests::{scan, sha256, wait, Cluster, ImageSpec, Serve, MIB, STRIPE};
-
-/// Longest a client run may take.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs a client command to the end (within [`CLIENT_TIMEOUT`]).
-fn client(c: &Cluster, prog: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(prog);
-    cmd.args(args).env(
-        "PATH",
-        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-    );
-    run(cmd, c.dir(), CLIENT_TIMEOUT)
-}
-
-fn client_ok(c: &Cluster, prog: &str, args: &[&str]) -> String {
-    let out = client(c, prog, args);
-    expect_ok(&out, &format!("{prog} {}", args.join(" ")))
-}
 
 /// Addresses of the cluster's agents, comma-separated, killed ones included.
 fn all(c: &Cluster) -> String {
@@ -389,53 +372,6 @@ fn ext4_served_mounts_with_files_intact() {
     assert!(u64_of(&report, "reads") > 0, "{report}");
 }
 
-/// The model test driven through nbdsh: random reads and writes (unaligned, some spanning
-/// stripes, some write-zeroes, flushes) against an in-memory copy of the disk.
-const NBDSH_SCRIPT: &str = r#"
-import os, random, sys
-url, model_path, seed, ops = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-h.connect_uri(url)
-size = h.get_size()
-model = bytearray(open(model_path, 'rb').read())
-assert len(model) == size, (len(model), size)
-assert not h.is_read_only() and h.can_flush() and h.can_fua()
-rnd = random.Random(seed)
-for n in range(ops):
-    op = rnd.random()
-    if rnd.random() < 0.3:
-        off = rnd.randrange(size // 4194304) * 4194304 + rnd.randrange(-5000, 5000)
-    else:
-        off = rnd.randrange(size)
-    off = max(0, min(off, size - 1))
-    ln = min(rnd.choice([1, 511, 512, 4096, 4097, 65536, 300000, 5000000]), size - off)
-    if op < 0.45:
-        data = rnd.randbytes(ln)
-        h.pwrite(data, off, nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0)
-        model[off:off + ln] = data
-    elif op < 0.5 and h.can_zero():
-        h.zero(ln, off)
-        model[off:off + ln] = bytes(ln)
-    elif op < 0.55:
-        h.flush()
-    else:
-        got = h.pread(ln, off)
-        if got != model[off:off + ln]:
-            sys.exit("op %d: read of %d at %d differs" % (n, ln, off))
-h.flush()
-open(model_path, 'wb').write(model)
-"#;
-
-/// Runs [`NBDSH_SCRIPT`] in nbdsh against `url`: `ops` random operations from `seed`, checked
-/// against (and applied to) the disk model in `model`.
-fn model_run(c: &Cluster, url: &str, model: &Path, script: &Path, seed: u64, ops: u32) {
-    let code = format!(
-        "import sys; sys.argv = ['model', '{url}', '{}', '{seed}', '{ops}']; exec(open('{}').read())",
-        path_str(model),
-        path_str(script)
-    );
-    client_ok(c, "nbdsh", &["-c", &code]);
-}
-
 /// With `--overlay`: random reads and writes match an in-memory model; after a restart of
 /// serve the writes are still there; the snapshot itself still restores to the original.
 #[test]
@@ -450,8 +386,6 @@ fn overlay_reads_writes_survive_restart_and_snapshot_is_untouched() {
     let ov = path_str(&overlay).to_string();
     let model = c.path("model.raw");
     std::fs::copy(&img.path, &model).unwrap();
-    let script = c.path("model.py");
-    std::fs::write(&script, NBDSH_SCRIPT).unwrap();
 
     let s = Serve::start(&c, "latest", &all(&c), &["--overlay", &ov]);
     let ro = client(&c, "nbdinfo", &["--is", "read-only", &s.url]);
@@ -461,7 +395,7 @@ fn overlay_reads_writes_survive_restart_and_snapshot_is_untouched() {
         "export with --overlay is read-only:\n{}",
         shown(&ro)
     );
-    model_run(&c, &s.url, &model, &script, 1, 400);
+    model_run(&c, &s.url, &model, 1, 400);
     let report = s.stop();
     assert!(
         u64_of(&report, "writes") > 0 && u64_of(&report, "flushes") > 0,
@@ -478,7 +412,7 @@ fn overlay_reads_writes_survive_restart_and_snapshot_is_untouched() {
         sha256(&model),
         "overlay writes lost across a restart"
     );
-    model_run(&c, &s.url, &model, &script, 2, 200);
+    model_run(&c, &s.url, &model, 2, 200);
     s.stop();
 
     // The snapshot itself was never written.
