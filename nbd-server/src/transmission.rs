@@ -617,7 +617,8 @@ where
             }
             tokio::select! {
                 biased;
-                _ = tx.closed() => break Some(Err(ServeError::Protocol("reply writer stopped".into()))),
+                // The writer failed: its error (awaited below) says why.
+                _ = tx.closed() => break Some(Ok(())),
                 _ = shutdown_signalled(&mut shutdown) => {
                     debug!("shutdown: no new requests on this connection");
                     break Some(Ok(()));
@@ -717,7 +718,102 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Extent;
+    use crate::{Export, Extent, MemorySource};
+    use std::time::Instant;
+    use tokio::io::{duplex, split};
+
+    /// A session on a 64 MiB memory export with short timeouts, over an
+    /// in-memory pipe; returns the client's end and the running transmit.
+    fn session(
+        idle: Duration,
+        reply: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+        watch::Sender<bool>,
+    ) {
+        let source = Arc::new(MemorySource::new(64 << 20));
+        let flags = crate::handshake::transmission_flags(source.as_ref(), false);
+        let neg = Negotiated {
+            export: Arc::new(Export::new("disk", "", source)),
+            name: "disk".into(),
+            structured: false,
+            base_allocation: false,
+            flags,
+        };
+        let limits = Limits {
+            max_in_flight: 8,
+            max_buffered_bytes: 32 << 20,
+            idle_timeout: idle,
+            reply_timeout: reply,
+        };
+        let (client, server) = duplex(64 * 1024);
+        let (r, w) = split(server);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(transmit(r, w, neg, limits, shutdown));
+        (client, task, stop)
+    }
+
+    fn read_request(handle: u64, len: u32) -> [u8; REQUEST_HEADER_LEN] {
+        Request {
+            flags: 0,
+            kind: NBD_CMD_READ,
+            handle,
+            offset: 0,
+            len,
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_dropped_after_the_idle_timeout() {
+        let (_client, task, _stop) = session(Duration::from_millis(200), Duration::from_secs(60));
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn half_a_request_header_times_out_too() {
+        let (mut client, task, _stop) =
+            session(Duration::from_millis(200), Duration::from_secs(60));
+        client.write_all(&read_request(1, 512)[..10]).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_waiting_for_replies_is_not_idle() {
+        // Replies are in flight (the client does not read them yet): the idle
+        // timer must not fire while the reply timeout is long.
+        let (mut client, task, stop) = session(Duration::from_millis(100), Duration::from_secs(60));
+        for h in 0..4 {
+            client.write_all(&read_request(h, 1 << 20)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!task.is_finished(), "ended while replies were pending");
+        // Now read everything: 4 simple replies of 16 + 1 MiB bytes.
+        let mut buf = vec![0u8; 4 * (16 + (1 << 20))];
+        client.read_exact(&mut buf).await.unwrap();
+        let _ = stop.send(true);
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(r.expect("ends on shutdown").expect("no panic").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_dropped_after_the_reply_timeout() {
+        let (mut client, task, _stop) =
+            session(Duration::from_secs(60), Duration::from_millis(300));
+        for h in 0..8 {
+            client.write_all(&read_request(h, 8 << 20)).await.unwrap();
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::ReplyStalled)), "{r:?}");
+    }
 
     fn decode(b: &[u8]) -> Vec<(u32, u32)> {
         b.chunks(8)
