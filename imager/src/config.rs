@@ -22,6 +22,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "out",
     "force",
     "listen",
+    "tls_cert",
+    "tls_key",
     "overlay",
     "hydrate",
     "hydrate_rate",

@@ -32,11 +32,12 @@ use tokio_rustls::server::TlsStream;
 /// PEM files larger than this are refused unread (a certificate chain is a few KiB).
 const MAX_PEM_FILE: u64 = 1 << 20;
 
-/// Why a TLS configuration could not be built.
+/// Why a TLS configuration could not be built. The messages leave the cause to
+/// [`std::error::Error::source`], so that a chain printer shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -59,7 +60,7 @@ pub enum TlsError {
         what: String,
     },
     /// rustls refused the certificate and key (e.g. they do not belong together).
-    #[error("the certificate and key cannot be used for TLS: {0}")]
+    #[error("the certificate and key cannot be used for TLS")]
     Config(#[source] rustls::Error),
 }
 

@@ -12,6 +12,12 @@
 //! into TARGET, and a background copier moves every stripe onto it at `--hydrate-rate`; when it is
 //! done, one more line goes to stdout: `hydration complete: N stripes in S s`, and TARGET alone is
 //! the disk. Stopping `serve` midway keeps the progress: the next `serve --hydrate TARGET` resumes.
+//!
+//! With `--tls-cert FILE --tls-key FILE` (PEM) every client must start TLS (NBD_OPT_STARTTLS)
+//! before anything else, and the line says `nbds://ADDR`; clients connect with e.g.
+//! `nbdcopy 'nbds://HOST:PORT/?tls-certificates=DIR'` where DIR holds the CA as `ca-cert.pem`.
+//! Without them the export is plain NBD, fit for loopback only: the default `--listen` is
+//! 127.0.0.1, and a LAN export should use TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nbd_server::{Export, Exports, Server};
+use nbd_server::{rustls, Export, Exports, Server, ServerConfig};
 use sa_core::catalog::resolve;
 use sa_core::size::{format_size, parse_size};
 use sa_core::stripe::StripeCodec;
@@ -60,8 +66,17 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
     /// Address to listen on, HOST:PORT (port 0: any free port) [default: 127.0.0.1:10809].
+    /// Plain NBD has no encryption or authentication: to export over a LAN, listen on its
+    /// address and give --tls-cert and --tls-key.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Server certificate chain (PEM) for NBD over TLS; with --tls-key, every client must use
+    /// TLS (NBD_OPT_STARTTLS, e.g. `nbds://` URIs).
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
     /// Make the export writable: writes go to this sparse file (and its map FILE.map), never
     /// to the agents. Reopening the same file keeps earlier writes.
     #[arg(long)]
@@ -117,7 +132,9 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, listen, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    // Before anything slow (catalog, agents): a TLS mistake is found at once.
+    let tls = load_tls(&args.tls_cert, &args.tls_key)?;
     if args.overlay.is_some() && args.hydrate.is_some() {
         anyhow::bail!(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -225,10 +242,17 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let bound: SocketAddr = listener.local_addr()?;
     let started = Instant::now();
     println!(
-        "serving snapshot {} ({}) on nbd://{bound}",
+        "serving snapshot {} ({}) on {}://{bound}",
         m.snapshot,
-        format_size(layout.volume_size)
+        format_size(layout.volume_size),
+        if tls.is_some() { "nbds" } else { "nbd" }
     );
+    if tls.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            "serving plain NBD on {bound}: anyone on that network can read the disk; \
+             give --tls-cert and --tls-key to require TLS"
+        );
+    }
     if let Some(o) = &overlay {
         tracing::info!(
             "writes go to {} ({} blocks written before)",
@@ -255,7 +279,11 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         tokio::spawn(c.run(stopped))
     });
 
-    let served = Server::new(Arc::new(exports))
+    let config = ServerConfig {
+        tls,
+        ..ServerConfig::default()
+    };
+    let served = Server::with_config(Arc::new(exports), config)
         .run(listener, stop_signal())
         .await
         .context("NBD server failed");
@@ -346,6 +374,25 @@ fn print_report(r: &ServeReport) {
             h.reads_from_agents,
             h.written_blocks
         );
+    }
+}
+
+/// The TLS configuration from `--tls-cert` and `--tls-key`: both or neither.
+fn load_tls(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => nbd_server::load_pem(cert, key)
+            .map(Some)
+            .context("cannot set up NBD over TLS (--tls-cert, --tls-key)"),
+        (Some(_), None) => anyhow::bail!(
+            "--tls-cert needs --tls-key: give the private key of the certificate too (PEM)"
+        ),
+        (None, Some(_)) => anyhow::bail!(
+            "--tls-key needs --tls-cert: give the certificate chain of the key too (PEM)"
+        ),
     }
 }
 
