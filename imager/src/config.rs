@@ -24,6 +24,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "listen",
     "tls_cert",
     "tls_key",
+    "tls_client_ca",
     "overlay",
     "hydrate",
     "hydrate_rate",

@@ -108,7 +108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => usage(),
     };
     let tls = match (tls_cert, tls_key) {
-        (Some(c), Some(k)) => Some(load_pem(c.as_ref(), k.as_ref())?),
+        (Some(c), Some(k)) => Some(load_pem(c.as_ref(), k.as_ref(), None)?),
         (None, None) => None,
         _ => usage(),
     };

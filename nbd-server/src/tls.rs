@@ -11,10 +11,13 @@
 //!
 //! The TLS library is rustls with the *ring* provider, TLS 1.3 and 1.2 ("NBD
 //! implementations supporting TLS MUST support TLS version 1.2, SHOULD support
-//! any later versions"); older versions are not offered. Clients are not
-//! asked for certificates: TLS protects the data in flight and proves the
-//! server to the client, and access control stays with the network.
-//! [`load_pem`] reads a certificate chain and a private key from PEM files.
+//! any later versions"); older versions are not offered. TLS protects the
+//! data in flight and proves the server to the client. It restricts who may
+//! read the export only when client certificates are required: given a
+//! client CA, the server accepts only clients whose certificate that CA
+//! signed (libnbd sends `client-cert.pem`/`client-key.pem` from its
+//! `tls-certificates` directory); without one, anyone who can connect and
+//! speaks TLS gets the export. [`load_pem`] reads it all from PEM files.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -62,6 +65,15 @@ pub enum TlsError {
     /// rustls refused the certificate and key (e.g. they do not belong together).
     #[error("the certificate and key cannot be used for TLS")]
     Config(#[source] rustls::Error),
+    /// The client CA cannot verify client certificates.
+    #[error("cannot verify client certificates with {}", path.display())]
+    ClientCa {
+        /// The client CA file.
+        path: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -81,22 +93,14 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Loads a certificate chain (server certificate first, then any
 /// intermediates) and its private key (PKCS#8, PKCS#1 or SEC1) from PEM files
 /// and builds the rustls configuration for [`ServerConfig::tls`](crate::ServerConfig::tls).
-/// Every error names the file it is about.
-pub fn load_pem(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let pem_error = |path: &Path, what: String| TlsError::Pem {
-        path: path.to_owned(),
-        what,
-    };
-    let text = read_pem(cert)?;
-    let chain = CertificateDer::pem_slice_iter(&text)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(cert, format!("not a PEM certificate file: {e}")))?;
-    if chain.is_empty() {
-        return Err(pem_error(
-            cert,
-            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
-        ));
-    }
+/// With `client_ca` (PEM, one or more CA certificates), clients must present a
+/// certificate signed by one of them. Every error names the file it is about.
+pub fn load_pem(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = read_certs(cert)?;
     let text = read_pem(key)?;
     let key_der = PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
         pem_error(
@@ -104,23 +108,63 @@ pub fn load_pem(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Tl
             format!("holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
         )
     })?;
-    server_config(chain, key_der)
-}
-
-/// The rustls configuration for a certificate chain and its key: ring
-/// provider, TLS 1.3 and 1.2, no client certificates.
-pub fn server_config(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let clients = match client_ca {
+        None => None,
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in read_certs(path)? {
+                roots.add(ca).map_err(|e| {
+                    pem_error(path, format!("holds a certificate that is not a CA: {e}"))
+                })?;
+            }
+            Some((path, roots))
+        }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Config)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
+        .map_err(TlsError::Config)?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some((path, roots)) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|source| TlsError::ClientCa {
+                path: path.to_owned(),
+                source,
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(chain, key_der)
         .map_err(TlsError::Config)?;
     Ok(Arc::new(config))
+}
+
+fn pem_error(path: &Path, what: String) -> TlsError {
+    TlsError::Pem {
+        path: path.to_owned(),
+        what,
+    }
+}
+
+/// All certificates of a PEM file; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let text = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_error(
+            path,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    Ok(certs)
 }
 
 /// A client connection: plain TCP until `NBD_OPT_STARTTLS`, TLS after.
@@ -199,32 +243,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("cert.pem");
         let key = dir.path().join("key.pem");
-        let missing = load_pem(&cert, &key).unwrap_err();
+        let missing = load_pem(&cert, &key, None).unwrap_err();
         assert!(matches!(missing, TlsError::Read { ref path, .. } if path == &cert));
         std::fs::write(&cert, "not pem at all\n").unwrap();
-        let e = load_pem(&cert, &key).unwrap_err();
+        let e = load_pem(&cert, &key, None).unwrap_err();
         assert!(e.to_string().contains("cert.pem"), "{e}");
         assert!(matches!(e, TlsError::Pem { .. }), "{e:?}");
 
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         std::fs::write(&cert, ck.cert.pem()).unwrap();
-        let e = load_pem(&cert, &key).unwrap_err();
+        let e = load_pem(&cert, &key, None).unwrap_err();
         assert!(
             matches!(e, TlsError::Read { ref path, .. } if path == &key),
             "{e:?}"
         );
         // A certificate where the key should be.
         std::fs::write(&key, ck.cert.pem()).unwrap();
-        let e = load_pem(&cert, &key).unwrap_err();
+        let e = load_pem(&cert, &key, None).unwrap_err();
         assert!(e.to_string().contains("key.pem"), "{e}");
         // Another certificate's key.
         let other = rcgen::generate_simple_self_signed(vec!["other".to_owned()]).unwrap();
         std::fs::write(&key, other.key_pair.serialize_pem()).unwrap();
         assert!(matches!(
-            load_pem(&cert, &key).unwrap_err(),
+            load_pem(&cert, &key, None).unwrap_err(),
             TlsError::Config(_)
         ));
         std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-        load_pem(&cert, &key).expect("a matching certificate and key");
+        load_pem(&cert, &key, None).expect("a matching certificate and key");
     }
 }

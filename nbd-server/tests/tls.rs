@@ -20,7 +20,9 @@ const MIB: u64 = 1 << 20;
 
 /// A CA and a server certificate for `localhost` and 127.0.0.1, made at test
 /// time. `dir` holds `ca-cert.pem` (what libnbd's `tls-certificates` wants),
-/// `server-cert.pem` and `server-key.pem`.
+/// `server-cert.pem` and `server-key.pem`; `dir/client` holds `ca-cert.pem`
+/// and a client certificate signed by the same CA (`client-cert.pem`,
+/// `client-key.pem`: the names libnbd looks for).
 struct Pki {
     dir: tempfile::TempDir,
 }
@@ -53,10 +55,23 @@ impl Pki {
         let cert = params
             .signed_by(&key, &ca_cert, &ca_key)
             .expect("server certificate");
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "nbd test client");
+        let client_cert = client
+            .signed_by(&client_key, &ca_cert, &ca_key)
+            .expect("client certificate");
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("ca-cert.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server-cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server-key.pem"), key.serialize_pem()).unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("ca-cert.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(p.join("server-cert.pem"), cert.pem()).unwrap();
+        std::fs::write(p.join("server-key.pem"), key.serialize_pem()).unwrap();
+        std::fs::create_dir(p.join("client")).unwrap();
+        std::fs::write(p.join("client/ca-cert.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(p.join("client/client-cert.pem"), client_cert.pem()).unwrap();
+        std::fs::write(p.join("client/client-key.pem"), client_key.serialize_pem()).unwrap();
         Pki { dir }
     }
 
@@ -68,6 +83,7 @@ impl Pki {
         load_pem(
             &self.path().join("server-cert.pem"),
             &self.path().join("server-key.pem"),
+            None,
         )
         .expect("load the test certificate")
     }
@@ -89,11 +105,29 @@ impl Pki {
         Arc::new(config)
     }
 
-    /// The libnbd URI of export `name` over TLS.
+    /// The server configuration that requires client certificates of the CA.
+    fn server_config_with_clients(&self) -> Arc<rustls::ServerConfig> {
+        load_pem(
+            &self.path().join("server-cert.pem"),
+            &self.path().join("server-key.pem"),
+            Some(&self.path().join("ca-cert.pem")),
+        )
+        .expect("load the test certificate and client CA")
+    }
+
+    /// The libnbd URI of export `name` over TLS (trusting the CA, no client certificate).
     fn uri(&self, port: u16, name: &str) -> String {
         format!(
             "nbds://127.0.0.1:{port}/{name}?tls-certificates={}",
             self.path().display()
+        )
+    }
+
+    /// The same, presenting the client certificate.
+    fn client_uri(&self, port: u16, name: &str) -> String {
+        format!(
+            "nbds://127.0.0.1:{port}/{name}?tls-certificates={}",
+            self.path().join("client").display()
         )
     }
 }
@@ -226,6 +260,39 @@ fn nbdinfo_and_nbdcopy_over_tls_get_the_data() {
         &[src.to_str().unwrap(), &pki.uri(srv.port, "disk")],
     );
     nbdcopy_tls_matches(&pki, srv.port, &other, &out);
+}
+
+#[test]
+fn client_certificates_are_required_when_a_client_ca_is_given() {
+    let pki = Pki::new();
+    let data = random(4 * MIB as usize, 81);
+    let config = ServerConfig {
+        tls: Some(pki.server_config_with_clients()),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(
+        Exports::single(Export::new(
+            "disk",
+            "client-cert test",
+            Arc::new(MemorySource::from_bytes(&data)),
+        ))
+        .unwrap(),
+        config,
+    );
+    // Without a client certificate the TLS handshake fails.
+    let o = run("nbdinfo", &["--size", &pki.uri(srv.port, "disk")]);
+    assert_ne!(
+        o.code,
+        Some(0),
+        "a client without a certificate got in: {o:?}"
+    );
+    // With one signed by the CA, nbdcopy gets the data.
+    let out = pki.path().join("copy.raw");
+    run_ok(
+        "nbdcopy",
+        &[&pki.client_uri(srv.port, "disk"), out.to_str().unwrap()],
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
 }
 
 #[test]

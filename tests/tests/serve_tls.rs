@@ -10,7 +10,9 @@ use sa_tests::nbd_client::{client, client_ok};
 use sa_tests::{sha256, Cluster, ImageSpec, Serve, MIB};
 
 /// A CA (`ca-cert.pem`, what libnbd's `tls-certificates` directory holds) and a server
-/// certificate for localhost and 127.0.0.1 (`server-cert.pem`, `server-key.pem`) in `dir`.
+/// certificate for localhost and 127.0.0.1 (`server-cert.pem`, `server-key.pem`) in `dir`, and
+/// in `dir/client` the CA and a client certificate it signed (`client-cert.pem`,
+/// `client-key.pem`, the names libnbd looks for).
 fn make_pki(dir: &Path) {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -38,9 +40,25 @@ fn make_pki(dir: &Path) {
     let cert = params
         .signed_by(&key, &ca_cert, &ca_key)
         .expect("server certificate");
+    let client_key = KeyPair::generate().expect("client key");
+    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "sa-image test client");
+    let client_cert = client
+        .signed_by(&client_key, &ca_cert, &ca_key)
+        .expect("client certificate");
     std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    std::fs::create_dir_all(dir.join("client")).unwrap();
+    std::fs::write(dir.join("client/ca-cert.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("client/client-cert.pem"), client_cert.pem()).unwrap();
+    std::fs::write(
+        dir.join("client/client-key.pem"),
+        client_key.serialize_pem(),
+    )
+    .unwrap();
 }
 
 fn path_str(p: &Path) -> &str {
@@ -106,6 +124,8 @@ fn serve_over_tls_gives_nbds_clients_the_exact_disk_and_refuses_plain_ones() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// All three TLS settings as config-file keys; with `tls_client_ca` only a client holding a
+/// certificate from that CA gets the export.
 #[test]
 fn tls_settings_come_from_the_config_file_too() {
     let c = Cluster::start(6);
@@ -117,16 +137,26 @@ fn tls_settings_come_from_the_config_file_too() {
     std::fs::write(
         &cfg,
         format!(
-            "tls_cert = {:?}\ntls_key = {:?}\n",
+            "tls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n",
             path_str(&pki.join("server-cert.pem")),
-            path_str(&pki.join("server-key.pem"))
+            path_str(&pki.join("server-key.pem")),
+            path_str(&pki.join("ca-cert.pem"))
         ),
     )
     .unwrap();
     let s = Serve::start(&c, "latest", &c.agents_arg(), &["--config", path_str(&cfg)]);
     assert!(s.url.starts_with("nbds://"), "{}", s.url);
+    let o = client(&c, "nbdinfo", &["--size", &with_ca(&s.url, &pki)]);
+    assert!(
+        !o.status.success(),
+        "a client without a certificate got the export"
+    );
     let out = c.path("copy.raw");
-    client_ok(&c, "nbdcopy", &[&with_ca(&s.url, &pki), path_str(&out)]);
+    client_ok(
+        &c,
+        "nbdcopy",
+        &[&with_ca(&s.url, &pki.join("client")), path_str(&out)],
+    );
     assert_eq!(sha256(&out), img.sha256());
     s.stop();
 }
@@ -151,6 +181,26 @@ fn bad_tls_settings_fail_at_once_naming_the_file() {
     assert!(t.contains("--tls-key"), "{t}");
     let t = expect_fail(&serve(&["--tls-key", path_str(&key)]), None, "key only");
     assert!(t.contains("--tls-cert"), "{t}");
+    let ca = pki.join("ca-cert.pem");
+    let t = expect_fail(
+        &serve(&["--tls-client-ca", path_str(&ca)]),
+        None,
+        "client CA only",
+    );
+    assert!(t.contains("--tls-cert"), "{t}");
+    let t = expect_fail(
+        &serve(&[
+            "--tls-cert",
+            path_str(&cert),
+            "--tls-key",
+            path_str(&key),
+            "--tls-client-ca",
+            path_str(&key),
+        ]),
+        None,
+        "key as client CA",
+    );
+    assert!(t.contains("server-key.pem"), "{t}");
     let t = expect_fail(
         &serve(&[
             "--tls-cert",

@@ -16,6 +16,8 @@
 //! With `--tls-cert FILE --tls-key FILE` (PEM) every client must start TLS (NBD_OPT_STARTTLS)
 //! before anything else, and the line says `nbds://ADDR`; clients connect with e.g.
 //! `nbdcopy 'nbds://HOST:PORT/?tls-certificates=DIR'` where DIR holds the CA as `ca-cert.pem`.
+//! `--tls-client-ca FILE` also requires each client to present a certificate that CA signed
+//! (libnbd: `client-cert.pem` and `client-key.pem` in DIR): only then does TLS decide who reads.
 //! Without them the export is plain NBD, fit for loopback only: the default `--listen` is
 //! 127.0.0.1, and a LAN export should use TLS.
 
@@ -77,6 +79,10 @@ pub struct ServeArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): only clients presenting a certificate signed by it may connect.
+    /// Without it, TLS encrypts, but any client that can connect reads the export.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Make the export writable: writes go to this sparse file (and its map FILE.map), never
     /// to the agents. Reopening the same file keeps earlier writes.
     #[arg(long)]
@@ -132,9 +138,9 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, tls_client_ca, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
-    let tls = load_tls(&args.tls_cert, &args.tls_key)?;
+    let tls = load_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
     if args.overlay.is_some() && args.hydrate.is_some() {
         anyhow::bail!(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -377,16 +383,22 @@ fn print_report(r: &ServeReport) {
     }
 }
 
-/// The TLS configuration from `--tls-cert` and `--tls-key`: both or neither.
+/// The TLS configuration from `--tls-cert` and `--tls-key` (both or neither) and
+/// `--tls-client-ca` (only with them).
 fn load_tls(
     cert: &Option<PathBuf>,
     key: &Option<PathBuf>,
+    client_ca: &Option<PathBuf>,
 ) -> Result<Option<Arc<rustls::ServerConfig>>> {
     match (cert, key) {
+        (None, None) if client_ca.is_some() => anyhow::bail!(
+            "--tls-client-ca needs --tls-cert and --tls-key: the server needs its own certificate \
+             to ask clients for theirs"
+        ),
         (None, None) => Ok(None),
-        (Some(cert), Some(key)) => nbd_server::load_pem(cert, key)
+        (Some(cert), Some(key)) => nbd_server::load_pem(cert, key, client_ca.as_deref())
             .map(Some)
-            .context("cannot set up NBD over TLS (--tls-cert, --tls-key)"),
+            .context("cannot set up NBD over TLS (--tls-cert, --tls-key, --tls-client-ca)"),
         (Some(_), None) => anyhow::bail!(
             "--tls-cert needs --tls-key: give the private key of the certificate too (PEM)"
         ),
