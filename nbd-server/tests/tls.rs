@@ -1,5 +1,5 @@
 //! NBD over TLS (`NBD_OPT_STARTTLS`, FORCEDTLS) with real clients (libnbd's
-//! nbdinfo and nbdcopy with `nbds://` URIs), and the limits against hostile
+//! nbdinfo and nbdcopy with `nbds://` URIs, qemu-img with x509 credentials), and the limits against hostile
 //! clients: plain clients refused, garbage instead of a ClientHello, slow
 //! readers, silent connections and more connections than the cap.
 
@@ -251,6 +251,31 @@ fn nbdinfo_and_nbdcopy_over_tls_get_the_data() {
     assert!(o.stdout.contains("base:allocation"), "{}", o.stdout);
     let out = pki.path().join("copy.raw");
     nbdcopy_tls_matches(&pki, srv.port, &data, &out);
+    // qemu's NBD client over TLS (its x509 credentials read `ca-cert.pem` from the directory).
+    let q = pki.path().join("qemu.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                pki.path().display()
+            ),
+            "--image-opts",
+            &format!(
+                "driver=nbd,host=127.0.0.1,port={},export=disk,tls-creds=tls0",
+                srv.port
+            ),
+            "-O",
+            "raw",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&q).unwrap() == data,
+        "qemu-img over TLS returned other bytes"
+    );
     // And back: nbdcopy writes a file into the export over TLS.
     let other = random(8 * MIB as usize, 12);
     let src = pki.path().join("other.raw");
