@@ -25,6 +25,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "tls_client_ca",
+    "idle_timeout",
     "overlay",
     "hydrate",
     "hydrate_rate",

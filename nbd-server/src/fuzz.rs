@@ -278,7 +278,7 @@ fn check_session(input: &[u8]) -> Result<(), TestCaseError> {
                 let limits = Limits {
                     max_in_flight: 8,
                     max_buffered_bytes: MAX_PAYLOAD as usize,
-                    idle_timeout: Duration::from_secs(5),
+                    idle_timeout: Some(Duration::from_secs(5)),
                     reply_timeout: Duration::from_secs(5),
                 };
                 let _ = transmit(rest, tokio::io::sink(), neg, limits, shutdown).await;

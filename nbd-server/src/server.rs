@@ -6,7 +6,10 @@
 //! until a slot frees); each has `handshake_timeout` to get from connecting
 //! (TLS handshake included) to transmission, so half-open connections do not
 //! hold slots; in transmission a client that sends nothing for
-//! `idle_timeout` while nothing is in flight is dropped; a client that stops
+//! `idle_timeout` while nothing is in flight is dropped, and TCP keepalive
+//! (first probe after 60 s of silence, then every 10 s, 6 probes) finds peers
+//! that vanished (a crashed or unplugged machine) within about 2 minutes,
+//! whatever the idle timeout; a client that stops
 //! reading its replies is dropped after `reply_timeout` without progress, and
 //! until then its bounded queue (`max_in_flight` requests,
 //! `max_buffered_bytes` of payload) stops only its own reader. Connections
@@ -42,6 +45,19 @@ use crate::transmission::{shutdown_signalled, transmit, Limits};
 /// Read buffer of one connection.
 const READ_BUFFER: usize = 64 * 1024;
 
+/// TCP keepalive: silence before the first probe, time between probes, probes.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(10), 6);
+
+/// Turns on TCP keepalive, so that a peer that vanished is noticed.
+fn keepalive(stream: &TcpStream) -> std::io::Result<()> {
+    let (time, interval, retries) = KEEPALIVE;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(time)
+        .with_interval(interval)
+        .with_retries(retries);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+}
+
 /// Tunables of a [`Server`]. The defaults suit a LAN appliance.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -56,10 +72,12 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A client in transmission that sends no request for this long while none
     /// of its requests is in flight (or that stops in the middle of a
-    /// request) is disconnected. Default 10 minutes: clients that keep an
-    /// export open without I/O (a booted machine with an idle disk may send
-    /// nothing for minutes) must reconnect after that.
-    pub idle_timeout: Duration,
+    /// request) is disconnected; `None`: never. Default 10 minutes. A machine
+    /// booted from the export whose disk sees no I/O for that long loses its
+    /// connection (and most clients do not reconnect): raise it, or use
+    /// `None`, for exports that boot machines; dead peers are found by TCP
+    /// keepalive either way.
+    pub idle_timeout: Option<Duration>,
     /// A reply that makes no progress towards the client for this long (the
     /// client stopped reading) closes the connection. Default 60 s.
     pub reply_timeout: Duration,
@@ -77,7 +95,7 @@ impl Default for ServerConfig {
             max_in_flight: 64,
             max_buffered_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(600),
+            idle_timeout: Some(Duration::from_secs(600)),
             reply_timeout: Duration::from_secs(60),
             tls: None,
         }
@@ -211,6 +229,9 @@ async fn connection(
     debug!(%peer, "connection opened");
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, %e, "TCP_NODELAY failed");
+    }
+    if let Err(e) = keepalive(&stream) {
+        debug!(%peer, %e, "TCP keepalive failed");
     }
     let acceptor = config.tls.clone().map(TlsAcceptor::from);
     let mut stop = shutdown.clone();

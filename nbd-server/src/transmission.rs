@@ -33,8 +33,8 @@ pub(crate) struct Limits {
     /// Payload bytes (read replies + write data) held at once; at least 32 MiB.
     pub max_buffered_bytes: usize,
     /// A client that sends nothing for this long, with no request in flight
-    /// (or in the middle of a request), is disconnected.
-    pub idle_timeout: Duration,
+    /// (or in the middle of a request), is disconnected; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// A reply that makes no progress towards the client for this long closes
     /// the connection.
     pub reply_timeout: Duration,
@@ -559,20 +559,30 @@ pub(crate) async fn shutdown_signalled(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Reads a write payload; the client must keep sending: no bytes for `idle`
+/// Completes after `timeout`, or never.
+async fn idle(timeout: Option<Duration>) {
+    match timeout {
+        Some(t) => tokio::time::sleep(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads a write payload; the client must keep sending: no bytes for `timeout`
 /// closes the connection.
 async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
-    idle: Duration,
+    timeout: Option<Duration>,
 ) -> Result<(), ServeError> {
     let mut filled = 0;
     while filled < buf.len() {
-        match tokio::time::timeout(idle, r.read(&mut buf[filled..])).await {
-            Err(_) => return Err(ServeError::IdleTimeout),
-            Ok(Ok(0)) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-            Ok(Ok(n)) => filled += n,
-            Ok(Err(e)) => return Err(e.into()),
+        tokio::select! {
+            res = r.read(&mut buf[filled..]) => match res {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => filled += n,
+                Err(e) => return Err(e.into()),
+            },
+            _ = idle(timeout) => return Err(ServeError::IdleTimeout),
         }
     }
     Ok(())
@@ -631,7 +641,7 @@ where
                     Ok(n) => filled += n,
                     Err(e) => break Some(Err(e.into())),
                 },
-                _ = tokio::time::sleep(limits.idle_timeout) => {
+                _ = idle(limits.idle_timeout) => {
                     // With requests in flight the client is waiting for
                     // replies, not idle; in the middle of a header it is stuck.
                     if filled > 0 || count.available_permits() >= max_in_flight {
@@ -744,7 +754,7 @@ mod tests {
         let limits = Limits {
             max_in_flight: 8,
             max_buffered_bytes: 32 << 20,
-            idle_timeout: idle,
+            idle_timeout: Some(idle),
             reply_timeout: reply,
         };
         let (client, server) = duplex(64 * 1024);

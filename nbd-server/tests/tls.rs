@@ -450,7 +450,7 @@ fn impatient(max_connections: usize) -> ServerConfig {
     ServerConfig {
         max_connections,
         handshake_timeout: Duration::from_secs(2),
-        idle_timeout: Duration::from_secs(3),
+        idle_timeout: Some(Duration::from_secs(3)),
         reply_timeout: Duration::from_secs(2),
         ..ServerConfig::default()
     }

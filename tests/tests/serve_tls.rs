@@ -242,3 +242,62 @@ fn bad_tls_settings_fail_at_once_naming_the_file() {
     );
     assert!(t.contains("server-cert.pem"), "{t}");
 }
+
+/// `--idle-timeout`: a client that enters transmission and then sends nothing is dropped after
+/// it; a bad value is refused naming the flag.
+#[test]
+fn idle_clients_are_dropped_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let c = Cluster::start(6);
+    let img = ImageSpec::random(4 * MIB, 0x7150_0003).write(&c.path("disk.img"));
+    c.snapshot(&img.path, &[]);
+    let bad = c.sa(&["serve", "latest", "--idle-timeout", "soon"]);
+    let t = expect_fail(&bad, None, "bad idle timeout");
+    assert!(t.contains("--idle-timeout"), "{t}");
+
+    let s = Serve::start(&c, "latest", &c.agents_arg(), &["--idle-timeout", "2s"]);
+    let addr = s.url.trim_start_matches("nbd://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    sock.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    // Fixed newstyle + no zeroes, then NBD_OPT_GO for the default export.
+    let mut msg = 3u32.to_be_bytes().to_vec();
+    msg.extend_from_slice(b"IHAVEOPT");
+    msg.extend_from_slice(&7u32.to_be_bytes());
+    msg.extend_from_slice(&6u32.to_be_bytes());
+    msg.extend_from_slice(&[0u8; 6]); // empty name, no information requests
+    sock.write_all(&msg).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        sock.read_exact(&mut head).unwrap();
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        sock.read_exact(&mut data).unwrap();
+        assert_eq!(kind & (1 << 31), 0, "NBD_OPT_GO failed: {kind:#x}");
+        if kind == 1 {
+            break; // NBD_REP_ACK: in transmission
+        }
+    }
+    let entered = Instant::now();
+    let mut b = [0u8; 16];
+    match sock.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {}
+        other => panic!("an idle client was not dropped: {other:?}"),
+    }
+    let waited = entered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "dropped too early: {waited:?}"
+    );
+    // Others are still served.
+    let out = c.path("copy.raw");
+    client_ok(&c, "nbdcopy", &[&s.url, path_str(&out)]);
+    assert_eq!(sha256(&out), img.sha256());
+    s.stop();
+}

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::agents::{clients_for, open_catalog};
 use crate::config::{self, require_agents};
 use crate::fetch::StripeReader;
+use crate::gc::parse_duration;
 use crate::merge;
 use crate::serve::hydrate::{self, Copier, Hydrate, HydrateReport};
 use crate::serve::overlay::Overlay;
@@ -100,6 +101,12 @@ pub struct ServeArgs {
     /// is a block device (put it on persistent storage, not /dev).
     #[arg(long, value_name = "FILE")]
     pub hydrate_state: Option<PathBuf>,
+    /// Drop a client that sends no request for this long while none of its requests is in
+    /// flight, e.g. 30m, 2h; 0: never [default: 10m]. A machine booted from the export whose
+    /// disk sees no I/O for that long loses it (NBD clients seldom reconnect): give 0 or a long
+    /// time for boots. Vanished clients are found by TCP keepalive either way.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
     /// Memory for decoded stripes, e.g. 256MiB [default: 256MiB].
     #[arg(long)]
     pub cache: Option<String>,
@@ -138,9 +145,18 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, tls_client_ca, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
     let tls = load_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
+    let idle_timeout = match args.idle_timeout.as_deref() {
+        None => ServerConfig::default().idle_timeout,
+        Some(text) => {
+            match parse_duration(text).with_context(|| format!("--idle-timeout {text}"))? {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            }
+        }
+    };
     if args.overlay.is_some() && args.hydrate.is_some() {
         anyhow::bail!(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -287,6 +303,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
 
     let config = ServerConfig {
         tls,
+        idle_timeout,
         ..ServerConfig::default()
     };
     let served = Server::with_config(Arc::new(exports), config)
