@@ -120,12 +120,16 @@ pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
                 changed |= with_book(|b| b.pin(id, key, addr, false));
             }
             Verdict::Changed { pinned } => {
-                *r = Err(sa_core::Error::IdentityChanged {
+                let e = sa_core::Error::IdentityChanged {
                     addr: addr.clone(),
                     id: hex(&id),
                     pinned: pinned.to_string(),
                     presented: key.to_string(),
-                });
+                };
+                // Loud wherever it happens: a command that places around the agent would
+                // otherwise only say it is unreachable.
+                tracing::warn!("{e}");
+                *r = Err(e);
             }
             Verdict::Retired => {
                 *r = Err(sa_core::Error::Retired {
