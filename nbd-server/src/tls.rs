@@ -263,12 +263,12 @@ mod tests {
         assert!(e.to_string().contains("key.pem"), "{e}");
         // Another certificate's key.
         let other = rcgen::generate_simple_self_signed(vec!["other".to_owned()]).unwrap();
-        std::fs::write(&key, other.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
         assert!(matches!(
             load_pem(&cert, &key, None).unwrap_err(),
             TlsError::Config(_)
         ));
-        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
         load_pem(&cert, &key, None).expect("a matching certificate and key");
     }
 }

@@ -30,7 +30,8 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         use rcgen::{
-            BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            SanType,
         };
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -43,6 +44,7 @@ impl Pki {
             KeyUsagePurpose::DigitalSignature,
         ];
         let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca, ca_key);
         let key = KeyPair::generate().expect("server key");
         let mut params =
             CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
@@ -52,16 +54,14 @@ impl Pki {
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
-        let cert = params
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("server certificate");
+        let cert = params.signed_by(&key, &issuer).expect("server certificate");
         let client_key = KeyPair::generate().expect("client key");
         let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
         client
             .distinguished_name
             .push(DnType::CommonName, "nbd test client");
         let client_cert = client
-            .signed_by(&client_key, &ca_cert, &ca_key)
+            .signed_by(&client_key, &issuer)
             .expect("client certificate");
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path();

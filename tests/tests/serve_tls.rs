@@ -15,7 +15,8 @@ use sa_tests::{sha256, Cluster, ImageSpec, Serve, MIB};
 /// `client-key.pem`, the names libnbd looks for).
 fn make_pki(dir: &Path) {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType,
     };
     std::fs::create_dir_all(dir).expect("pki dir");
     let ca_key = KeyPair::generate().expect("CA key");
@@ -29,6 +30,7 @@ fn make_pki(dir: &Path) {
         KeyUsagePurpose::DigitalSignature,
     ];
     let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().expect("server key");
     let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
     params
@@ -37,16 +39,14 @@ fn make_pki(dir: &Path) {
     params
         .distinguished_name
         .push(DnType::CommonName, "localhost");
-    let cert = params
-        .signed_by(&key, &ca_cert, &ca_key)
-        .expect("server certificate");
+    let cert = params.signed_by(&key, &issuer).expect("server certificate");
     let client_key = KeyPair::generate().expect("client key");
     let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
     client
         .distinguished_name
         .push(DnType::CommonName, "sa-image test client");
     let client_cert = client
-        .signed_by(&client_key, &ca_cert, &ca_key)
+        .signed_by(&client_key, &issuer)
         .expect("client certificate");
     std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
