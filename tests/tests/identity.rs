@@ -200,3 +200,34 @@ fn openssl_sees_tls13_and_the_agents_own_key_and_plain_tcp_gets_nothing() {
     let log = c.agents[0].log();
     assert!(log.contains("TLS handshake failed"), "{log}");
 }
+
+#[test]
+fn floods_of_half_open_and_hostile_connections_leave_the_agent_serving_in_bounded_memory() {
+    let c = Cluster::start(1);
+    let addr = c.agents[0].addr_str();
+    expect_ok(&c.sa(&["agents", "list"]), "agents list before");
+    let before = c.agents[0].rss_kib().expect("agent RSS");
+    // 150 connections at once: silent ones (half-open handshakes), ones that claim a 2 GiB
+    // frame in clear, and ones that send a TLS record header announcing a huge record.
+    let mut held = Vec::new();
+    for i in 0..150 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        match i % 3 {
+            0 => {}
+            1 => s.write_all(&[0xff, 0xff, 0xff, 0x7f, 1]).unwrap(),
+            _ => s
+                .write_all(&[22, 3, 1, 0xff, 0xff, 1, 0, 0xff, 0xff])
+                .unwrap(),
+        }
+        held.push(s);
+    }
+    // While they are all open, the owner is served.
+    expect_ok(&c.sa(&["agents", "list"]), "agents list during the flood");
+    let during = c.agents[0].rss_kib().expect("agent RSS");
+    assert!(
+        during < before + 64 * 1024,
+        "150 hostile connections grew the agent from {before} KiB to {during} KiB"
+    );
+    drop(held);
+    expect_ok(&c.sa(&["agents", "list"]), "agents list after");
+}
