@@ -20,6 +20,25 @@
 //! With `--changed-since SNAPSHOT --changed-map FILE` ([`changed`]) stripes that no listed range
 //! touches are copied from that snapshot's manifest without reading the source at all.
 //!
+//! Placement ([`sa_core::placement`]): before reading anything, every agent's room is asked
+//! (`STAT`: `quota - used` with a quota, else the free space of its filesystem) and each agent
+//! gets a share of the new shards proportional to it, never more than it can take. The need is
+//! estimated as every stripe to read being new and non-zero (all-zero stripes cannot be known
+//! before reading): a first snapshot the fleet cannot hold is refused up front, before anything
+//! is stored; an incremental run (which stores only changed stripes) then still runs, placed by
+//! room, and fails cleanly only if more changed than fits. While it runs a [`Budget`] counts what
+//! each agent took and moves a shard to the roomiest agent outside the stripe when the planned
+//! one has no room left.
+//!
+//! Degraded mode (`--allow-degraded`): with fewer than `k + m` agents reachable (or with room),
+//! the default is to refuse. With the flag, and at least `k` such agents, every stripe still gets
+//! all `k + m` shards, spread as evenly as possible (at most `ceil((k + m) / n)` on one agent):
+//! every shard exists, so the data is as safe as it can be on `n` PCs, but a stripe survives
+//! fewer agent losses than `m` (its *margin*, reported). `status` then exits 2 and `repair`
+//! moves the doubled-up shards onto agents that hold no other shard of the stripe once enough
+//! agents are up. Fewer than `k` agents are refused even with the flag: one PC would then hold
+//! a whole stripe's worth of data (or more) and the backup would hinge on a couple of desks.
+//!
 //! Garbage-collection safety (see [`crate::gc`]): before storing anything, the snapshot writes a
 //! lease naming its base on every agent, then checks the base was not forgotten meanwhile; the
 //! lease is deleted after the commit (or a failure).
@@ -32,8 +51,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use sa_core::keys::{hex, random_bytes, Keys};
-use sa_core::layout::{rotate_placement, Layout};
+use sa_core::layout::Layout;
 use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
+use sa_core::placement::{stripe_margin, Budget, Placement, PlacementError};
 use sa_core::seal::{is_zero, StripeId};
 use sa_core::shard::SHARD_HEADER_LEN;
 use sa_core::size::{format_size, parse_size};
@@ -101,6 +121,11 @@ pub struct SnapshotArgs {
     /// or 0x hex, `#` comments); stripes no range touches are not read.
     #[arg(long, requires = "changed_since")]
     pub changed_map: Option<PathBuf>,
+    /// With fewer than k + m agents reachable (but at least k), store anyway: all k + m shards of
+    /// every stripe, some agents holding two (or more) of one stripe, so the snapshot survives
+    /// fewer agent losses than m until `sa-image repair` spreads them (status exits 2 meanwhile).
+    #[arg(long)]
+    pub allow_degraded: bool,
 }
 
 /// Incremental options of a snapshot run.
@@ -153,6 +178,25 @@ pub struct SnapshotReport {
     pub bytes_read: u64,
     /// Size of the sealed (compressed, encrypted) manifest, bytes.
     pub manifest_bytes: u64,
+    /// Agent losses the snapshot survives as stored (m, unless stored degraded).
+    pub margin: i64,
+    /// Stored with fewer than k + m agents (`--allow-degraded`).
+    pub degraded: bool,
+    /// Per agent used (address): the room it reported before the run (bytes; None: unknown)
+    /// and the shards it was given.
+    pub placement: Vec<AgentPlacement>,
+}
+
+/// One agent's part in a snapshot (`snapshot --json`).
+#[derive(Serialize, Debug, Clone)]
+pub struct AgentPlacement {
+    /// Address.
+    pub addr: String,
+    /// Bytes it could take when the run started (`quota - used`, else the filesystem's free
+    /// space); None when it did not say.
+    pub room: Option<u64>,
+    /// New shards planned for it over the volume (if every stripe read were new and non-zero).
+    pub planned_shards: u64,
 }
 
 /// Parameters of a snapshot run (also used by `demo`).
@@ -171,13 +215,15 @@ pub struct SnapshotPlan {
     pub stripe_size: u32,
     /// Hide progress.
     pub quiet: bool,
+    /// Store with fewer than k + m agents (see the module docs).
+    pub allow_degraded: bool,
 }
 
 /// `sa-image snapshot`.
 pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
     merge!(args, file; key, passphrase_file, agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
-        changed_map; bools json);
+        changed_map; bools json, allow_degraded);
     if args.changed_since.is_some() != args.changed_map.is_some() {
         bail!("--changed-since and --changed-map go together: the map lists what changed since that snapshot");
     }
@@ -200,6 +246,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
         m: args.parity_shards.unwrap_or(2),
         stripe_size,
         quiet: args.json,
+        allow_degraded: args.allow_degraded,
     };
     let inc = Incremental {
         cache_dir: args.cache_dir.clone(),
@@ -237,6 +284,13 @@ fn print_report(r: &SnapshotReport) {
     );
     for a in &r.agents_unreachable {
         println!("  warning: agent {a} was unreachable; its share went to the others");
+    }
+    if r.degraded {
+        println!(
+            "  warning: stored DEGRADED on {} agents: it survives {} agent loss(es), not {}; \
+             start more agents and run `sa-image repair` to spread the shards",
+            r.agents, r.margin, r.parity_shards
+        );
     }
 }
 
@@ -313,12 +367,18 @@ pub async fn snapshot_with(
     let vol = open_source(&plan.source)?;
     let layout = Layout::new(vol.size, plan.stripe_size, plan.k, plan.m)?;
     let shards = layout.shards();
-    if plan.agents.len() < shards {
+    let k = plan.k as usize;
+    if plan.agents.len() < shards && !(plan.allow_degraded && plan.agents.len() >= k) {
         bail!(
-            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards",
+            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards{}",
             plan.agents.len(),
             plan.k,
-            plan.m
+            plan.m,
+            if plan.agents.len() >= k {
+                " (or --allow-degraded to store with less redundancy for now)"
+            } else {
+                ""
+            }
         );
     }
 
@@ -345,16 +405,29 @@ pub async fn snapshot_with(
     if clients.is_empty() {
         return Err(none_reachable(&attempts));
     }
-    if clients.len() < shards {
+    if clients.len() < shards && !(plan.allow_degraded && clients.len() >= k) {
         bail!(
             "only {} of {} agents reachable but k + m = {shards}: {} cannot be stored with full redundancy; \
-             start the missing agents (unreachable: {})",
+             start the missing agents (unreachable: {}){}",
             clients.len(),
             plan.agents.len(),
             plan.volume,
-            unreachable.join(", ")
+            unreachable.join(", "),
+            if clients.len() >= k {
+                format!(
+                    ", or pass --allow-degraded to store all {shards} shards of each stripe on the {} reachable \
+                     agents now (some holding two of a stripe: it survives fewer losses until `sa-image repair` \
+                     spreads them)",
+                    clients.len()
+                )
+            } else {
+                format!(
+                    "; even --allow-degraded needs at least k = {k} agents",
+                )
+            }
         );
     }
+    let rooms = agent_rooms(&clients).await;
     let table: Vec<AgentEntry> = clients
         .iter()
         .map(|c| AgentEntry {
@@ -484,7 +557,20 @@ pub async fn snapshot_with(
             .filter(|&i| stripes[i as usize].is_none())
             .collect();
         let bytes_read: u64 = to_read.iter().map(|&i| layout.stripe_len(i) as u64).sum();
-        let known = Arc::new(Mutex::new(known_map));
+        let (placement, budget, per_stripe) = plan_placement(
+            &layout,
+            &table,
+            &rooms,
+            to_read.len() as u64,
+            base.is_some(),
+            plan.allow_degraded,
+        )?;
+        let planned = placement.quotas();
+        let placed = Arc::new(Mutex::new(Placed {
+            known: known_map,
+            placement,
+            budget,
+        }));
 
         let codec = Arc::new(StripeCodec::new(keys.clone(), layout, volume_id)?);
         let clients = Arc::new(clients);
@@ -526,11 +612,11 @@ pub async fn snapshot_with(
                 .acquire_owned()
                 .await
                 .context("pipeline closed")?;
-            let (codec, clients, known, bar) =
-                (codec.clone(), clients.clone(), known.clone(), bar.clone());
+            let (codec, clients, placed, bar) =
+                (codec.clone(), clients.clone(), placed.clone(), bar.clone());
             tasks.spawn(async move {
                 let len = buf.len() as u64;
-                let r = store_stripe(i, buf, codec, clients, known).await;
+                let r = store_stripe(i, buf, codec, clients, placed).await;
                 bar.inc(len);
                 drop(permit);
                 r
@@ -566,6 +652,14 @@ pub async fn snapshot_with(
                 format!("agent {addr} could not make its shards durable; snapshot not committed")
             })?;
         }
+        let margin = stripes
+            .iter()
+            .filter_map(|s| match s {
+                StripeRef::Data { slots, .. } => Some(stripe_margin(slots, k)),
+                StripeRef::Zero => None,
+            })
+            .min()
+            .unwrap_or(plan.m as i64);
         let (created, created_nanos) = now();
         let manifest = Manifest {
             snapshot: snapshot_id.clone(),
@@ -624,6 +718,19 @@ pub async fn snapshot_with(
             unread_stripes: unread,
             bytes_read,
             manifest_bytes: sealed.len() as u64,
+            margin,
+            degraded: per_stripe > 1,
+            placement: manifest
+                .agents
+                .iter()
+                .zip(&rooms)
+                .zip(&planned)
+                .map(|((a, r), p)| AgentPlacement {
+                    addr: a.addr.clone(),
+                    room: *r,
+                    planned_shards: *p,
+                })
+                .collect(),
         })
     }
     .await;
@@ -668,6 +775,132 @@ impl StripeOutcome {
     }
 }
 
+/// What the stripe tasks share about where shards go.
+struct Placed {
+    /// Stripes already stored (earlier snapshot, or earlier in this run) and their slots.
+    known: HashMap<StripeId, Vec<u16>>,
+    /// The plan by room.
+    placement: Placement,
+    /// What each agent may still take.
+    budget: Budget,
+}
+
+/// Per client, in order, the bytes it can still take (`None`: it did not say).
+async fn agent_rooms(clients: &[AgentClient]) -> Vec<Option<u64>> {
+    let mut set = JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        set.spawn(async move { (i, c.addr().to_string(), c.stat().await) });
+    }
+    let mut out = vec![None; clients.len()];
+    while let Some(r) = set.join_next().await {
+        let Ok((i, addr, r)) = r else { continue };
+        match r {
+            Ok(s) => out[i] = s.room(),
+            Err(e) => {
+                tracing::warn!("{addr}: cannot ask its free space ({e}); placing as if unlimited")
+            }
+        }
+    }
+    out
+}
+
+/// Bytes kept free on every agent for the catalog (the manifest of this snapshot, leases, and
+/// some slack): 64 KiB plus 64 bytes per stripe (a sealed manifest takes about 36).
+fn catalog_reserve(layout: &Layout) -> u64 {
+    (64 << 10) + 64 * layout.stripe_count()
+}
+
+/// The placement of this run: from each agent's room (in whole shards, the catalog reserve
+/// kept), the stripes to read (`to_read`, each assumed new and non-zero), and whether this run is
+/// incremental (a base exists: few stripes will be new). Returns the plan, the run-time budget,
+/// and the most shards of one stripe one agent may hold (1, more only degraded).
+fn plan_placement(
+    layout: &Layout,
+    table: &[AgentEntry],
+    rooms: &[Option<u64>],
+    to_read: u64,
+    incremental: bool,
+    allow_degraded: bool,
+) -> Result<(Placement, Budget, usize)> {
+    let shards = layout.shards();
+    let k = layout.k as usize;
+    let file = (layout.shard_len(layout.stripe_size as usize) + SHARD_HEADER_LEN) as u64;
+    let reserve = catalog_reserve(layout);
+    let in_shards: Vec<u64> = rooms
+        .iter()
+        .map(|r| r.map_or(u64::MAX, |b| b.saturating_sub(reserve) / file))
+        .collect();
+    let roomy = in_shards.iter().filter(|&&r| r > 0).count();
+    let describe = || {
+        table
+            .iter()
+            .zip(rooms)
+            .map(|(a, r)| {
+                format!(
+                    "{} {}",
+                    a.addr,
+                    r.map_or("room unknown".into(), |b| format!(
+                        "{} free",
+                        format_size(b)
+                    ))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let per_stripe = if roomy >= shards {
+        1
+    } else if allow_degraded && roomy >= k {
+        shards.div_ceil(roomy)
+    } else {
+        bail!(
+            "only {roomy} of {} reachable agents have room for a {} shard, but k + m = {shards} are needed{}: \
+             free space on the agents (or raise their --quota), or add agents ({})",
+            table.len(),
+            format_size(file),
+            if allow_degraded {
+                format!("; even --allow-degraded needs at least k = {k}")
+            } else if roomy >= k {
+                "; --allow-degraded stores with less redundancy for now".into()
+            } else {
+                String::new()
+            },
+            describe()
+        );
+    };
+    if per_stripe > 1 {
+        tracing::warn!(
+            "degraded: {roomy} agents for k + m = {shards} shards; up to {per_stripe} shards of a stripe on one agent"
+        );
+    }
+    let budget = Budget::new(&in_shards, per_stripe);
+    let stripes = layout.stripe_count();
+    match Placement::new(stripes, to_read, shards, &in_shards, per_stripe) {
+        Ok(p) => Ok((p, budget, per_stripe)),
+        Err(PlacementError::NoRoom { room, need, .. }) if incremental => {
+            tracing::warn!(
+                "the agents could not hold a full rewrite of the {to_read} stripes read (room for {room} of \
+                 {need} shard positions); placing by room anyway, as an incremental run stores only what changed"
+            );
+            let p = Placement::new(stripes, 0, shards, &in_shards, per_stripe)?;
+            Ok((p, budget, per_stripe))
+        }
+        Err(e @ PlacementError::NoRoom { .. }) => {
+            let need = to_read * shards as u64 * file;
+            bail!(
+                "the agents cannot hold this snapshot: up to {} of new shards ({to_read} stripes × {shards} \
+                 shards of {}; all-zero stripes store nothing but cannot be known before reading), and {e}; \
+                 nothing was stored. Free space on the agents (or raise their --quota), or add agents ({})",
+                format_size(need),
+                format_size(file),
+                describe()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 enum Prepared {
     Zero,
     Known(StripeId, Vec<u16>),
@@ -679,28 +912,33 @@ async fn store_stripe(
     buf: Vec<u8>,
     codec: Arc<StripeCodec>,
     clients: Arc<Vec<AgentClient>>,
-    known: Arc<Mutex<HashMap<StripeId, Vec<u16>>>>,
+    placed: Arc<Mutex<Placed>>,
 ) -> Result<(u64, StripeRef, StripeOutcome)> {
-    let n_agents = clients.len();
     let c2 = codec.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         if is_zero(&buf) {
-            return Prepared::Zero;
+            return Ok(Prepared::Zero);
         }
         let id = c2.stripe_id(&buf);
         let slots = {
-            let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slots) = known.get(&id) {
-                return Prepared::Known(id, slots.clone());
+            let mut p = placed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slots) = p.known.get(&id) {
+                return Ok(Prepared::Known(id, slots.clone()));
             }
-            let slots = rotate_placement(i, c2.layout().shards(), n_agents);
-            known.insert(id, slots.clone());
+            let planned = p.placement.slots(i);
+            let Some(slots) = p.budget.take(&planned) else {
+                bail!(
+                    "the agents have no room left for stripe {i} (more was new than the agents could hold); \
+                     nothing was committed: free space on the agents or add agents, and run the snapshot again"
+                );
+            };
+            p.known.insert(id, slots.clone());
             slots
         };
-        Prepared::New(c2.encode(id, buf), slots)
+        Ok(Prepared::New(c2.encode(id, buf), slots))
     })
     .await
-    .context("encode task failed")?;
+    .context("encode task failed")??;
     let mut outcome = StripeOutcome::default();
     let sref = match prepared {
         Prepared::Zero => {
@@ -771,7 +1009,7 @@ mod tests {
         let stripes: Vec<StripeRef> = (0..layout.stripe_count())
             .map(|i| StripeRef::Data {
                 id: *blake3::hash(&i.to_le_bytes()).as_bytes(),
-                slots: rotate_placement(i, 6, 6),
+                slots: sa_core::layout::rotate_placement(i, 6, 6),
             })
             .collect();
         let m = Manifest {
