@@ -271,6 +271,7 @@ pub async fn repair_pass(
     // 1. What is absent, per distinct stripe.
     let mut work: Vec<Work> = Vec::new();
     let mut index: HashMap<WorkKey, usize> = HashMap::new();
+    let mut held_seen: HashSet<WorkKey> = HashSet::new();
     let mut report = RepairReport {
         dry_run: opts.dry_run,
         ..Default::default()
@@ -306,13 +307,15 @@ pub async fn repair_pass(
                 held_agents.contains(&placed[i]) && fleet.client(&placed[i]).is_none()
             });
             sr.held_shards += held.len() as u64;
+            let key = (m.volume, *id, placed.clone());
+            if !held.is_empty() && held_seen.insert(key.clone()) {
+                report.shards_held += held.len() as u64;
+            }
             if bad.is_empty() && crowded.is_empty() && !lost {
                 continue;
             }
-            let key = (m.volume, *id, placed.clone());
             if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
                 e.insert(work.len());
-                report.shards_held += held.len() as u64;
                 work.push(Work {
                     volume: m.volume,
                     id: *id,
