@@ -295,6 +295,31 @@ impl Budget {
         Some(out)
     }
 
+    /// Gives agent `i` nothing more in this run (it failed, or said it is full).
+    pub fn drop_agent(&mut self, i: usize) {
+        if let Some(l) = self.left.get_mut(i) {
+            *l = 0;
+        }
+    }
+
+    /// A new agent for shard `j` of a stripe placed as `slots` (its agent failed): the one
+    /// with the most left that holds fewer than `per_stripe` of the stripe's other shards;
+    /// takes one shard from it. `None` when no agent fits.
+    pub fn replace(&mut self, slots: &[u16], j: usize) -> Option<u16> {
+        let others = |i: usize| {
+            slots
+                .iter()
+                .enumerate()
+                .filter(|&(x, &a)| x != j && a as usize == i)
+                .count()
+        };
+        let best = (0..self.left.len())
+            .filter(|&i| self.left[i] > 0 && others(i) < self.per_stripe && i != slots[j] as usize)
+            .max_by_key(|&i| (self.left[i], std::cmp::Reverse(i)))?;
+        self.left[best] = self.left[best].saturating_sub(1);
+        Some(best as u16)
+    }
+
     /// Shards agent `i` may still take.
     pub fn left(&self, i: usize) -> u64 {
         self.left.get(i).copied().unwrap_or(0)
@@ -510,6 +535,28 @@ mod tests {
         let mut b = Budget::new(&[1, 1, 1, 1, 1, 0], 1);
         assert!(b.take(&[0, 1, 2, 3, 4, 5]).is_none());
         assert_eq!(b.left(0), 1);
+    }
+
+    #[test]
+    fn budget_replaces_a_failed_agent_outside_the_stripe() {
+        let mut b = Budget::new(&[9, 9, 9, 9, 9, 9, 3, 5], 1);
+        b.drop_agent(2);
+        assert_eq!(
+            b.replace(&[0, 1, 2, 3, 4, 5], 2),
+            Some(7),
+            "most left, outside"
+        );
+        assert_eq!(b.left(7), 4);
+        assert_eq!(b.left(2), 0);
+        // Nobody outside the stripe with room: none.
+        let mut b = Budget::new(&[9, 9, 9, 9, 9, 9, 0], 1);
+        b.drop_agent(5);
+        assert_eq!(b.replace(&[0, 1, 2, 3, 4, 5], 5), None);
+        // Degraded (two per stripe): an agent holding one other shard may take it.
+        let mut b = Budget::new(&[9, 9, 9, 9], 2);
+        b.drop_agent(3);
+        let got = b.replace(&[0, 0, 1, 1, 2, 3], 5).unwrap();
+        assert_eq!(got, 2);
     }
 
     #[test]

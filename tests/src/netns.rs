@@ -5,7 +5,8 @@
 //! a clear message. Names and addresses are unique per process and namespace (`sa<pid><n>`,
 //! `10.<200+n>.<pid%250>.0/30`), so tests run in parallel. Everything is removed on drop: the
 //! agent is killed first, then the namespace (which takes its end of the veth pair with it), then
-//! the host end if it is still there.
+//! the host end if it is still there, and the blackhole route that keeps the namespace's traffic
+//! on this machine.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -82,9 +83,7 @@ impl NetNs {
     }
 
     fn setup(&self) -> Result<(), String> {
-        let host_cidr = format!("{}/30", self.host_ip);
-        let ns_cidr = format!("{}/30", self.ns_ip);
-        ip(&[
+        let veth = [
             "link",
             "add",
             &self.host_if,
@@ -93,33 +92,43 @@ impl NetNs {
             "peer",
             "name",
             &self.ns_if,
-        ])?;
+        ];
+        ip(&veth)?;
         ip(&["link", "set", &self.ns_if, "netns", &self.name])?;
-        ip(&["addr", "add", &host_cidr, "dev", &self.host_if])?;
-        ip(&["link", "set", &self.host_if, "up"])?;
-        ip(&["netns", "exec", &self.name, "ip", "link", "set", "lo", "up"])?;
         ip(&[
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
             "addr",
             "add",
-            &ns_cidr,
+            &format!("{}/30", self.host_ip),
+            "dev",
+            &self.host_if,
+        ])?;
+        ip(&["link", "set", &self.host_if, "up"])?;
+        self.inside(&["link", "set", "lo", "up"])?;
+        self.inside(&[
+            "addr",
+            "add",
+            &format!("{}/30", self.ns_ip),
             "dev",
             &self.ns_if,
         ])?;
-        ip(&[
-            "netns",
-            "exec",
-            &self.name,
-            "ip",
-            "link",
-            "set",
-            &self.ns_if,
-            "up",
-        ])?;
+        self.inside(&["link", "set", &self.ns_if, "up"])?;
+        // Should the connected route ever go (the host end down), traffic for the namespace
+        // must die here rather than follow the default route off this machine.
+        ip(&["route", "add", "blackhole", &self.net(), "metric", "4000"])?;
         Ok(())
+    }
+
+    /// Runs `ip ARGS` inside the namespace.
+    fn inside(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// The /30 network of the pair.
+    fn net(&self) -> String {
+        let o = self.host_ip.octets();
+        format!("{}.{}.{}.{}/30", o[0], o[1], o[2], o[3] & !3)
     }
 
     /// The namespace's address (what an agent inside listens on).
@@ -132,15 +141,20 @@ impl NetNs {
         &self.name
     }
 
-    /// Cuts the namespace off: the host end of the veth pair goes down (packets in flight are
-    /// lost; the agent inside keeps running and sees nothing).
+    /// Cuts the namespace off: the namespace's end of the veth pair goes down. Packets to it
+    /// are dropped silently (the host keeps its route, marked `linkdown`: nothing answers, no
+    /// reset, like a PC whose cable was pulled); the agent inside keeps running. The host end
+    /// stays up on purpose: with it down the route would go and packets would follow the
+    /// default route off the machine (the blackhole route catches that too).
     pub fn cut(&self) {
-        ip(&["link", "set", &self.host_if, "down"]).unwrap_or_else(|e| panic!("{e}"));
+        self.inside(&["link", "set", &self.ns_if, "down"])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Joins it again (the host end up; the route comes back with the address).
+    /// Joins it again.
     pub fn join(&self) {
-        ip(&["link", "set", &self.host_if, "up"]).unwrap_or_else(|e| panic!("{e}"));
+        self.inside(&["link", "set", &self.ns_if, "up"])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A command that runs `program` inside the namespace.
@@ -155,6 +169,7 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
         let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["route", "del", "blackhole", &self.net(), "metric", "4000"]);
     }
 }
 

@@ -43,7 +43,7 @@
 //! lease naming its base on every agent, then checks the base was not forgotten meanwhile; the
 //! lease is deleted after the commit (or a failure).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -182,6 +182,9 @@ pub struct SnapshotReport {
     pub margin: i64,
     /// Stored with fewer than k + m agents (`--allow-degraded`).
     pub degraded: bool,
+    /// Agents that failed during the run: their part went to the others, and the shards they
+    /// took before failing count as absent (the margin shows it; `repair` restores it).
+    pub agents_lost: Vec<String>,
     /// Per agent used (address): the room it reported before the run (bytes; None: unknown)
     /// and the shards it was given.
     pub placement: Vec<AgentPlacement>,
@@ -284,6 +287,13 @@ fn print_report(r: &SnapshotReport) {
     );
     for a in &r.agents_unreachable {
         println!("  warning: agent {a} was unreachable; its share went to the others");
+    }
+    for a in &r.agents_lost {
+        println!(
+            "  warning: agent {a} failed during the run; its part went to the others and what it \
+             took counts as absent (survives {} agent loss(es); `sa-image repair` restores {})",
+            r.margin, r.parity_shards
+        );
     }
     if r.degraded {
         println!(
@@ -570,6 +580,7 @@ pub async fn snapshot_with(
             known: known_map,
             placement,
             budget,
+            lost: HashSet::new(),
         }));
 
         let codec = Arc::new(StripeCodec::new(keys.clone(), layout, volume_id)?);
@@ -579,7 +590,8 @@ pub async fn snapshot_with(
 
         // Reader thread: sequential reads into a bounded channel.
         let (tx, mut rx) = mpsc::channel::<std::io::Result<(u64, Vec<u8>)>>(4);
-        let file = vol.file;
+        let source = Arc::new(vol.file);
+        let file = source.clone();
         let reader = tokio::task::spawn_blocking(move || {
             for i in to_read {
                 let mut buf = vec![0u8; layout.stripe_len(i)];
@@ -612,11 +624,16 @@ pub async fn snapshot_with(
                 .acquire_owned()
                 .await
                 .context("pipeline closed")?;
-            let (codec, clients, placed, bar) =
-                (codec.clone(), clients.clone(), placed.clone(), bar.clone());
+            let (codec, clients, placed, bar, source) = (
+                codec.clone(),
+                clients.clone(),
+                placed.clone(),
+                bar.clone(),
+                source.clone(),
+            );
             tasks.spawn(async move {
                 let len = buf.len() as u64;
-                let r = store_stripe(i, buf, codec, clients, placed).await;
+                let r = store_stripe(i, buf, codec, clients, placed, source).await;
                 bar.inc(len);
                 drop(permit);
                 r
@@ -640,26 +657,58 @@ pub async fn snapshot_with(
             })
             .collect::<Result<_>>()?;
 
-        // Durability barrier on every agent, then the commit: the manifest on every agent.
+        // Durability barrier on every agent still with us, then the commit: the manifest on
+        // every agent. An agent lost during the run (or whose SYNC fails) holds shards that may
+        // not be durable: they count as absent, and the snapshot is committed only if every
+        // stripe still has k shards elsewhere (its margin then shows in the report and in
+        // `status`, and `repair` restores it).
+        let mut lost = placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lost
+            .clone();
         let mut syncs = JoinSet::new();
-        for c in clients.iter() {
+        for (slot, c) in clients.iter().enumerate() {
+            if lost.contains(&(slot as u16)) {
+                continue;
+            }
             let c = c.clone();
-            syncs.spawn(async move { (c.addr().to_string(), c.sync().await) });
+            syncs.spawn(async move { (slot as u16, c.addr().to_string(), c.sync().await) });
         }
         while let Some(r) = syncs.join_next().await {
-            let (addr, r) = r.context("sync task failed")?;
-            r.with_context(|| {
-                format!("agent {addr} could not make its shards durable; snapshot not committed")
-            })?;
+            let (slot, addr, r) = r.context("sync task failed")?;
+            if let Err(e) = r {
+                tracing::warn!("agent {addr} could not make its shards durable ({e}); counting them as absent");
+                lost.insert(slot);
+            }
         }
-        let margin = stripes
+        let margin_of = |slots: &[u16]| {
+            let present: Vec<u16> = slots.iter().copied().filter(|s| !lost.contains(s)).collect();
+            stripe_margin(&present, k)
+        };
+        let margins: Vec<i64> = stripes
             .iter()
             .filter_map(|s| match s {
-                StripeRef::Data { slots, .. } => Some(stripe_margin(slots, k)),
+                StripeRef::Data { slots, .. } => Some(margin_of(slots)),
                 StripeRef::Zero => None,
             })
-            .min()
-            .unwrap_or(plan.m as i64);
+            .collect();
+        let short = margins.iter().filter(|&&m| m < 0).count();
+        if short > 0 {
+            bail!(
+                "{short} stripe(s) have fewer than k = {k} shards on agents that stayed (lost during the run: {}); \
+                 snapshot not committed: bring the agents back or add agents, and run it again",
+                lost.iter()
+                    .map(|&s| clients[s as usize].addr().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let margin = margins.into_iter().min().unwrap_or(plan.m as i64);
+        let agents_lost: Vec<String> = lost
+            .iter()
+            .map(|&s| clients[s as usize].addr().to_string())
+            .collect();
         let (created, created_nanos) = now();
         let manifest = Manifest {
             snapshot: snapshot_id.clone(),
@@ -674,7 +723,10 @@ pub async fn snapshot_with(
         };
         let sealed = manifest.seal(&keys)?;
         let mut puts = JoinSet::new();
-        for c in clients.iter() {
+        for (slot, c) in clients.iter().enumerate() {
+            if lost.contains(&(slot as u16)) {
+                continue;
+            }
             let c = c.clone();
             let (name, data) = (manifest.blob_name(), sealed.clone());
             puts.spawn(async move { (c.addr().to_string(), c.put_blob(&name, data).await) });
@@ -686,7 +738,7 @@ pub async fn snapshot_with(
                 catalog_failures.push(format!("{addr}: {e}"));
             }
         }
-        if catalog_failures.len() == clients.len() {
+        if catalog_failures.len() == clients.len() - lost.len() {
             bail!(
                 "no agent accepted the catalog entry; snapshot not committed: {}",
                 catalog_failures.join("; ")
@@ -720,6 +772,7 @@ pub async fn snapshot_with(
             manifest_bytes: sealed.len() as u64,
             margin,
             degraded: per_stripe > 1,
+            agents_lost,
             placement: manifest
                 .agents
                 .iter()
@@ -741,12 +794,15 @@ pub async fn snapshot_with(
     result
 }
 
-/// Deletes blob `name` from every client.
+/// Deletes blob `name` from every client (5 s each at most: an agent lost during the run must
+/// not hold up the end of it; what is left expires by itself).
 async fn delete_everywhere(clients: &[AgentClient], name: &str) -> Result<()> {
     let mut failed = Vec::new();
     for c in clients {
-        if let Err(e) = c.delete_blob(name).await {
-            failed.push(format!("{}: {e}", c.addr()));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), c.delete_blob(name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(format!("{}: {e}", c.addr())),
+            Err(_) => failed.push(format!("{}: no answer", c.addr())),
         }
     }
     if failed.is_empty() {
@@ -783,6 +839,9 @@ struct Placed {
     placement: Placement,
     /// What each agent may still take.
     budget: Budget,
+    /// Agents (slots) that failed during the run: given nothing more, not synced, their shards
+    /// of this run counted as absent.
+    lost: HashSet<u16>,
 }
 
 /// Per client, in order, the bytes it can still take (`None`: it did not say).
@@ -907,21 +966,51 @@ enum Prepared {
     New(sa_core::stripe::EncodedStripe, Vec<u16>),
 }
 
+/// Shard `idx` of stripe `i` made again from the source: read, checked to be the same stripe
+/// (`id`), encoded.
+async fn shard_again(
+    source: &Arc<std::fs::File>,
+    codec: &Arc<StripeCodec>,
+    i: u64,
+    id: StripeId,
+    idx: usize,
+) -> Result<Vec<u8>> {
+    let (source, codec) = (source.clone(), codec.clone());
+    tokio::task::spawn_blocking(move || {
+        let layout = *codec.layout();
+        let mut buf = vec![0u8; layout.stripe_len(i)];
+        source
+            .read_exact_at(&mut buf, layout.stripe_offset(i))
+            .with_context(|| format!("cannot read stripe {i} again"))?;
+        if codec.stripe_id(&buf) != id {
+            bail!(
+                "stripe {i} changed while the snapshot ran (a live disk?); nothing was committed"
+            );
+        }
+        let mut enc = codec.encode(id, buf);
+        Ok(enc.shards.swap_remove(idx))
+    })
+    .await
+    .context("re-encode task failed")?
+}
+
 async fn store_stripe(
     i: u64,
     buf: Vec<u8>,
     codec: Arc<StripeCodec>,
     clients: Arc<Vec<AgentClient>>,
     placed: Arc<Mutex<Placed>>,
+    source: Arc<std::fs::File>,
 ) -> Result<(u64, StripeRef, StripeOutcome)> {
     let c2 = codec.clone();
+    let p2 = placed.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         if is_zero(&buf) {
             return Ok(Prepared::Zero);
         }
         let id = c2.stripe_id(&buf);
         let slots = {
-            let mut p = placed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = p2.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(slots) = p.known.get(&id) {
                 return Ok(Prepared::Known(id, slots.clone()));
             }
@@ -949,47 +1038,88 @@ async fn store_stripe(
             outcome.reused = 1;
             StripeRef::Data { id, slots }
         }
-        Prepared::New(enc, slots) => {
+        Prepared::New(enc, mut slots) => {
             // Each shard is first offered by its header: an agent that already holds it whole
             // (a snapshot killed midway left it; encryption is deterministic) keeps it, and
             // only the others travel. This is what makes the next run resume.
-            let mut puts = JoinSet::new();
-            for (idx, file) in enc.shards.into_iter().enumerate() {
-                let client = clients[slots[idx] as usize].clone();
-                let key = codec.key(&enc.id, idx);
-                puts.spawn(async move {
-                    let header = &file[..SHARD_HEADER_LEN];
-                    let r = match client.confirm_shard(&key, header).await {
-                        Ok(true) => Ok(0),
-                        Ok(false) => {
-                            let len = file.len() as u64;
-                            client.put_shard(&key, file).await.map(|()| len)
-                        }
-                        Err(e) => Err(e),
-                    };
-                    (client.addr().to_string(), r)
-                });
-            }
+            // A shard whose agent fails (gone, cut off) or says it is full goes to another agent
+            // outside the stripe ([`Budget::replace`]); a failed agent gets nothing more in this
+            // run. The shard file is made again from the source (re-read, re-encoded: the same
+            // bytes, as encryption is deterministic) rather than kept in memory for a retry.
+            let id = enc.id;
+            let mut pending: Vec<(usize, Vec<u8>)> = enc.shards.into_iter().enumerate().collect();
             let mut sent_any = false;
-            while let Some(r) = puts.join_next().await {
-                let (addr, r) = r.context("upload task failed")?;
-                match r {
-                    Ok(sent) => {
-                        outcome.bytes_sent += sent;
-                        sent_any |= sent > 0;
+            while !pending.is_empty() {
+                let mut puts = JoinSet::new();
+                for (idx, file) in pending.drain(..) {
+                    let slot = slots[idx];
+                    let client = clients[slot as usize].clone();
+                    let key = codec.key(&id, idx);
+                    puts.spawn(async move {
+                        let header = &file[..SHARD_HEADER_LEN];
+                        let r = match client.confirm_shard(&key, header).await {
+                            Ok(true) => Ok(0),
+                            Ok(false) => {
+                                let len = file.len() as u64;
+                                client.put_shard(&key, file).await.map(|()| len)
+                            }
+                            Err(e) => Err(e),
+                        };
+                        (idx, slot, client.addr().to_string(), r)
+                    });
+                }
+                let mut failed = Vec::new();
+                while let Some(r) = puts.join_next().await {
+                    let (idx, slot, addr, r) = r.context("upload task failed")?;
+                    match r {
+                        Ok(sent) => {
+                            outcome.bytes_sent += sent;
+                            sent_any |= sent > 0;
+                        }
+                        Err(e @ sa_core::Error::ShardCorrupt(_)) => bail!(
+                            "agent {addr} rejected shard {idx} of stripe {i}: {e}; nothing was committed"
+                        ),
+                        Err(e) => failed.push((idx, slot, addr, e)),
                     }
-                    Err(sa_core::Error::Full(why)) => {
-                        bail!("agent {addr} is full ({why}); nothing was committed")
-                    }
-                    Err(e) => bail!("agent {addr} failed while storing stripe {i}: {e}; nothing was committed, run the snapshot again"),
+                }
+                for (idx, slot, addr, e) in failed {
+                    let full = matches!(e, sa_core::Error::Full(_));
+                    let next = {
+                        let mut p = placed.lock().unwrap_or_else(|p| p.into_inner());
+                        p.budget.drop_agent(slot as usize);
+                        if !full && p.lost.insert(slot) {
+                            tracing::warn!(
+                                "agent {addr} failed while storing stripe {i} ({e}); its part of this run goes to the others"
+                            );
+                        } else if full {
+                            tracing::warn!("agent {addr} is full ({e}); its part of this run goes to the others");
+                        }
+                        p.budget.replace(&slots, idx)
+                    };
+                    let Some(next) = next else {
+                        if full {
+                            bail!("agent {addr} is full ({e}) and no other agent outside stripe {i} has room; nothing was committed");
+                        }
+                        bail!(
+                            "agent {addr} failed while storing stripe {i}: {e}; no other agent outside the stripe \
+                             can take its shard; nothing was committed, run the snapshot again"
+                        );
+                    };
+                    slots[idx] = next;
+                    pending.push((idx, shard_again(&source, &codec, i, id, idx).await?));
                 }
             }
+            placed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .known
+                .insert(id, slots.clone());
             if sent_any {
                 outcome.new = 1;
             } else {
                 outcome.resumed = 1;
             }
-            return Ok((i, StripeRef::Data { id: enc.id, slots }, outcome));
+            return Ok((i, StripeRef::Data { id, slots }, outcome));
         }
     };
     Ok((i, sref, outcome))
