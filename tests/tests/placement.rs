@@ -85,7 +85,7 @@ fn restore_matches(c: &Cluster, snapshot: &str, agents: &str, want: &str, what: 
 fn one_of_seven_off_is_placed_around() {
     let mut c = Cluster::start(7);
     c.agents[6].kill();
-    let img = ImageSpec::random(24 * MIB, 0x91ace_0001)
+    let img = ImageSpec::random(24 * MIB, 0x91ac_e0001)
         .zero_mib(4..8)
         .write(&c.path("disk.img"));
     let snap = c.snapshot(&img.path, &[]);
@@ -124,7 +124,7 @@ fn agents_at_or_near_quota_get_less() {
         ..Default::default()
     });
     // 40 MiB: 10 stripes, 60 shards; the 6 roomy agents hold at most 10 each.
-    let img = ImageSpec::random(40 * MIB, 0x91ace_0002).write(&c.path("disk.img"));
+    let img = ImageSpec::random(40 * MIB, 0x91ac_e0002).write(&c.path("disk.img"));
     let snap = c.snapshot(&img.path, &[]);
     let id = str_of(&snap, "snapshot").to_string();
     assert_eq!(snap["margin"], 2, "full redundancy: {snap}");
@@ -203,7 +203,7 @@ fn fleet_too_small_is_refused_up_front() {
         ..Default::default()
     });
     // 64 MiB of data: 16 stripes, each agent would need about 16 MiB.
-    let img = ImageSpec::random(64 * MIB, 0x91ace_0003).write(&c.path("disk.img"));
+    let img = ImageSpec::random(64 * MIB, 0x91ac_e0003).write(&c.path("disk.img"));
     let out = c.sa(&[OsStr::new("snapshot"), img.path.as_os_str()]);
     let msg = expect_fail(&out, Some(1), "snapshot onto a fleet too small");
     assert!(
@@ -226,7 +226,7 @@ fn fleet_too_small_is_refused_up_front() {
 #[test]
 fn allow_degraded_then_repair_spreads() {
     let mut c = Cluster::start(4);
-    let img = ImageSpec::random(32 * MIB, 0x91ace_0004)
+    let img = ImageSpec::random(32 * MIB, 0x91ac_e0004)
         .zero_mib(8..12)
         .write(&c.path("disk.img"));
     let out = c.sa(&[OsStr::new("snapshot"), img.path.as_os_str()]);
@@ -331,7 +331,7 @@ fn report_u64(line: &Value, field: &str) -> u64 {
 #[test]
 fn repair_watch_waits_for_the_threshold() {
     let mut c = Cluster::start(7);
-    let img = ImageSpec::random(24 * MIB, 0x91ace_0005).write(&c.path("disk.img"));
+    let img = ImageSpec::random(24 * MIB, 0x91ac_e0005).write(&c.path("disk.img"));
     let id = str_of(&c.snapshot(&img.path, &[]), "snapshot").to_string();
     let all = c.agents_arg();
 
@@ -448,13 +448,13 @@ fn agent_cut_off_mid_snapshot() {
     let all = format!("{},{}", c.agents_arg(), far.addr_str());
     let cache = c.path("cache");
     // A small snapshot first: the catalog exists, and it must survive whatever happens next.
-    let small = ImageSpec::random(8 * MIB, 0x91ace_0006).write(&c.path("small.img"));
+    let small = ImageSpec::random(8 * MIB, 0x91ac_e0006).write(&c.path("small.img"));
     let (code, first, _) = run_json(&c, &[OsStr::new("snapshot"), small.path.as_os_str()], &all);
     assert_eq!(code, 0, "{first}");
     let first_id = str_of(&first, "snapshot").to_string();
     let before = scan::shard_files(far.dir()).len();
 
-    let big = ImageSpec::random(256 * MIB, 0x91ace_0007).write(&c.path("big.img"));
+    let big = ImageSpec::random(256 * MIB, 0x91ac_e0007).write(&c.path("big.img"));
     let out_path = c.path("cut.json");
     let err_path = c.path("cut.log");
     let mut cmd = Command::new(sa_tests::bins::bin("sa-image"));

@@ -60,7 +60,7 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
         "d" => n * 86400.0,
         u => bail!("'{text}': unknown unit '{u}' (use ms, s, m, h or d)"),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 100.0 * 365.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=100.0 * 365.0 * 86400.0).contains(&secs) {
         bail!("'{text}' is out of range");
     }
     Ok(Duration::from_secs_f64(secs))
