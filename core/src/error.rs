@@ -81,6 +81,35 @@ pub enum Error {
         /// The agent's reason.
         why: String,
     },
+    /// An agent shows another identity key than the one pinned for its id: another machine
+    /// may pose as it.
+    #[error(
+        "agent {id} at {addr} shows identity key {presented} but {pinned} is pinned for it: another \
+         machine may be posing as that agent, so it is not used. If its identity key was replaced \
+         on purpose (its directory restored without identity.key, say), accept the new one with \
+         `sa-image agents accept {id} --agents {addr}`"
+    )]
+    IdentityChanged {
+        /// Address of the agent.
+        addr: String,
+        /// Its agent id (hex).
+        id: String,
+        /// The pinned key (hex).
+        pinned: String,
+        /// The key it showed (hex).
+        presented: String,
+    },
+    /// The agent was retired from this owner's agent book.
+    #[error(
+        "agent {id} at {addr} was retired (`sa-image agents retire`) and is not used; to use it \
+         again run `sa-image agents add {addr}`"
+    )]
+    Retired {
+        /// Address of the agent.
+        addr: String,
+        /// Its agent id (hex).
+        id: String,
+    },
     /// The peer broke the wire protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -20,7 +20,10 @@
 //! * [`manifest`], [`catalog`]: what a snapshot is, sealed and replicated to every agent.
 //! * [`store`]: the [`store::ShardRead`]/[`store::ShardWrite`] traits, a local directory store
 //!   (what an agent serves) and a remote agent client.
-//! * [`wire`]: the agent protocol (frames, handshake, requests).
+//! * [`wire`]: the agent protocol (frames, handshake, requests), spoken inside [`tls`]: TLS 1.3
+//!   where each agent proves its own Ed25519 key and no certificate authority is involved.
+//! * [`pins`]: the agent book, a sealed catalog record with every agent's pinned key and last
+//!   address (trust on first contact, changes refused unless accepted on purpose).
 //!
 //! Formats are versioned and carry magics; readers refuse versions they do not know.
 //! Errors are typed ([`Error`]) so callers can reconstruct around a lost or corrupt shard.
@@ -37,12 +40,14 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod placement;
+pub mod pins;
 pub mod pool;
 pub mod seal;
 pub mod shard;
 pub mod size;
 pub mod store;
 pub mod stripe;
+pub mod tls;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,4 +1,6 @@
-//! The agent wire protocol (version 1), spoken over TCP between sa-image and `shard-agent`.
+//! The agent wire protocol (version 2), spoken between sa-image and `shard-agent` inside TLS 1.3
+//! ([`crate::tls`]: the agent proves its pinned key in the TLS handshake; plain TCP is not
+//! served).
 //!
 //! Every message is a frame: `u32 length (LE, of what follows) | u8 kind | body`. Lengths are
 //! checked against [`MAX_FRAME`] before anything is allocated.
@@ -7,7 +9,7 @@
 //! client -> agent  HELLO      magic "SA-AGENT", version u16
 //! agent  -> client CHALLENGE  version u16, agent id [16], nonce [32]
 //! client -> agent  AUTH       owner id [32], Ed25519 signature [64] over
-//!                             "sa-agent-auth-v1" | agent id | nonce
+//!                             "sa-agent-auth-v2" | agent id | nonce | TLS exporter [32]
 //! agent  -> client OK | ERROR (then closes)
 //! then requests, each answered in order on that connection:
 //!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key | CONFIRM_SHARD key header
@@ -23,6 +25,8 @@
 //!                                        reason str)
 //! answers: OK | DATA bytes | NAMES list | STAT fields | SHARDS | SWEPT | SCRUBBED | ERROR code message
 //! ```
+//! Version 2 is version 1 inside TLS, with the TLS exporter value of the session in the signed
+//! message (channel binding): a proof made for one TLS session cannot be relayed into another.
 //! `STAT` answers `agent id [16], used u64, quota u64, shards u64` and, since the placement
 //! change, `fs_free u64` (bytes free on the agent's filesystem) after them. The answer is
 //! extensible: a reader takes the fields it knows, treats absent trailing fields as unknown (an
@@ -53,14 +57,14 @@ use crate::shard::ShardKey;
 /// Magic the client sends first.
 pub const AGENT_MAGIC: [u8; 8] = *b"SA-AGENT";
 /// Protocol version.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted (a 64 MiB stripe's shard plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
 /// Largest frame accepted before authentication: handshake messages are under 200 bytes, so a
 /// stranger cannot make an agent set aside a 64 MiB buffer per connection.
 pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Domain separation for the authentication signature.
-pub const AUTH_CONTEXT: &[u8] = b"sa-agent-auth-v1";
+pub const AUTH_CONTEXT: &[u8] = b"sa-agent-auth-v2";
 
 mod kind {
     pub const HELLO: u8 = 1;
@@ -802,11 +806,13 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
     Ok(Some((kind[0], body)))
 }
 
-/// The message an owner signs to authenticate to an agent.
-pub fn auth_message(agent_id: &[u8; 16], nonce: &[u8; 32]) -> Vec<u8> {
+/// The message an owner signs to authenticate to an agent: bound to the agent's challenge and to
+/// the TLS session it travels in (`binding`, see [`crate::tls::client_binding`]).
+pub fn auth_message(agent_id: &[u8; 16], nonce: &[u8; 32], binding: &[u8; 32]) -> Vec<u8> {
     let mut m = AUTH_CONTEXT.to_vec();
     m.extend_from_slice(agent_id);
     m.extend_from_slice(nonce);
+    m.extend_from_slice(binding);
     m
 }
 

@@ -1,22 +1,159 @@
-//! Reaching the agents: connect to many at once, read the catalog from any one, and map a
-//! snapshot's agent table (stable ids + last known addresses) onto live connections.
+//! Reaching the agents: connect to many at once, check each one's identity against the agent
+//! book, read the catalog from any one, and map a snapshot's agent table (stable ids + last
+//! known addresses) onto live connections.
+//!
+//! **Pins.** Every connection goes through [`connect_many`], which reads the agent book
+//! ([`sa_core::pins`]) from every agent it reached, merges the copies into the process-wide
+//! book, and then judges each agent: a known id with its pinned key is used; a new id is pinned
+//! (trust on first contact) and the book written back to every agent reached; a known id with
+//! another key, or a retired agent, is not used and its attempt becomes the error that says so
+//! (and how to accept the new key on purpose). The book is kept for the whole process, so an
+//! agent reached later (a snapshot's table entry looked up by address) is judged against every
+//! pin seen so far, not only against copies it serves itself.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 
 use sa_core::catalog::sort_by_creation;
 use sa_core::keys::{hex, Keys};
 use sa_core::manifest::{group_revisions, Manifest, SNAPSHOT_BLOB_PREFIX};
-use sa_core::store::{AgentClient, ShardRead};
+use sa_core::pins::{Book, Verdict, BOOK_BLOB};
+use sa_core::store::{AgentClient, ShardRead, ShardWrite};
 use tokio::task::JoinSet;
 
 /// The outcome of connecting to one address.
 pub type Attempt = (String, sa_core::Result<AgentClient>);
 
-/// Connects to every address in parallel; results in the order given.
+/// The agent book as merged from every copy this process has read or written.
+static BOOK: Mutex<Option<Book>> = Mutex::new(None);
+
+fn with_book<T>(f: impl FnOnce(&mut Book) -> T) -> T {
+    let mut g = BOOK.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(Book::default))
+}
+
+/// A copy of the agent book as this process knows it.
+pub fn book() -> Book {
+    with_book(|b| b.clone())
+}
+
+/// Reads the book from each client and merges every copy that opens into the process's book.
+pub async fn load_book(clients: &[AgentClient], keys: &Keys) {
+    let mut set = JoinSet::new();
+    for c in clients {
+        let c = c.clone();
+        set.spawn(async move {
+            let got = c.get_blob(BOOK_BLOB).await;
+            (c, got)
+        });
+    }
+    while let Some(Ok((c, got))) = set.join_next().await {
+        match got.and_then(|b| Book::open(keys, &b)) {
+            Ok(copy) => {
+                with_book(|b| b.merge(&copy));
+            }
+            Err(sa_core::Error::Remote(_)) | Err(sa_core::Error::ShardMissing) => {}
+            Err(e) => tracing::warn!("{}: agent book unusable: {e}", c.addr()),
+        }
+    }
+}
+
+/// Writes the process's book to every client (best effort: a failure is a warning, and the
+/// next command writes it again).
+pub async fn store_book(clients: &[AgentClient], keys: &Keys) -> Result<()> {
+    let sealed = book().seal(keys)?;
+    let mut set = JoinSet::new();
+    for c in clients {
+        let (c, sealed) = (c.clone(), sealed.clone());
+        set.spawn(async move {
+            if let Err(e) = c.put_blob(BOOK_BLOB, sealed).await {
+                tracing::warn!("{}: cannot store the agent book: {e}", c.addr());
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Changes the book with `f` (a user's decision: add, accept, retire), then writes it to every
+/// client.
+pub async fn change_book(
+    clients: &[AgentClient],
+    keys: &Keys,
+    f: impl FnOnce(&mut Book) -> bool,
+) -> Result<bool> {
+    let changed = with_book(f);
+    if changed {
+        store_book(clients, keys).await?;
+    }
+    Ok(changed)
+}
+
+/// Connects to every address in parallel and judges each agent against the agent book (see
+/// the module docs); results in the order given.
 pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
+    let mut attempts = connect_unchecked(addrs, keys).await;
+    let live: Vec<AgentClient> = attempts
+        .iter()
+        .filter_map(|(_, c)| c.as_ref().ok().cloned())
+        .collect();
+    if live.is_empty() {
+        return attempts;
+    }
+    load_book(&live, keys).await;
+    let mut changed = false;
+    for (addr, r) in attempts.iter_mut() {
+        let Ok(c) = r else { continue };
+        let (id, key) = (c.agent_id(), c.key());
+        let verdict = with_book(|b| b.check(&id, &key));
+        match verdict {
+            Verdict::Known | Verdict::New => {
+                if verdict == Verdict::New {
+                    tracing::info!(
+                        "{addr}: agent {} seen for the first time; pinned its identity {}",
+                        &hex(&id)[..8],
+                        key.fingerprint()
+                    );
+                }
+                changed |= with_book(|b| b.pin(id, key, addr, false));
+            }
+            Verdict::Changed { pinned } => {
+                let e = sa_core::Error::IdentityChanged {
+                    addr: addr.clone(),
+                    id: hex(&id),
+                    pinned: pinned.to_string(),
+                    presented: key.to_string(),
+                };
+                // Loud wherever it happens: a command that places around the agent would
+                // otherwise only say it is unreachable.
+                tracing::warn!("{e}");
+                *r = Err(e);
+            }
+            Verdict::Retired => {
+                *r = Err(sa_core::Error::Retired {
+                    addr: addr.clone(),
+                    id: hex(&id),
+                });
+            }
+        }
+    }
+    if changed {
+        let trusted: Vec<AgentClient> = attempts
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().ok().cloned())
+            .collect();
+        if let Err(e) = store_book(&trusted, keys).await {
+            tracing::warn!("cannot store the agent book: {e}");
+        }
+    }
+    attempts
+}
+
+/// Connects to every address in parallel without judging identities (only for `agents
+/// accept`, which decides about them); results in the order given.
+pub async fn connect_unchecked(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
     let mut set = JoinSet::new();
     for (i, a) in addrs.iter().enumerate() {
         let (a, keys) = (a.clone(), keys.clone());
@@ -51,7 +188,12 @@ pub fn none_reachable(attempts: &[Attempt]) -> anyhow::Error {
             msg.push_str(&format!("\n  {a}: {e}"));
         }
     }
-    if refused {
+    if attempts
+        .iter()
+        .any(|(_, r)| matches!(r, Err(sa_core::Error::IdentityChanged { .. })))
+    {
+        msg.push_str("\nan agent showed another identity than the one pinned for it: see above");
+    } else if refused {
         msg.push_str("\nthe agents refused this key: is it the key these backups were made with? (`sa-image owner-id --key KEYFILE` must print the id the agents were started with)");
     } else {
         msg.push_str("\nare the agents running, and are the addresses right?");

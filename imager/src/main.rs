@@ -2,7 +2,7 @@
 //! back — restored to a disk, or (soon) served live over NBD.
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`, `repair`,
-//! `restore`, `serve`, `prune`, `forget`, `gc`, `demo`.
+//! `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept`, `demo`.
 //! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
 //! stripe is still recoverable, and 3 when data is lost; `status` exits 2 when a snapshot is below
 //! its configured redundancy and 3 when data is lost; `scrub` exits 2 when bad shards wait for
@@ -82,6 +82,9 @@ enum Command {
     Forget(cmd::forget::ForgetArgs),
     /// Delete shards that no kept snapshot references (safe while snapshots run).
     Gc(cmd::gc::GcArgs),
+    /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`.
+    #[command(subcommand)]
+    Agents(cmd::agents::AgentsCommand),
     /// Run everything locally: agents, a snapshot, lost agents, a verified restore.
     Demo(cmd::demo::DemoArgs),
 }
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
             Command::Prune(a) => cmd::prune::run(a, config.as_deref()).await,
             Command::Forget(a) => cmd::forget::run(a, config.as_deref()).await,
             Command::Gc(a) => cmd::gc::run(a, config.as_deref()).await,
+            Command::Agents(a) => cmd::agents::run(a, config.as_deref()).await,
             Command::Demo(a) => cmd::demo::run(a, config.as_deref()).await,
         }
     });

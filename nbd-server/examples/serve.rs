@@ -3,18 +3,22 @@
 //! ```text
 //! cargo run -p nbd-server --example serve -- [--listen 127.0.0.1:10809]
 //!     (--size BYTES [--fill] | --file PATH) [--name NAME] [--read-only]
+//!     [--tls-cert PEM --tls-key PEM]
 //! ```
 //!
 //! `--fill` writes a non-zero pattern over the whole memory disk (for
 //! throughput tests that must not be served from holes). The export answers to
 //! NAME (default `disk`) and to the default name `""`. Prints
-//! `listening on ADDR` once ready; stops on Ctrl-C.
+//! `listening on ADDR` once ready; stops on Ctrl-C. With `--tls-cert` and
+//! `--tls-key` every client must use TLS (`nbds://` URIs).
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nbd_server::{serve, BlockSource, Export, Exports, MemorySource, SourceError};
+use nbd_server::{
+    load_pem, BlockSource, Export, Exports, MemorySource, Server, ServerConfig, SourceError,
+};
 
 /// A raw image file, read with positional reads off the reactor.
 struct FileSource {
@@ -45,7 +49,7 @@ impl BlockSource for FileSource {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: serve [--listen ADDR] (--size BYTES [--fill] | --file PATH) [--name NAME] [--read-only]");
+    eprintln!("usage: serve [--listen ADDR] (--size BYTES [--fill] | --file PATH) [--name NAME] [--read-only] [--tls-cert PEM --tls-key PEM]");
     std::process::exit(2);
 }
 
@@ -58,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:10809".to_owned();
     let (mut size, mut file, mut name) = (None, None, "disk".to_owned());
     let (mut fill, mut read_only) = (false, false);
+    let (mut tls_cert, mut tls_key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -71,6 +76,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "--file" => file = Some(args.next().unwrap_or_else(|| usage())),
             "--name" => name = args.next().unwrap_or_else(|| usage()),
+            "--tls-cert" => tls_cert = Some(args.next().unwrap_or_else(|| usage())),
+            "--tls-key" => tls_key = Some(args.next().unwrap_or_else(|| usage())),
             "--fill" => fill = true,
             "--read-only" => read_only = true,
             _ => usage(),
@@ -100,12 +107,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => usage(),
     };
+    let tls = match (tls_cert, tls_key) {
+        (Some(c), Some(k)) => Some(load_pem(c.as_ref(), k.as_ref(), None)?),
+        (None, None) => None,
+        _ => usage(),
+    };
     let exports = Exports::single(Export::new(name, "served by nbd-server's example", source))?;
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    serve(listener, Arc::new(exports), async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let config = ServerConfig {
+        tls,
+        ..ServerConfig::default()
+    };
+    Server::with_config(Arc::new(exports), config)
+        .run(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
 }

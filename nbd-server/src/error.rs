@@ -85,6 +85,18 @@ pub enum ServeError {
     /// The peer did not finish the handshake in time.
     #[error("handshake timed out")]
     HandshakeTimeout,
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (not TLS, a
+    /// certificate the client refused, a broken record).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
+    /// The client sent nothing (and waited for nothing) for the idle timeout,
+    /// or stopped in the middle of a request.
+    #[error("client idle for longer than the idle timeout")]
+    IdleTimeout,
+    /// A reply made no progress towards the client for the reply timeout: the
+    /// client stopped reading.
+    #[error("client stopped reading its replies")]
+    ReplyStalled,
 }
 
 /// Why an [`Exports`](crate::Exports) table refused a change.

@@ -20,7 +20,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use crate::handshake::{negotiate, parse_info_request, parse_meta_request};
+use crate::handshake::{greet, haggle, parse_info_request, parse_meta_request, Step};
 use crate::proto::*;
 use crate::transmission::{transmit, Limits};
 use crate::{Export, Exports, MemorySource};
@@ -264,17 +264,22 @@ fn check_session(input: &[u8]) -> Result<(), TestCaseError> {
         // The timer must be made inside the runtime: hence the outer async block.
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), async {
-                let mut r = input;
-                let mut w = tokio::io::sink();
-                let Ok(Some(neg)) = negotiate(&mut r, &mut w, &exports).await else {
+                let mut io = tokio::io::join(input, tokio::io::sink());
+                let Ok(mut session) = greet(&mut io, false).await else {
                     return;
                 };
+                let Ok(Step::Transmit(neg)) = haggle(&mut io, &exports, &mut session).await else {
+                    return;
+                };
+                let (r, _) = io.into_inner();
                 TRANSMITTED.fetch_add(1, Ordering::Relaxed);
                 let rest = std::io::Cursor::new(r.to_vec());
                 let (_stop, shutdown) = tokio::sync::watch::channel(false);
                 let limits = Limits {
                     max_in_flight: 8,
                     max_buffered_bytes: MAX_PAYLOAD as usize,
+                    idle_timeout: Some(Duration::from_secs(5)),
+                    reply_timeout: Duration::from_secs(5),
                 };
                 let _ = transmit(rest, tokio::io::sink(), neg, limits, shutdown).await;
             })

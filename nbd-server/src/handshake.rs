@@ -1,9 +1,12 @@
 //! Fixed-newstyle handshake and option haggling.
 //!
-//! [`negotiate`] runs from the server's greeting up to the moment the client
-//! enters transmission (`NBD_OPT_EXPORT_NAME` or a successful `NBD_OPT_GO`),
-//! or the session ends (`NBD_OPT_ABORT`, EOF, a protocol violation). Every
-//! length read from the wire is bounded before anything is allocated for it.
+//! [`greet`] sends the server's greeting and reads the client flags; [`haggle`]
+//! then serves options up to the moment the client enters transmission
+//! (`NBD_OPT_EXPORT_NAME` or a successful `NBD_OPT_GO`), the session ends
+//! (`NBD_OPT_ABORT`, EOF, a protocol violation), or, with TLS required, the
+//! client's `NBD_OPT_STARTTLS` is acknowledged: the caller then runs the TLS
+//! handshake and haggles on over TLS (see [`crate::tls`]). Every length read
+//! from the wire is bounded before anything is allocated for it.
 
 use std::sync::Arc;
 
@@ -157,43 +160,99 @@ pub(crate) fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     c.is_empty().then_some((name, queries))
 }
 
-/// Runs the handshake. `Ok(None)` means the session ended cleanly before
-/// transmission (abort, EOF, shutdown).
-pub(crate) async fn negotiate<R, W>(
-    r: &mut R,
-    w: &mut W,
-    exports: &Exports,
-) -> Result<Option<Negotiated>, ServeError>
+/// Where a connection stands with TLS, in the spec's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsMode {
+    /// NOTLS: the server has no certificate; `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// FORCEDTLS before the upgrade: only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` are served.
+    Required,
+    /// FORCEDTLS after a successful `NBD_OPT_STARTTLS`.
+    Active,
+}
+
+/// What option haggling has agreed so far on one connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// The client set `NBD_FLAG_C_NO_ZEROES`.
+    no_zeroes: bool,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured: bool,
+    /// The export for which `base:allocation` is selected, if any.
+    meta: Option<Arc<Export>>,
+    /// TLS state.
+    pub tls: TlsMode,
+}
+
+/// How a round of option haggling ended.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// The client entered transmission.
+    Transmit(Negotiated),
+    /// The session ended cleanly before transmission (abort, EOF, refused export).
+    End,
+    /// `NBD_REP_ACK` to `NBD_OPT_STARTTLS` went out: the caller runs the TLS
+    /// handshake on the same socket and calls [`haggle`] again over TLS.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client flags. `tls_configured` selects
+/// FORCEDTLS; "The server MUST operate in NOTLS mode unless ... the client
+/// replied with `NBD_FLAG_C_FIXED_NEWSTYLE`", and a server that insists on TLS
+/// cannot serve such a client, so it is refused.
+pub(crate) async fn greet<S>(io: &mut S, tls_configured: bool) -> Result<Session, ServeError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = [0u8; 18];
     greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..18].copy_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&greeting).await?;
-    w.flush().await?;
+    io.write_all(&greeting).await?;
+    io.flush().await?;
 
-    let client_flags = r.read_u32().await?;
+    let client_flags = io.read_u32().await?;
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         // "the server MUST drop the TCP connection if the client sets an unknown flag".
         return Err(ServeError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
         )));
     }
+    let fixed = client_flags & NBD_FLAG_C_FIXED_NEWSTYLE != 0;
+    if tls_configured && !fixed {
+        return Err(ServeError::Protocol(
+            "client does not speak fixed newstyle, so it cannot start the TLS this server requires"
+                .into(),
+        ));
+    }
     // "Servers MAY choose to honour fixed newstyle from clients that didn't set
     // this bit": we do; a non-fixed client only sends NBD_OPT_EXPORT_NAME anyway.
-    let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    Ok(Session {
+        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta: None,
+        tls: if tls_configured {
+            TlsMode::Required
+        } else {
+            TlsMode::Off
+        },
+    })
+}
 
-    let mut structured = false;
-    // The export for which `base:allocation` is selected, if any.
-    let mut meta: Option<Arc<Export>> = None;
+/// Haggles options until the client enters transmission, the session ends,
+/// or (FORCEDTLS) the client's `NBD_OPT_STARTTLS` was acknowledged.
+pub(crate) async fn haggle<S>(
+    io: &mut S,
+    exports: &Exports,
+    session: &mut Session,
+) -> Result<Step, ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut out = Vec::with_capacity(256);
-
     loop {
         let mut head = [0u8; 16];
-        r.read_exact(&mut head).await?;
+        io.read_exact(&mut head).await?;
         let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
         if magic != IHAVEOPT {
             return Err(ServeError::Protocol(format!("bad option magic {magic:#x}")));
@@ -208,10 +267,58 @@ where
             )));
         }
         let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).await?;
-        debug!(option, len, "option");
+        io.read_exact(&mut data).await?;
+        debug!(option, len, tls = ?session.tls, "option");
         out.clear();
 
+        if session.tls == TlsMode::Required {
+            match option {
+                NBD_OPT_STARTTLS if data.is_empty() => {
+                    // "If the server receives `NBD_OPT_STARTTLS` prior to
+                    // negotiating TLS, it MUST reply with `NBD_REP_ACK`."
+                    put_reply(&mut out, option, NBD_REP_ACK, &[]);
+                    write_out(io, &out).await?;
+                    return Ok(Step::StartTls);
+                }
+                NBD_OPT_STARTTLS => {
+                    put_error(
+                        &mut out,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                }
+                NBD_OPT_ABORT => {
+                    put_reply(&mut out, option, NBD_REP_ACK, &[]);
+                    let _ = write_out(io, &out).await;
+                    return Ok(Step::End);
+                }
+                NBD_OPT_EXPORT_NAME => {
+                    // "If the server receives a request to enter transmission
+                    // mode via `NBD_OPT_EXPORT_NAME` when TLS has not been
+                    // initiated, then as this request cannot error, it MUST
+                    // terminate the session."
+                    warn!("NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS; closing");
+                    return Ok(Step::End);
+                }
+                _ => {
+                    // "If the server receives any other option, it MUST reply
+                    // with `NBD_REP_ERR_TLS_REQD` if TLS has not been initiated."
+                    put_error(
+                        &mut out,
+                        option,
+                        NBD_REP_ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                }
+            }
+            write_out(io, &out).await?;
+            continue;
+        }
+
+        let no_zeroes = session.no_zeroes;
+        let structured = session.structured;
+        let meta = &mut session.meta;
         match option {
             NBD_OPT_EXPORT_NAME => {
                 let name = match std::str::from_utf8(&data) {
@@ -222,7 +329,7 @@ where
                 // terminate the session."
                 let Some(export) = exports.get(&name).cloned() else {
                     warn!(name, "NBD_OPT_EXPORT_NAME for unknown export; closing");
-                    return Ok(None);
+                    return Ok(Step::End);
                 };
                 let flags = transmission_flags(export.source().as_ref(), structured);
                 out.extend_from_slice(&export.source().size().to_be_bytes());
@@ -230,10 +337,9 @@ where
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
-                w.write_all(&out).await?;
-                w.flush().await?;
+                write_out(io, &out).await?;
                 let base_allocation = meta.as_ref().is_some_and(|m| Arc::ptr_eq(m, &export));
-                return Ok(Some(Negotiated {
+                return Ok(Step::Transmit(Negotiated {
                     export,
                     name,
                     structured,
@@ -245,9 +351,8 @@ where
                 // "The server MUST reply with `NBD_REP_ACK`." The client may
                 // already be gone; that is fine.
                 put_reply(&mut out, option, NBD_REP_ACK, &[]);
-                let _ = w.write_all(&out).await;
-                let _ = w.flush().await;
-                return Ok(None);
+                let _ = write_out(io, &out).await;
+                return Ok(Step::End);
             }
             NBD_OPT_LIST => {
                 if !data.is_empty() {
@@ -269,10 +374,25 @@ where
                     put_reply(&mut out, option, NBD_REP_ACK, &[]);
                 }
             }
+            NBD_OPT_STARTTLS if session.tls == TlsMode::Active => {
+                // "If the server receives `NBD_OPT_STARTTLS` when TLS has
+                // already been negotiated, it MUST reply with `NBD_REP_ERR_INVALID`."
+                put_error(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    "TLS is already active",
+                );
+            }
             NBD_OPT_STARTTLS => {
                 // NOTLS mode: "it MUST respond with ... `NBD_REP_ERR_UNSUP` (if
                 // it does not support the `NBD_OPT_STARTTLS` option at all)".
-                put_error(&mut out, option, NBD_REP_ERR_UNSUP, "TLS is not supported");
+                put_error(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_UNSUP,
+                    "TLS is not configured on this server",
+                );
             }
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let Some((name, items)) = parse_info_request(&data) else {
@@ -282,12 +402,12 @@ where
                         NBD_REP_ERR_INVALID,
                         "malformed NBD_OPT_INFO/GO",
                     );
-                    write_out(w, &out).await?;
+                    write_out(io, &out).await?;
                     continue;
                 };
                 let Some(export) = exports.get(&name).cloned() else {
                     put_error(&mut out, option, NBD_REP_ERR_UNKNOWN, "no such export");
-                    write_out(w, &out).await?;
+                    write_out(io, &out).await?;
                     continue;
                 };
                 let source = export.source().as_ref();
@@ -317,10 +437,10 @@ where
                     put_reply(&mut out, option, NBD_REP_INFO, &d);
                 }
                 put_reply(&mut out, option, NBD_REP_ACK, &[]);
-                write_out(w, &out).await?;
+                write_out(io, &out).await?;
                 if option == NBD_OPT_GO {
                     let base_allocation = meta.as_ref().is_some_and(|m| Arc::ptr_eq(m, &export));
-                    return Ok(Some(Negotiated {
+                    return Ok(Step::Transmit(Negotiated {
                         export,
                         name,
                         structured,
@@ -341,7 +461,7 @@ where
                         "option takes no data",
                     );
                 } else {
-                    structured = true;
+                    session.structured = true;
                     put_reply(&mut out, option, NBD_REP_ACK, &[]);
                 }
             }
@@ -350,15 +470,15 @@ where
                 if set {
                     // "Issuing this command replaces all previously-set metadata
                     // contexts (including when this command fails)".
-                    meta = None;
+                    *meta = None;
                 }
-                meta_context(&mut out, option, &data, structured, exports, &mut meta);
+                meta_context(&mut out, option, &data, structured, exports, meta);
             }
             _ => {
                 put_error(&mut out, option, NBD_REP_ERR_UNSUP, "unsupported option");
             }
         }
-        write_out(w, &out).await?;
+        write_out(io, &out).await?;
     }
 }
 

@@ -16,7 +16,9 @@
 //! - [`exports`]: [`Exports`], names to [`Export`]s; one export can answer to
 //!   several names (the default `""` and a snapshot id).
 //! - [`memory`]: [`MemorySource`], a sparse in-memory source for tests and examples.
-//! - [`server`]: [`Server::run`] / [`serve`]: accept loop, connection cap, shutdown.
+//! - [`server`]: [`Server::run`] / [`serve`]: accept loop, connection cap,
+//!   timeouts, shutdown; [`ServerConfig`] holds the limits against hostile clients.
+//! - [`tls`]: `NBD_OPT_STARTTLS` (required when configured), [`load_pem`].
 //! - `handshake` (private): fixed-newstyle option haggling.
 //! - `transmission` (private): request parsing, concurrent execution, the reply writer.
 //! - [`proto`]: constants and wire types, with the spec's sentences beside them.
@@ -28,11 +30,12 @@
 //! `NBD_INFO_BLOCK_SIZE` always: minimum 1, preferred 4096 or the source's
 //! hint, maximum 32 MiB; `NBD_INFO_NAME`/`DESCRIPTION` on request),
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` with
-//! `base:allocation` (and the `base:` wildcard for listing). `STARTTLS` and
-//! unknown options get `NBD_REP_ERR_UNSUP`. Commands: `READ` (structured:
+//! `base:allocation` (and the `base:` wildcard for listing), `STARTTLS` (with a
+//! certificate: FORCEDTLS, TLS 1.3/1.2 via rustls; without: `NBD_REP_ERR_UNSUP`).
+//! Unknown options get `NBD_REP_ERR_UNSUP`. Commands: `READ` (structured:
 //! one `OFFSET_DATA` chunk; `DF` honoured trivially), `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` (`NO_HOLE`, `FAST_ZERO`), `BLOCK_STATUS` (`REQ_ONE`), `CACHE`,
-//! `DISC`. Not supported: TLS, extended headers, `OFFSET_HOLE` read chunks,
+//! `DISC`. Not supported: SELECTIVETLS, client certificates, extended headers, `OFFSET_HOLE` read chunks,
 //! oldstyle and non-fixed newstyle handshakes beyond `EXPORT_NAME`.
 //!
 //! Requests of one connection run concurrently (bounded count and bytes in
@@ -60,6 +63,7 @@ pub mod memory;
 pub mod proto;
 pub mod server;
 pub mod source;
+pub mod tls;
 mod transmission;
 
 pub use error::{ExportsError, ServeError, SourceError};
@@ -67,3 +71,6 @@ pub use exports::{Export, Exports};
 pub use memory::MemorySource;
 pub use server::{serve, Server, ServerConfig};
 pub use source::{BlockSource, Extent, ZeroFlags};
+pub use tls::{load_pem, TlsError};
+/// The TLS library, for building a [`ServerConfig::tls`] by hand.
+pub use tokio_rustls::rustls;

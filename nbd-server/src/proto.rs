@@ -37,7 +37,7 @@ pub const NBD_OPT_EXPORT_NAME: u32 = 1;
 pub const NBD_OPT_ABORT: u32 = 2;
 /// Option: list exports.
 pub const NBD_OPT_LIST: u32 = 3;
-/// Option: upgrade to TLS (answered with `NBD_REP_ERR_UNSUP` here).
+/// Option: upgrade to TLS ("The client wishes to initiate TLS").
 pub const NBD_OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const NBD_OPT_INFO: u32 = 6;
@@ -63,6 +63,8 @@ pub const NBD_REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// "The option sent by the client is known by this server, but was determined
 /// by the server to be syntactically or semantically invalid."
 pub const NBD_REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// "The server requires the client to initiate TLS before any other option."
+pub const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// "The requested export is not available."
 pub const NBD_REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// "The server is unwilling to continue negotiation as it is in the process

@@ -11,8 +11,10 @@
 //! Payload buffers come from a small per-connection pool, so steady streams of
 //! same-sized reads and writes do not allocate.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -30,6 +32,12 @@ pub(crate) struct Limits {
     pub max_in_flight: usize,
     /// Payload bytes (read replies + write data) held at once; at least 32 MiB.
     pub max_buffered_bytes: usize,
+    /// A client that sends nothing for this long, with no request in flight
+    /// (or in the middle of a request), is disconnected; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// A reply that makes no progress towards the client for this long closes
+    /// the connection.
+    pub reply_timeout: Duration,
 }
 
 /// The writer batches replies into a buffer of this size before a syscall.
@@ -38,6 +46,9 @@ const OUT_CAP: usize = 256 * 1024;
 const POOL_MAX_BUF: usize = 4 << 20;
 /// At most this many idle buffers are kept per connection.
 const POOL_MAX_FREE: usize = 32;
+/// At most this many bytes of idle buffers are kept per connection, so that a
+/// connection between bursts holds little more than its reader's buffer.
+const POOL_MAX_FREE_BYTES: usize = 16 << 20;
 /// Budget semaphore unit: one permit per KiB of payload.
 const BUDGET_UNIT: usize = 1024;
 
@@ -80,7 +91,8 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         if self.buf.capacity() <= POOL_MAX_BUF {
             let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
-            if free.len() < POOL_MAX_FREE {
+            let held: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < POOL_MAX_FREE && held + self.buf.capacity() <= POOL_MAX_FREE_BYTES {
                 free.push(std::mem::take(&mut self.buf));
             }
         }
@@ -442,14 +454,42 @@ pub(crate) fn encode_extents(extents: &[crate::Extent], len: u64, req_one: bool)
 
 // ------------------------------------------------------------------ writer
 
-/// Writes `a` then `b` with vectored writes, avoiding a copy of `b`.
-async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+/// One write step of the writer: fails with [`ServeError::ReplyStalled`] when
+/// the client has taken no bytes for `stall` (its socket buffer stays full).
+async fn step<T>(stall: Duration, f: impl Future<Output = io::Result<T>>) -> Result<T, ServeError> {
+    match tokio::time::timeout(stall, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ServeError::ReplyStalled),
+    }
+}
+
+/// `write_all`, where every write must make progress within `stall`.
+async fn write_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut a: &[u8],
+    stall: Duration,
+) -> Result<(), ServeError> {
     while !a.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
+        let n = step(stall, w.write(a)).await?;
         if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+        }
+        a = &a[n..];
+    }
+    Ok(())
+}
+
+/// Writes `a` then `b` with vectored writes, avoiding a copy of `b`.
+async fn write_two<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+    stall: Duration,
+) -> Result<(), ServeError> {
+    while !a.is_empty() {
+        let n = step(stall, w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])).await?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
         if n >= a.len() {
             b = &b[n - a.len()..];
@@ -458,14 +498,21 @@ async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8])
             a = &a[n..];
         }
     }
-    w.write_all(b).await
+    write_all(w, b, stall).await
 }
 
 /// The single writer of a connection: drains the reply channel, batching.
+///
+/// Every batch is flushed before the writer waits for the next reply: over
+/// TLS, written bytes may sit in the TLS layer until flushed. A client that
+/// stops reading stalls only this writer, and only for `stall`; meanwhile the
+/// bounded channel and the request permits stop its reader, so the
+/// connection's memory stays within its limits.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Reply>,
-) -> io::Result<()> {
+    stall: Duration,
+) -> Result<(), ServeError> {
     let mut out: Vec<u8> = Vec::with_capacity(OUT_CAP);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -476,25 +523,25 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 if out.len() + data.buf.len() <= OUT_CAP {
                     out.extend_from_slice(&data.buf);
                 } else {
-                    write_two(&mut w, &out, &data.buf).await?;
+                    write_two(&mut w, &out, &data.buf, stall).await?;
                     out.clear();
                 }
             }
             if out.len() >= OUT_CAP / 2 {
-                w.write_all(&out).await?;
+                write_all(&mut w, &out, stall).await?;
                 out.clear();
             }
             drop(reply); // frees permits and returns the buffer to the pool
             next = rx.try_recv().ok();
         }
         if !out.is_empty() {
-            w.write_all(&out).await?;
+            write_all(&mut w, &out, stall).await?;
             out.clear();
         }
+        step(stall, w.flush()).await?;
     }
-    w.flush().await?;
     // The peer may be gone already; nothing left to tell it.
-    let _ = w.shutdown().await;
+    let _ = tokio::time::timeout(stall, w.shutdown()).await;
     Ok(())
 }
 
@@ -512,8 +559,37 @@ pub(crate) async fn shutdown_signalled(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Serves requests until `NBD_CMD_DISC`, EOF, a protocol error or shutdown,
-/// then waits for the in-flight replies to go out and closes the write side.
+/// Completes after `timeout`, or never.
+async fn idle(timeout: Option<Duration>) {
+    match timeout {
+        Some(t) => tokio::time::sleep(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads a write payload; the client must keep sending: no bytes for `timeout`
+/// closes the connection.
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    timeout: Option<Duration>,
+) -> Result<(), ServeError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        tokio::select! {
+            res = r.read(&mut buf[filled..]) => match res {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => filled += n,
+                Err(e) => return Err(e.into()),
+            },
+            _ = idle(timeout) => return Err(ServeError::IdleTimeout),
+        }
+    }
+    Ok(())
+}
+
+/// Serves requests until `NBD_CMD_DISC`, EOF, a protocol error, the idle
+/// timeout, a stalled reply or shutdown, then waits for the in-flight replies to go out and closes the write side.
 pub(crate) async fn transmit<R, W>(
     mut r: R,
     w: W,
@@ -536,26 +612,46 @@ where
     let count = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let budget_units = (limits.max_buffered_bytes.max(MAX_PAYLOAD as usize) / BUDGET_UNIT) as u32;
     let budget = Arc::new(Semaphore::new(budget_units as usize));
-    let (tx, rx) = mpsc::channel::<Reply>(limits.max_in_flight.max(1));
-    let writer = tokio::spawn(write_replies(w, rx));
+    let max_in_flight = limits.max_in_flight.max(1);
+    let (tx, rx) = mpsc::channel::<Reply>(max_in_flight);
+    let writer = tokio::spawn(write_replies(w, rx, limits.reply_timeout));
 
     let end: Result<(), ServeError> = loop {
+        // The header is read with cancel-safe `read`s, so that the idle timer
+        // can fire and be re-armed without losing a partly read header.
         let mut head = [0u8; REQUEST_HEADER_LEN];
-        tokio::select! {
-            biased;
-            _ = tx.closed() => break Err(ServeError::Protocol("reply writer stopped".into())),
-            _ = shutdown_signalled(&mut shutdown) => {
-                debug!("shutdown: no new requests on this connection");
-                break Ok(());
+        let mut filled = 0;
+        let stop: Option<Result<(), ServeError>> = loop {
+            if filled == head.len() {
+                break None;
             }
-            res = r.read_exact(&mut head) => match res {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    debug!("client closed the connection without NBD_CMD_DISC");
-                    break Ok(());
+            tokio::select! {
+                biased;
+                // The writer failed: its error (awaited below) says why.
+                _ = tx.closed() => break Some(Ok(())),
+                _ = shutdown_signalled(&mut shutdown) => {
+                    debug!("shutdown: no new requests on this connection");
+                    break Some(Ok(()));
                 }
-                Err(e) => break Err(e.into()),
-            },
+                res = r.read(&mut head[filled..]) => match res {
+                    Ok(0) => {
+                        debug!(partial = filled, "client closed the connection without NBD_CMD_DISC");
+                        break Some(Ok(()));
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) => break Some(Err(e.into())),
+                },
+                _ = idle(limits.idle_timeout) => {
+                    // With requests in flight the client is waiting for
+                    // replies, not idle; in the middle of a header it is stuck.
+                    if filled > 0 || count.available_permits() >= max_in_flight {
+                        break Some(Err(ServeError::IdleTimeout));
+                    }
+                }
+            }
+        };
+        if let Some(stop) = stop {
+            break stop;
         }
         let Some(req) = Request::parse(&head) else {
             warn!("bad request magic; closing connection");
@@ -603,8 +699,8 @@ where
         };
         let data = if req.kind == NBD_CMD_WRITE {
             let mut buf = ctx.pool.take(req.len as usize);
-            if let Err(e) = r.read_exact(&mut buf.buf).await {
-                break Err(e.into());
+            if let Err(e) = read_payload(&mut r, &mut buf.buf, limits.idle_timeout).await {
+                break Err(e);
             }
             Some(buf)
         } else {
@@ -622,7 +718,7 @@ where
     drop(tx);
     match writer.await {
         Ok(Ok(())) => end,
-        Ok(Err(e)) => end.and(Err(e.into())),
+        Ok(Err(e)) => end.and(Err(e)),
         Err(join) => end.and(Err(ServeError::Protocol(format!(
             "writer task failed: {join}"
         )))),
@@ -632,7 +728,102 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Extent;
+    use crate::{Export, Extent, MemorySource};
+    use std::time::Instant;
+    use tokio::io::{duplex, split};
+
+    /// A session on a 64 MiB memory export with short timeouts, over an
+    /// in-memory pipe; returns the client's end and the running transmit.
+    fn session(
+        idle: Duration,
+        reply: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+        watch::Sender<bool>,
+    ) {
+        let source = Arc::new(MemorySource::new(64 << 20));
+        let flags = crate::handshake::transmission_flags(source.as_ref(), false);
+        let neg = Negotiated {
+            export: Arc::new(Export::new("disk", "", source)),
+            name: "disk".into(),
+            structured: false,
+            base_allocation: false,
+            flags,
+        };
+        let limits = Limits {
+            max_in_flight: 8,
+            max_buffered_bytes: 32 << 20,
+            idle_timeout: Some(idle),
+            reply_timeout: reply,
+        };
+        let (client, server) = duplex(64 * 1024);
+        let (r, w) = split(server);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(transmit(r, w, neg, limits, shutdown));
+        (client, task, stop)
+    }
+
+    fn read_request(handle: u64, len: u32) -> [u8; REQUEST_HEADER_LEN] {
+        Request {
+            flags: 0,
+            kind: NBD_CMD_READ,
+            handle,
+            offset: 0,
+            len,
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_dropped_after_the_idle_timeout() {
+        let (_client, task, _stop) = session(Duration::from_millis(200), Duration::from_secs(60));
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn half_a_request_header_times_out_too() {
+        let (mut client, task, _stop) =
+            session(Duration::from_millis(200), Duration::from_secs(60));
+        client.write_all(&read_request(1, 512)[..10]).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_waiting_for_replies_is_not_idle() {
+        // Replies are in flight (the client does not read them yet): the idle
+        // timer must not fire while the reply timeout is long.
+        let (mut client, task, stop) = session(Duration::from_millis(100), Duration::from_secs(60));
+        for h in 0..4 {
+            client.write_all(&read_request(h, 1 << 20)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!task.is_finished(), "ended while replies were pending");
+        // Now read everything: 4 simple replies of 16 + 1 MiB bytes.
+        let mut buf = vec![0u8; 4 * (16 + (1 << 20))];
+        client.read_exact(&mut buf).await.unwrap();
+        let _ = stop.send(true);
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(r.expect("ends on shutdown").expect("no panic").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_dropped_after_the_reply_timeout() {
+        let (mut client, task, _stop) =
+            session(Duration::from_secs(60), Duration::from_millis(300));
+        for h in 0..8 {
+            client.write_all(&read_request(h, 8 << 20)).await.unwrap();
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = r.expect("transmit must end").expect("no panic");
+        assert!(matches!(r, Err(ServeError::ReplyStalled)), "{r:?}");
+    }
 
     fn decode(b: &[u8]) -> Vec<(u32, u32)> {
         b.chunks(8)

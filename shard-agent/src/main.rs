@@ -103,6 +103,9 @@ async fn main() -> Result<()> {
 
     let store = DirStore::open(&dir, quota)
         .with_context(|| format!("cannot open shard directory {}", dir.display()))?;
+    let identity = sa_core::tls::AgentIdentity::load_or_create(&dir)
+        .with_context(|| format!("cannot load the agent identity in {}", dir.display()))?;
+    let tls = identity.server_config()?;
     let listener = TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -111,6 +114,7 @@ async fn main() -> Result<()> {
     tracing::info!(
         dir = %dir.display(),
         agent_id = %sa_core::keys::hex(&store.agent_id()),
+        identity = %identity.public(),
         used = stat.used,
         shards = stat.shards,
         quota,
@@ -119,9 +123,14 @@ async fn main() -> Result<()> {
     );
     // Scripts and tests read this line to learn the port when --listen ends in :0.
     println!("listening on {local}");
+    println!(
+        "agent {} identity {}",
+        sa_core::keys::hex(&store.agent_id()),
+        identity.public()
+    );
     let scrub = shard_agent::scrub::Scrubber::new(store.clone(), scrub_rate);
     tokio::spawn(scrub.clone().run());
-    let server = shard_agent::Server::new(store, owner, max_connections).with_scrub(scrub);
+    let server = shard_agent::Server::new(store, owner, tls, max_connections).with_scrub(scrub);
     tokio::select! {
         r = server.run(listener) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

@@ -1,4 +1,6 @@
-//! The agent's TCP server: handshake, then one request at a time per connection.
+//! The agent's server: TLS 1.3 with the agent's own identity key (`sa_core::tls`), then the
+//! owner's challenge bound to that TLS session, then one request at a time per connection.
+//! Plain TCP is not served: a client that does not start TLS is dropped at the handshake.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,8 @@ use sa_core::wire::{
 use sa_core::{Error, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::scrub::Scrubber;
 
@@ -25,16 +29,24 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Server {
     store: DirStore,
     owner: OwnerId,
+    tls: TlsAcceptor,
     conns: Arc<Semaphore>,
     scrub: Option<Scrubber>,
 }
 
 impl Server {
-    /// A server over `store` for `owner`, at most `max_connections` at once.
-    pub fn new(store: DirStore, owner: OwnerId, max_connections: usize) -> Self {
+    /// A server over `store` for `owner`, presenting `tls` (see
+    /// [`sa_core::tls::AgentIdentity::server_config`]), at most `max_connections` at once.
+    pub fn new(
+        store: DirStore,
+        owner: OwnerId,
+        tls: Arc<rustls::ServerConfig>,
+        max_connections: usize,
+    ) -> Self {
         Server {
             store,
             owner,
+            tls: TlsAcceptor::from(tls),
             conns: Arc::new(Semaphore::new(max_connections.max(1))),
             scrub: None,
         }
@@ -74,12 +86,19 @@ impl Server {
         }
     }
 
-    async fn handle(&self, mut s: TcpStream) -> Result<()> {
-        let _ = s.set_nodelay(true);
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut s)).await {
+    async fn handle(&self, tcp: TcpStream) -> Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let start = async {
+            let mut s = self.tls.accept(tcp).await.map_err(|e| {
+                Error::Protocol(format!("TLS handshake failed (not a TLS 1.3 client?): {e}"))
+            })?;
+            self.handshake(&mut s).await?;
+            Ok::<_, Error>(s)
+        };
+        let mut s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start).await {
             Ok(r) => r?,
             Err(_) => return Err(Error::Protocol("handshake timed out".into())),
-        }
+        };
         loop {
             let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut s)).await {
                 Ok(f) => f?,
@@ -96,7 +115,8 @@ impl Server {
         }
     }
 
-    async fn handshake(&self, s: &mut TcpStream) -> Result<()> {
+    async fn handshake(&self, s: &mut TlsStream<TcpStream>) -> Result<()> {
+        let binding = sa_core::tls::server_binding(s.get_ref().1)?;
         let (kind, body) = read_frame_max(s, MAX_HANDSHAKE_FRAME)
             .await?
             .ok_or_else(|| Error::Protocol("closed before hello".into()))?;
@@ -120,7 +140,7 @@ impl Server {
         let Handshake::Auth { owner, signature } = Handshake::parse(kind, &body)? else {
             return Err(Error::Protocol("expected auth".into()));
         };
-        let msg = auth_message(&agent_id, &nonce);
+        let msg = auth_message(&agent_id, &nonce, &binding);
         if owner != self.owner.0 || !verify_owner(&self.owner, &msg, &signature) {
             let why =
                 "this agent belongs to another owner: start it with --owner set to the id that \

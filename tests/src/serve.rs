@@ -15,7 +15,7 @@ use crate::Cluster;
 /// A running `sa-image serve`; killed when dropped.
 pub struct Serve {
     proc: Proc,
-    /// `nbd://127.0.0.1:PORT`
+    /// `nbd://127.0.0.1:PORT`, or `nbds://127.0.0.1:PORT` when serving with TLS
     pub url: String,
     /// The snapshot id it serves.
     pub id: String,
@@ -59,7 +59,7 @@ impl Serve {
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             ),
         };
-        // serving snapshot ID (SIZE) on nbd://ADDR
+        // serving snapshot ID (SIZE) on nbd://ADDR (nbds:// with TLS)
         let rest = first
             .strip_prefix("serving snapshot ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
@@ -74,7 +74,10 @@ impl Serve {
             .unwrap_or_default()
             .trim()
             .to_string();
-        assert!(url.starts_with("nbd://127.0.0.1:"), "no URL in {first:?}");
+        assert!(
+            url.starts_with("nbd://127.0.0.1:") || url.starts_with("nbds://127.0.0.1:"),
+            "no URL in {first:?}"
+        );
         Serve {
             proc,
             url,

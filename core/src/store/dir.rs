@@ -226,12 +226,12 @@ impl DirStore {
         }
         let path = self.shard_path(key);
         let _sweep = self.sweep_shared();
-        let old = fs::metadata(&path).map(|m| m.len()).ok();
+        let old = fs::symlink_metadata(&path).map(|m| m.len()).ok();
         // Encryption is deterministic, so a re-sent shard (a resumed or repeated snapshot) is
         // byte-identical to the stored one: keep the stored, already durable file rather than
         // replacing it, but refresh its time (it is young again for the garbage collector).
         // A stored copy that differs (corrupt) is replaced.
-        if old == Some(file.len() as u64) && fs::read(&path).is_ok_and(|stored| stored == file) {
+        if old == Some(file.len() as u64) && read_file(&path).is_ok_and(|stored| stored == file) {
             touch(&path)?;
             self.mark_dirty(&path);
             return Ok(());
@@ -290,7 +290,7 @@ impl DirStore {
     /// Deletes a shard file.
     pub fn delete_shard_blocking(&self, key: &ShardKey) -> Result<()> {
         let path = self.shard_path(key);
-        if let Ok(meta) = fs::metadata(&path) {
+        if let Ok(meta) = fs::symlink_metadata(&path) {
             fs::remove_file(&path).map_err(io(format!("cannot delete {}", path.display())))?;
             self.release(meta.len());
             self.inner.shards.fetch_sub(1, Ordering::Relaxed);
@@ -349,7 +349,7 @@ impl DirStore {
         check_blob_name(name)?;
         let dir = self.inner.root.join("blobs");
         let path = dir.join(name);
-        if let Ok(meta) = fs::metadata(&path) {
+        if let Ok(meta) = fs::symlink_metadata(&path) {
             fs::remove_file(&path).map_err(io(format!("cannot delete {}", path.display())))?;
             self.release(meta.len());
             sync_dir(&dir)?;
@@ -486,7 +486,7 @@ impl DirStore {
     /// says) without any key: what a scrub does per file.
     pub fn check_stored_blocking(&self, key: &ShardKey) -> Result<Checked> {
         let path = self.shard_path(key);
-        let file = match fs::read(&path) {
+        let file = match read_file(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Checked::Missing),
             Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
@@ -600,8 +600,7 @@ fn judge(key: &ShardKey, file: &[u8]) -> Checked {
 
 /// Sets a file's modification time to now (a re-stored shard is young again).
 fn touch(path: &Path) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
+    let f = no_follow(OpenOptions::new().write(true))
         .open(path)
         .map_err(io(format!("cannot open {}", path.display())))?;
     f.set_modified(SystemTime::now())
@@ -617,8 +616,29 @@ fn full_if_no_space(e: Error) -> Error {
     }
 }
 
+/// Opening flags that refuse a symbolic link as the last path component: every path the agent
+/// opens is one it built itself under its directory, and a link planted there (by anyone) must
+/// not lead a read or a touch outside it.
+fn no_follow(opts: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW);
+    }
+    opts
+}
+
+/// `fs::read` that does not follow a symbolic link (see [`no_follow`]).
+fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = no_follow(OpenOptions::new().read(true)).open(path)?;
+    let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 fn read_or_missing(path: &Path) -> Result<Vec<u8>> {
-    match fs::read(path) {
+    match read_file(path) {
         Ok(b) => Ok(b),
         Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::ShardMissing),
         Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
@@ -821,6 +841,47 @@ mod tests {
         assert!(s.put_shard(&key(2), bad).await.is_err());
         for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
             assert!(s.put_blob(name, vec![1]).await.is_err(), "{name:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn wire_names_never_leave_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStore::open(dir.path(), 0).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"secret").unwrap();
+        for name in [
+            "../outside",
+            "..",
+            "/etc/passwd",
+            "blobs/../../outside",
+            ".agent-id",
+            "a\\b",
+            &"x".repeat(200),
+        ] {
+            assert!(s.get_blob(name).await.is_err(), "get {name:?}");
+            assert!(s.put_blob(name, vec![1]).await.is_err(), "put {name:?}");
+            assert!(s.delete_blob(name).await.is_err(), "delete {name:?}");
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+        // A symbolic link planted where a blob or a shard would be is not followed.
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&outside, dir.path().join("blobs").join("snap-x")).unwrap();
+            assert!(
+                s.get_blob("snap-x").await.is_err(),
+                "a link is not read through"
+            );
+            let k = key(9);
+            let p = s.shard_path(&k);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&outside, &p).unwrap();
+            assert!(s.get_shard(&k).await.is_err(), "a link is not read through");
+            assert!(matches!(
+                s.check_stored_blocking(&k),
+                Err(_) | Ok(Checked::Missing)
+            ));
+            assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
         }
     }
 

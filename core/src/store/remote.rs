@@ -1,4 +1,10 @@
-//! A store on a remote `shard-agent`, reached over TCP with the [`crate::wire`] protocol.
+//! A store on a remote `shard-agent`, reached over TLS 1.3 ([`crate::tls`]) with the
+//! [`crate::wire`] protocol.
+//!
+//! The key the agent proves in its first TLS handshake is remembered ([`AgentClient::key`]);
+//! every later connection of the same client must show the same key and the same agent id, or
+//! it is refused ([`Error::IdentityChanged`]). Whether the first key is the right one is the
+//! caller's check against the pins in the catalog (`crate::pins`).
 //!
 //! Each client keeps a small pool of authenticated connections (at most
 //! [`MAX_CONNECTIONS`] at once), so many shards travel to one agent in parallel. A request that
@@ -11,11 +17,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::shard::{ShardKey, VolumeId};
 use crate::store::{ShardEntry, ShardRead, ShardWrite, StoreStat, SweepStats};
+use crate::tls::{self, AgentKey};
 use crate::wire::{
     auth_message, read_frame, write_frame, Handshake, Request, Response, ScrubStatus,
     PROTOCOL_VERSION,
@@ -38,7 +47,8 @@ struct Inner {
     addr: String,
     keys: Arc<Keys>,
     agent_id: [u8; 16],
-    idle: Mutex<Vec<TcpStream>>,
+    key: AgentKey,
+    idle: Mutex<Vec<Conn>>,
     slots: Semaphore,
 }
 
@@ -48,17 +58,30 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
-async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
+/// One authenticated connection.
+type Conn = TlsStream<TcpStream>;
+
+async fn open(addr: &str, keys: &Keys) -> Result<(Conn, [u8; 16], AgentKey)> {
     let unreachable = |why: String| Error::AgentUnreachable {
         addr: addr.to_string(),
         why,
     };
     let fut = async {
-        let mut s = TcpStream::connect(addr)
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        s.set_nodelay(true)
+        tcp.set_nodelay(true)
             .map_err(|e| unreachable(e.to_string()))?;
+        let mut s = TlsConnector::from(tls::client_config())
+            .connect(tls::server_name(), tcp)
+            .await
+            .map_err(|e| {
+                Error::Protocol(format!(
+                    "TLS handshake with {addr} failed: {e} (is a shard-agent of this version listening there?)"
+                ))
+            })?;
+        let key = tls::peer_key(s.get_ref().1)?;
+        let binding = tls::client_binding(s.get_ref().1)?;
         write_frame(
             &mut s,
             &Handshake::Hello {
@@ -92,7 +115,7 @@ async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
         };
         let auth = Handshake::Auth {
             owner: keys.owner_id().0,
-            signature: keys.sign(&auth_message(&agent_id, &nonce)),
+            signature: keys.sign(&auth_message(&agent_id, &nonce, &binding)),
         };
         write_frame(&mut s, &auth.frame())
             .await
@@ -101,7 +124,7 @@ async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
             .await?
             .ok_or_else(|| unreachable("closed the connection during the handshake".into()))?;
         match Response::parse(kind, body)? {
-            Response::Ok => Ok((s, agent_id)),
+            Response::Ok => Ok((s, agent_id, key)),
             Response::Error { message, .. } => Err(Error::Refused {
                 addr: addr.to_string(),
                 why: message,
@@ -123,12 +146,13 @@ async fn open(addr: &str, keys: &Keys) -> Result<(TcpStream, [u8; 16])> {
 impl AgentClient {
     /// Connects and authenticates to the agent at `addr` (`host:port`).
     pub async fn connect(addr: &str, keys: Arc<Keys>) -> Result<Self> {
-        let (stream, agent_id) = open(addr, &keys).await?;
+        let (stream, agent_id, key) = open(addr, &keys).await?;
         Ok(AgentClient {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
                 keys,
                 agent_id,
+                key,
                 idle: Mutex::new(vec![stream]),
                 slots: Semaphore::new(MAX_CONNECTIONS),
             }),
@@ -145,7 +169,12 @@ impl AgentClient {
         self.inner.agent_id
     }
 
-    async fn exchange(&self, stream: &mut TcpStream, req: &Request) -> Result<Response> {
+    /// The identity key the agent proved in the TLS handshake.
+    pub fn key(&self) -> AgentKey {
+        self.inner.key
+    }
+
+    async fn exchange(&self, stream: &mut Conn, req: &Request) -> Result<Response> {
         let fut = async {
             write_frame(stream, &req.frame())
                 .await
@@ -197,12 +226,20 @@ impl AgentClient {
         }
     }
 
-    async fn fresh_exchange(&self, req: &Request) -> Result<(Response, TcpStream)> {
-        let (mut s, id) = open(&self.inner.addr, &self.inner.keys).await?;
+    async fn fresh_exchange(&self, req: &Request) -> Result<(Response, Conn)> {
+        let (mut s, id, key) = open(&self.inner.addr, &self.inner.keys).await?;
         if id != self.inner.agent_id {
             return Err(Error::Refused {
                 addr: self.inner.addr.clone(),
                 why: "a different agent now answers at this address".into(),
+            });
+        }
+        if key != self.inner.key {
+            return Err(Error::IdentityChanged {
+                addr: self.inner.addr.clone(),
+                id: crate::keys::hex(&id),
+                pinned: self.inner.key.to_string(),
+                presented: key.to_string(),
             });
         }
         let r = self

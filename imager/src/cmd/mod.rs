@@ -1,5 +1,6 @@
 //! One module per command: its arguments (flags and config keys) and what it does.
 
+pub mod agents;
 pub mod demo;
 pub mod forget;
 pub mod gc;

@@ -12,6 +12,14 @@
 //! into TARGET, and a background copier moves every stripe onto it at `--hydrate-rate`; when it is
 //! done, one more line goes to stdout: `hydration complete: N stripes in S s`, and TARGET alone is
 //! the disk. Stopping `serve` midway keeps the progress: the next `serve --hydrate TARGET` resumes.
+//!
+//! With `--tls-cert FILE --tls-key FILE` (PEM) every client must start TLS (NBD_OPT_STARTTLS)
+//! before anything else, and the line says `nbds://ADDR`; clients connect with e.g.
+//! `nbdcopy 'nbds://HOST:PORT/?tls-certificates=DIR'` where DIR holds the CA as `ca-cert.pem`.
+//! `--tls-client-ca FILE` also requires each client to present a certificate that CA signed
+//! (libnbd: `client-cert.pem` and `client-key.pem` in DIR): only then does TLS decide who reads.
+//! Without them the export is plain NBD, fit for loopback only: the default `--listen` is
+//! 127.0.0.1, and a LAN export should use TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nbd_server::{Export, Exports, Server};
+use nbd_server::{rustls, Export, Exports, Server, ServerConfig};
 use sa_core::catalog::resolve;
 use sa_core::size::{format_size, parse_size};
 use sa_core::stripe::StripeCodec;
@@ -28,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::agents::{clients_for, open_catalog};
 use crate::config::{self, require_agents};
 use crate::fetch::StripeReader;
+use crate::gc::parse_duration;
 use crate::merge;
 use crate::serve::hydrate::{self, Copier, Hydrate, HydrateReport};
 use crate::serve::overlay::Overlay;
@@ -60,8 +69,21 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
     /// Address to listen on, HOST:PORT (port 0: any free port) [default: 127.0.0.1:10809].
+    /// Plain NBD has no encryption or authentication: to export over a LAN, listen on its
+    /// address and give --tls-cert and --tls-key.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Server certificate chain (PEM) for NBD over TLS; with --tls-key, every client must use
+    /// TLS (NBD_OPT_STARTTLS, e.g. `nbds://` URIs).
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): only clients presenting a certificate signed by it may connect.
+    /// Without it, TLS encrypts, but any client that can connect reads the export.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Make the export writable: writes go to this sparse file (and its map FILE.map), never
     /// to the agents. Reopening the same file keeps earlier writes.
     #[arg(long)]
@@ -79,6 +101,12 @@ pub struct ServeArgs {
     /// is a block device (put it on persistent storage, not /dev).
     #[arg(long, value_name = "FILE")]
     pub hydrate_state: Option<PathBuf>,
+    /// Drop a client that sends no request for this long while none of its requests is in
+    /// flight, e.g. 30m, 2h; 0: never [default: 10m]. A machine booted from the export whose
+    /// disk sees no I/O for that long loses it (NBD clients seldom reconnect): give 0 or a long
+    /// time for boots. Vanished clients are found by TCP keepalive either way.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
     /// Memory for decoded stripes, e.g. 256MiB [default: 256MiB].
     #[arg(long)]
     pub cache: Option<String>,
@@ -117,7 +145,18 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, listen, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    // Before anything slow (catalog, agents): a TLS mistake is found at once.
+    let tls = load_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
+    let idle_timeout = match args.idle_timeout.as_deref() {
+        None => ServerConfig::default().idle_timeout,
+        Some(text) => {
+            match parse_duration(text).with_context(|| format!("--idle-timeout {text}"))? {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            }
+        }
+    };
     if args.overlay.is_some() && args.hydrate.is_some() {
         anyhow::bail!(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -225,10 +264,17 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let bound: SocketAddr = listener.local_addr()?;
     let started = Instant::now();
     println!(
-        "serving snapshot {} ({}) on nbd://{bound}",
+        "serving snapshot {} ({}) on {}://{bound}",
         m.snapshot,
-        format_size(layout.volume_size)
+        format_size(layout.volume_size),
+        if tls.is_some() { "nbds" } else { "nbd" }
     );
+    if tls.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            "serving plain NBD on {bound}: anyone on that network can read the disk; \
+             give --tls-cert and --tls-key to require TLS"
+        );
+    }
     if let Some(o) = &overlay {
         tracing::info!(
             "writes go to {} ({} blocks written before)",
@@ -255,7 +301,12 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         tokio::spawn(c.run(stopped))
     });
 
-    let served = Server::new(Arc::new(exports))
+    let config = ServerConfig {
+        tls,
+        idle_timeout,
+        ..ServerConfig::default()
+    };
+    let served = Server::with_config(Arc::new(exports), config)
         .run(listener, stop_signal())
         .await
         .context("NBD server failed");
@@ -346,6 +397,31 @@ fn print_report(r: &ServeReport) {
             h.reads_from_agents,
             h.written_blocks
         );
+    }
+}
+
+/// The TLS configuration from `--tls-cert` and `--tls-key` (both or neither) and
+/// `--tls-client-ca` (only with them).
+fn load_tls(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    client_ca: &Option<PathBuf>,
+) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match (cert, key) {
+        (None, None) if client_ca.is_some() => anyhow::bail!(
+            "--tls-client-ca needs --tls-cert and --tls-key: the server needs its own certificate \
+             to ask clients for theirs"
+        ),
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => nbd_server::load_pem(cert, key, client_ca.as_deref())
+            .map(Some)
+            .context("cannot set up NBD over TLS (--tls-cert, --tls-key, --tls-client-ca)"),
+        (Some(_), None) => anyhow::bail!(
+            "--tls-cert needs --tls-key: give the private key of the certificate too (PEM)"
+        ),
+        (None, Some(_)) => anyhow::bail!(
+            "--tls-key needs --tls-cert: give the certificate chain of the key too (PEM)"
+        ),
     }
 }
 
