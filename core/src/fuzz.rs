@@ -228,6 +228,7 @@ fn frame_seeds() -> Vec<Vec<u8>> {
             used: 5,
             quota: 9,
             shards: 1,
+            fs_free: Some(3),
         }),
         Response::Shards(vec![ShardEntry {
             stripe: [3; 32],

@@ -1,5 +1,6 @@
 //! Stripe layout: how a volume is cut into stripes and each stripe into `k + m` shards,
-//! and where the shards of a stripe are placed.
+//! and (by equal rotation, see [`crate::placement`] for placement by room) where the shards of a
+//! stripe go.
 
 use crate::error::{Error, Result};
 use crate::seal::TAG_LEN;
@@ -95,9 +96,13 @@ impl Layout {
     }
 }
 
-/// Default placement: the `k + m` shards of stripe `i` go to `k + m` distinct agents out of
+/// Equal-share rotation: the `k + m` shards of stripe `i` go to `k + m` distinct agents out of
 /// `agents`, rotating the start so every agent gets an equal share (within one shard per
 /// stripe) of data and parity shards alike. Returns the agent slot per shard index.
+///
+/// Snapshots place by room instead ([`crate::placement::Placement`], which gives this same
+/// balance when every agent has the same room); this stays as the reference it is tested
+/// against.
 pub fn rotate_placement(stripe: u64, shards: usize, agents: usize) -> Vec<u16> {
     debug_assert!(shards <= agents);
     let start = ((stripe * shards as u64) % agents as u64) as usize;

@@ -4,7 +4,9 @@
 //! holds everything both sides agree on:
 //!
 //! * [`layout`]: a volume is cut into fixed-size stripes (default 4 MiB), each into `k` data
-//!   shards plus `m` parity shards, placed on `k + m` distinct agents ([`layout::rotate_placement`]).
+//!   shards plus `m` parity shards, placed on `k + m` distinct agents.
+//! * [`placement`]: which agents take each stripe's shards: shares proportional to each agent's
+//!   room (quota or free disk), never more than it can take, deterministic per stripe.
 //! * [`keys`]: one 32-byte master key (the recovery key) derives every key by HKDF-SHA256; the
 //!   owner's Ed25519 identity proves ownership to agents, which never hold a secret.
 //! * [`keyfile`]: the key file on disk, plain or wrapped under a passphrase (Argon2id +
@@ -38,6 +40,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod pins;
+pub mod placement;
 pub mod pool;
 pub mod seal;
 pub mod shard;

@@ -27,6 +27,12 @@
 //! ```
 //! Version 2 is version 1 inside TLS, with the TLS exporter value of the session in the signed
 //! message (channel binding): a proof made for one TLS session cannot be relayed into another.
+//! `STAT` answers `agent id [16], used u64, quota u64, shards u64` and, since the placement
+//! change, `fs_free u64` (bytes free on the agent's filesystem) after them. The answer is
+//! extensible: a reader takes the fields it knows, treats absent trailing fields as unknown (an
+//! older agent) and skips trailing fields it does not know (a newer agent). Readers built before
+//! `fs_free` reject the longer answer ("trailing bytes"): upgrade `sa-image` before, or with, the
+//! agents.
 //! `SCRUB` (kind 23, answer 107) was added to version 1 for health checks: with `start = 1` the
 //! agent begins a full pass over its shard files now (unless one is running) and answers with its
 //! scrub state at once; with `start = 0` it only reports. The answer lists the shards the scrub
@@ -162,6 +168,23 @@ pub struct StoreStat {
     pub quota: u64,
     /// Number of shard files.
     pub shards: u64,
+    /// Bytes free on the filesystem that holds the agent's directory (for an unprivileged
+    /// user), as the agent saw it when answering; `None` from an agent older than this field.
+    /// Placement uses `quota - used` when there is a quota, else this.
+    pub fs_free: Option<u64>,
+}
+
+impl StoreStat {
+    /// Bytes this agent can still take: `quota - used` with a quota (never more than the
+    /// filesystem's free space, when known), else the filesystem's free space; `None` when
+    /// unknown (no quota, and an agent too old to report its filesystem).
+    pub fn room(&self) -> Option<u64> {
+        let in_quota = (self.quota > 0).then(|| self.quota.saturating_sub(self.used));
+        match (in_quota, self.fs_free) {
+            (Some(q), Some(f)) => Some(q.min(f)),
+            (q, f) => q.or(f),
+        }
+    }
 }
 
 /// Most keys one `SWEEP_SHARDS` request may name (keeps frames small).
@@ -575,6 +598,9 @@ impl Response {
             }
             Response::Stat(s) => {
                 w.bytes(&s.agent_id).u64(s.used).u64(s.quota).u64(s.shards);
+                if let Some(free) = s.fs_free {
+                    w.u64(free);
+                }
                 (kind::STAT_REPLY, &[])
             }
             Response::Shards(entries) => {
@@ -633,12 +659,22 @@ impl Response {
                 }
                 Response::Names(names)
             }
-            kind::STAT_REPLY => Response::Stat(StoreStat {
-                agent_id: r.array()?,
-                used: r.u64()?,
-                quota: r.u64()?,
-                shards: r.u64()?,
-            }),
+            kind::STAT_REPLY => {
+                let mut s = StoreStat {
+                    agent_id: r.array()?,
+                    used: r.u64()?,
+                    quota: r.u64()?,
+                    shards: r.u64()?,
+                    fs_free: None,
+                };
+                // Extension fields, in order; an older agent stops before them, and fields a
+                // newer agent appends after the known ones are skipped.
+                if r.remaining() >= 8 {
+                    s.fs_free = Some(r.u64()?);
+                }
+                r.take(r.remaining())?;
+                Response::Stat(s)
+            }
             kind::SHARDS => {
                 let n = r.u32()? as usize;
                 let mut entries = Vec::with_capacity(n.min(r.remaining() / 41));
@@ -846,6 +882,14 @@ mod tests {
                 used: 10,
                 quota: 20,
                 shards: 2,
+                fs_free: Some(1 << 40),
+            }),
+            Response::Stat(StoreStat {
+                agent_id: [4; 16],
+                used: 0,
+                quota: 0,
+                shards: 0,
+                fs_free: None,
             }),
             Response::Error {
                 code: ErrorCode::Full,
@@ -891,6 +935,39 @@ mod tests {
             let (k, body) = read_frame(&mut &buf[..]).await.unwrap().unwrap();
             assert_eq!(Response::parse(k, body).unwrap(), resp);
         }
+    }
+
+    #[test]
+    fn stat_answer_is_extensible() {
+        let head = |extra: &[u8]| {
+            let mut b = [7u8; 16].to_vec();
+            for v in [100u64, 1000, 3] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(extra);
+            b
+        };
+        // An older agent: no fs_free.
+        let Response::Stat(s) = Response::parse(kind::STAT_REPLY, head(&[])).unwrap() else {
+            panic!("not a stat")
+        };
+        assert_eq!(
+            (s.used, s.quota, s.fs_free, s.room()),
+            (100, 1000, None, Some(900))
+        );
+        // A newer agent with a field we do not know yet: skipped.
+        let mut extra = 5u64.to_le_bytes().to_vec();
+        extra.extend_from_slice(&[9; 12]);
+        let Response::Stat(s) = Response::parse(kind::STAT_REPLY, head(&extra)).unwrap() else {
+            panic!("not a stat")
+        };
+        assert_eq!(
+            (s.fs_free, s.room()),
+            (Some(5), Some(5)),
+            "the disk is fuller than the quota"
+        );
+        let none = StoreStat::default();
+        assert_eq!(none.room(), None, "no quota, no filesystem figure: unknown");
     }
 
     #[tokio::test]

@@ -46,6 +46,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "no_wait",
     "report_only",
     "passphrase_file",
+    "allow_degraded",
+    "watch",
+    "repair_after",
+    "interval",
+    "state",
 ];
 
 /// Reads a config file into `T` (whose fields are all optional).

@@ -6,10 +6,11 @@
 //! * [`Presence`]: which shards each reachable agent holds, from `LIST_SHARDS` (names only: a
 //!   shard whose file rots is still present until the agent's scrub quarantines it; `verify`
 //!   reads every shard).
-//! * [`stripe_health`] / [`snapshot_margin`]: per stripe, the shards that are present on a
-//!   reachable agent, minus `k`: the *margin*, how many more agents may go before the stripe is
-//!   lost. A snapshot's margin is its worst stripe's; it is below the configured redundancy when
-//!   less than `m`, and data is lost when negative.
+//! * [`snapshot_margin`]: per stripe, how many more agents may go before the stripe is lost: the
+//!   *margin*. Agents are counted, not shards: the agents holding the most present shards of the
+//!   stripe go first ([`stripe_margin`]), so a stripe stored degraded (two shards on one agent)
+//!   has a margin below `present - k`. A snapshot's margin is its worst stripe's; it is below the
+//!   configured redundancy when less than `m`, and data is lost when negative.
 //! * [`SeenBook`]: when each agent last answered, kept in the manifest cache directory of this
 //!   machine (a small text file; a lost one only loses history).
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use sa_core::keys::{hex, Keys};
 use sa_core::manifest::{Manifest, StripeRef};
+use sa_core::placement::stripe_margin;
 use sa_core::seal::StripeId;
 use sa_core::shard::VolumeId;
 use sa_core::store::{AgentClient, ShardRead, StoreStat};
@@ -232,6 +234,15 @@ pub fn bad_shards(m: &Manifest, id: &StripeId, slots: &[u16], p: &Presence) -> V
         .collect()
 }
 
+/// Shard indices of a stripe that share their agent with a lower index of the same stripe
+/// (stored degraded): `repair` moves them to agents outside the stripe.
+pub fn crowded_shards(m: &Manifest, slots: &[u16]) -> Vec<usize> {
+    let ids: Vec<[u8; 16]> = slots.iter().map(|&s| m.agents[s as usize].id).collect();
+    (0..ids.len())
+        .filter(|&j| ids[..j].contains(&ids[j]))
+        .collect()
+}
+
 /// A snapshot's health by presence.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Margin {
@@ -246,6 +257,8 @@ pub struct Margin {
     pub lost_stripes: u64,
     /// Shards absent (missing, quarantined, or on an unreachable agent).
     pub absent_shards: u64,
+    /// Stripes with two or more shards on one agent (stored degraded; `repair` spreads them).
+    pub crowded_stripes: u64,
 }
 
 /// The presence-based health of one snapshot.
@@ -260,13 +273,22 @@ pub fn snapshot_margin(m: &Manifest, p: &Presence) -> Margin {
             continue;
         };
         out.data_stripes += 1;
-        let bad = bad_shards(m, id, slots, p).len() as i64;
-        let margin = slots.len() as i64 - bad - k;
+        let bad = bad_shards(m, id, slots, p);
+        let present: Vec<[u8; 16]> = slots
+            .iter()
+            .enumerate()
+            .filter(|(idx, _)| !bad.contains(idx))
+            .map(|(_, &s)| m.agents[s as usize].id)
+            .collect();
+        let margin = stripe_margin(&present, k as usize);
         out.margin = out.margin.min(margin);
-        out.absent_shards += bad as u64;
+        out.absent_shards += bad.len() as u64;
+        if !crowded_shards(m, slots).is_empty() {
+            out.crowded_stripes += 1;
+        }
         if margin < 0 {
             out.lost_stripes += 1;
-        } else if bad > 0 {
+        } else if !bad.is_empty() {
             out.degraded_stripes += 1;
         }
     }
@@ -390,5 +412,31 @@ mod tests {
             .remove(&([7; 32], 0));
         let h = snapshot_margin(&m, &p);
         assert_eq!((h.margin, h.lost_stripes), (-1, 1));
+    }
+
+    #[test]
+    fn an_agent_with_two_shards_of_a_stripe_counts_once() {
+        // k=2 m=1, stripe 0 stored degraded: shards 0 and 2 on agent 0, shard 1 on agent 1.
+        let mut m = manifest();
+        m.stripes = vec![StripeRef::Data {
+            id: [7; 32],
+            slots: vec![0, 1, 0],
+        }];
+        let mut p = Presence::default();
+        for (idx, a) in [0u8, 1, 0].iter().enumerate() {
+            p.add([*a; 16], [1; 16], [7; 32], idx as u8);
+        }
+        // Three shards, k=2: by shards one more could go, but losing agent 0 loses two.
+        let h = snapshot_margin(&m, &p);
+        assert_eq!((h.margin, h.absent_shards, h.crowded_stripes), (0, 0, 1));
+        assert_eq!(crowded_shards(&m, &[0, 1, 0]), vec![2]);
+        // Agent 1 gone: agent 0 still holds k shards; margin 0, nothing lost.
+        p.held.remove(&([1; 16], [1; 16]));
+        let h = snapshot_margin(&m, &p);
+        assert_eq!((h.margin, h.lost_stripes), (0, 0));
+        // Agent 0 gone instead: one shard left, lost.
+        let mut p2 = Presence::default();
+        p2.add([1; 16], [1; 16], [7; 32], 1);
+        assert_eq!(snapshot_margin(&m, &p2).margin, -1);
     }
 }

@@ -6,7 +6,8 @@
 //! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
 //! stripe is still recoverable, and 3 when data is lost; `status` exits 2 when a snapshot is below
 //! its configured redundancy and 3 when data is lost; `scrub` exits 2 when bad shards wait for
-//! `repair`; `repair` exits 2 when a shard could not be placed and 3 when a stripe is lost.
+//! `repair`; `repair` exits 2 when a shard could not be placed and 3 when a stripe is lost (`repair --watch`
+//! runs until SIGINT/SIGTERM and exits 0).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,7 +68,9 @@ enum Command {
     Verify(cmd::verify::VerifyArgs),
     /// Ask every agent to check all its shard files now, and gather the bad ones they found.
     Scrub(cmd::scrub::ScrubArgs),
-    /// Rebuild every missing or bad shard onto agents outside its stripe, and update the catalog.
+    /// Rebuild every missing or bad shard onto agents outside its stripe (and spread shards stored
+    /// doubled up by `snapshot --allow-degraded`), and update the catalog; `--watch` keeps doing it,
+    /// waiting `--repair-after` before rebuilding around a missing agent.
     Repair(cmd::repair::RepairArgs),
     /// Restore a snapshot to a file or block device.
     Restore(cmd::restore::RestoreArgs),

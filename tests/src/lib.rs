@@ -24,6 +24,8 @@
 //! - [`nbd_client`] runs standard NBD clients and a random workload checked against a model.
 //! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
+//! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
+//!   it off the network without killing it (root only; removed on drop).
 //!
 //! # The tests
 //!
@@ -40,6 +42,11 @@
 //! - `tests/targets_and_layouts.rs`: restores over junk (file and block device), incremental
 //!   snapshots, k=2 m=1 on four agents, a wiped agent, a damaged catalog copy.
 //!
+//! - `tests/placement.rs`: placement by free space (an agent at its quota gets nothing, a
+//!   nearly full one little, a fleet too small is refused up front), an agent cut off the
+//!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
+//!   `repair --watch` waiting `--repair-after` before rebuilding around a missing agent.
+//!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
 //!
@@ -55,6 +62,7 @@ pub mod cluster;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;
+pub mod netns;
 pub mod proc;
 pub mod scan;
 pub mod serve;

@@ -576,13 +576,15 @@ impl DirStore {
         Ok(out)
     }
 
-    /// Usage figures.
+    /// Usage figures, and the free space of the filesystem holding the directory (`statvfs` /
+    /// `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call fails).
     pub fn stat_blocking(&self) -> StoreStat {
         StoreStat {
             agent_id: self.inner.agent_id,
             used: self.inner.used.load(Ordering::SeqCst),
             quota: self.inner.quota,
             shards: self.inner.shards.load(Ordering::Relaxed),
+            fs_free: fs4::available_space(&self.inner.root).ok(),
         }
     }
 }
@@ -798,8 +800,18 @@ mod tests {
             vec!["snap-a".to_string()]
         );
         let id = s.agent_id();
-        let used = s.stat().await.unwrap().used;
+        let st = s.stat().await.unwrap();
+        let used = st.used;
         assert_eq!(used, f.len() as u64 + 3);
+        assert!(
+            st.fs_free.is_some_and(|f| f > 0),
+            "filesystem free space: {st:?}"
+        );
+        assert_eq!(
+            st.room(),
+            st.fs_free,
+            "no quota: the filesystem is the limit"
+        );
         drop(s);
         let s = DirStore::open(dir.path(), 0).unwrap();
         assert_eq!(s.agent_id(), id, "stable id");

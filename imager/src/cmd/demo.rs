@@ -290,6 +290,7 @@ async fn demo(dir: &Path, size: u64, agent_bin: PathBuf) -> Result<u8> {
         m: 2,
         stripe_size: 4 << 20,
         quiet: false,
+        allow_degraded: false,
     };
     let t = Instant::now();
     let snap = snapshot(&plan, keys.clone()).await?;

@@ -8,6 +8,7 @@ pub mod keygen;
 pub mod list;
 pub mod prune;
 pub mod repair;
+pub mod repair_watch;
 pub mod restore;
 pub mod scrub;
 pub mod serve;

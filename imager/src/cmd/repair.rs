@@ -19,6 +19,15 @@
 //!    readable catalog and no shard collected too early (new shards are younger than the grace
 //!    period until the revision that names them is committed).
 //!
+//! *Crowded* shards are rebuilt too: a stripe stored with `snapshot --allow-degraded` holds two
+//! (or more) shards on one agent; every shard after the first on an agent is moved to an agent
+//! that holds no shard of the stripe, when one is reachable with room (rebuilt like an absent
+//! one; the old copy is unreferenced once the new revision commits, and `gc` collects it). When
+//! no such agent exists the shard stays where it is and counts as not placed (exit 2).
+//!
+//! `repair --watch` ([`crate::cmd::repair_watch`]) runs [`repair_pass`] in a loop and holds
+//! back the shards of agents missing for less than `--repair-after`.
+//!
 //! Exit 0: everything rebuilt (or nothing to do). Exit 2: some shard could not be placed
 //! (too few agents outside a stripe). Exit 3: some stripe is lost (fewer than k shards left).
 
@@ -42,7 +51,7 @@ use crate::agents::open_catalog;
 use crate::config::{self, require_agents};
 use crate::fetch::StripeReader;
 use crate::gc::now_secs;
-use crate::health::{bad_shards, Fleet, Presence, SeenBook};
+use crate::health::{bad_shards, crowded_shards, Fleet, Presence, SeenBook};
 use crate::merge;
 
 /// Stripes rebuilt at once.
@@ -71,6 +80,22 @@ pub struct RepairArgs {
     /// Where this machine keeps its manifest cache and agent sightings.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Keep running: look every --interval, rebuild bad or quarantined shards at once, and
+    /// rebuild around a missing agent once it has been missing for --repair-after. Stops on
+    /// SIGINT or SIGTERM. With --json, one JSON line per pass.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: how long an agent may be missing (off, on holiday) before its shards are
+    /// rebuilt elsewhere, e.g. 90s, 30m, 24h, 7d (default 24h).
+    #[arg(long, requires = "watch")]
+    pub repair_after: Option<String>,
+    /// With --watch: how often to look, e.g. 30s, 5m (default 5m).
+    #[arg(long, requires = "watch")]
+    pub interval: Option<String>,
+    /// With --watch: the file that remembers since when each agent has been missing, so a
+    /// restarted watcher keeps the clock (default: `repair-watch` in the cache directory).
+    #[arg(long, requires = "watch")]
+    pub state: Option<PathBuf>,
 }
 
 /// One shard rebuilt (or that would be).
@@ -86,6 +111,9 @@ pub struct Move {
     pub to: String,
     /// `rebuilt`, `planned`, or `failed: ...`.
     pub outcome: String,
+    /// `absent` (missing, quarantined, or its agent is gone) or `crowded` (its agent holds
+    /// another shard of the stripe).
+    pub why: String,
 }
 
 /// One snapshot in `repair --json`.
@@ -99,6 +127,11 @@ pub struct SnapshotRepair {
     pub revision_after: u32,
     /// Shards of it that were absent.
     pub absent_shards: u64,
+    /// Shards of it on an agent holding another shard of the same stripe.
+    pub crowded_shards: u64,
+    /// Absent shards left alone for now: their agent has not been missing long enough
+    /// (`--watch`).
+    pub held_shards: u64,
     /// Slots that now name another agent.
     pub slots_moved: u64,
     /// Stripes with fewer than k shards (cannot be rebuilt now).
@@ -122,6 +155,11 @@ pub struct RepairReport {
     pub bytes_rebuilt: u64,
     /// Shards that could not be rebuilt or placed.
     pub shards_failed: u64,
+    /// Absent shards left alone for now (`--watch`: their agent is missing for less than
+    /// `--repair-after`).
+    pub shards_held: u64,
+    /// Crowded shards moved (or planned) to agents outside their stripe.
+    pub shards_spread: u64,
     /// Distinct stripes lost (fewer than k shards).
     pub stripes_lost: u64,
     /// Seconds spent rebuilding (reading, decoding, encoding, storing, syncing).
@@ -146,7 +184,31 @@ struct Work {
     first: (usize, u64),
     /// Absent shard index → target agent (None: no agent to put it on).
     targets: Vec<(usize, Option<[u8; 16]>)>,
+    /// Which of `targets` are crowded (present, on an agent holding another shard of the stripe).
+    crowded: HashSet<usize>,
     lost: bool,
+}
+
+/// Settings of one repair pass.
+#[derive(Debug, Clone, Default)]
+pub struct PassOptions {
+    /// Plan only.
+    pub dry_run: bool,
+    /// Manifest cache and sightings root.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl RepairReport {
+    /// The exit code: 3 some stripe lost, 2 some shard not placed, else 0.
+    pub fn exit_code(&self) -> u8 {
+        if self.stripes_lost > 0 {
+            3
+        } else if self.shards_failed > 0 {
+            2
+        } else {
+            0
+        }
+    }
 }
 
 type WorkKey = (VolumeId, StripeId, Vec<[u8; 16]>);
@@ -156,12 +218,40 @@ type Placed = Vec<(usize, Result<[u8; 16], String>)>;
 /// `sa-image repair`.
 pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RepairArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, cache_dir; bools json, dry_run);
+    merge!(args, file; key, passphrase_file, agents, cache_dir, repair_after, interval, state;
+        bools json, dry_run, watch);
     let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    let agents = require_agents(&args.agents)?;
+    if args.watch {
+        return crate::cmd::repair_watch::run(&args, keys, agents).await;
+    }
+    let opts = PassOptions {
+        dry_run: args.dry_run,
+        cache_dir: args.cache_dir.clone(),
+    };
+    let report = repair_pass(&agents, &keys, &opts, &mut |_| HashSet::new()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(report.exit_code())
+}
+
+/// One repair: gathers the catalog, fleet and presence, rebuilds what is absent or crowded, and
+/// commits new manifest revisions. `hold` is asked once, with the fleet: the absent shards of
+/// the agents it names (unreachable ones) are left alone this time.
+pub async fn repair_pass(
+    agents: &[String],
+    keys: &Arc<sa_core::keys::Keys>,
+    opts: &PassOptions,
+    hold: &mut dyn FnMut(&Fleet) -> HashSet<[u8; 16]>,
+) -> Result<RepairReport> {
     let started = Instant::now();
-    let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
-    let fleet = Fleet::gather(&attempts, &manifests, &keys).await;
-    SeenBook::open(args.cache_dir.as_deref(), &keys).record(&fleet, now_secs());
+    let (manifests, attempts) = open_catalog(agents, keys).await?;
+    let fleet = Fleet::gather(&attempts, &manifests, keys).await;
+    SeenBook::open(opts.cache_dir.as_deref(), keys).record(&fleet, now_secs());
+    let held_agents = hold(&fleet);
     let mut volumes: Vec<VolumeId> = manifests.iter().map(|m| m.volume).collect();
     volumes.sort();
     volumes.dedup();
@@ -181,8 +271,9 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     // 1. What is absent, per distinct stripe.
     let mut work: Vec<Work> = Vec::new();
     let mut index: HashMap<WorkKey, usize> = HashMap::new();
+    let mut held_seen: HashSet<WorkKey> = HashSet::new();
     let mut report = RepairReport {
-        dry_run: args.dry_run,
+        dry_run: opts.dry_run,
         ..Default::default()
     };
     for (mi, m) in manifests.iter().enumerate() {
@@ -197,16 +288,32 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
                 continue;
             };
             let bad = bad_shards(m, id, slots, &presence);
-            if bad.is_empty() {
+            let crowded: Vec<usize> = crowded_shards(m, slots)
+                .into_iter()
+                .filter(|i| !bad.contains(i))
+                .collect();
+            if bad.is_empty() && crowded.is_empty() {
                 continue;
             }
             sr.absent_shards += bad.len() as u64;
+            sr.crowded_shards += crowded.len() as u64;
             let lost = slots.len() - bad.len() < m.layout.k as usize;
             if lost {
                 sr.lost_stripes += 1;
             }
             let placed: Vec<[u8; 16]> = slots.iter().map(|&s| m.agents[s as usize].id).collect();
+            // Shards of an agent that is missing but not for long enough yet: left alone.
+            let (held, bad): (Vec<usize>, Vec<usize>) = bad.into_iter().partition(|&i| {
+                held_agents.contains(&placed[i]) && fleet.client(&placed[i]).is_none()
+            });
+            sr.held_shards += held.len() as u64;
             let key = (m.volume, *id, placed.clone());
+            if !held.is_empty() && held_seen.insert(key.clone()) {
+                report.shards_held += held.len() as u64;
+            }
+            if bad.is_empty() && crowded.is_empty() && !lost {
+                continue;
+            }
             if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
                 e.insert(work.len());
                 work.push(Work {
@@ -214,7 +321,12 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
                     id: *id,
                     placed,
                     first: (mi, si as u64),
-                    targets: bad.into_iter().map(|i| (i, None)).collect(),
+                    targets: bad
+                        .into_iter()
+                        .chain(crowded.iter().copied())
+                        .map(|i| (i, None))
+                        .collect(),
+                    crowded: crowded.into_iter().collect(),
                     lost,
                 });
             }
@@ -222,17 +334,16 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
         report.snapshots.push(sr);
     }
 
-    // 2. Targets: back in place when the agent answers, else the roomiest agent outside.
+    // 2. Targets: back in place when the agent answers (and holds no other shard of the
+    //    stripe), else the roomiest agent outside the stripe.
     let mut room: HashMap<[u8; 16], i128> = fleet
         .reachable()
         .map(|m| {
             let s = m.stat.clone().unwrap_or_default();
-            let free = if s.quota > 0 {
-                s.quota as i128 - s.used as i128
-            } else {
-                // No quota: the disk is the limit; what we know is what it holds.
-                (1i128 << 62) - s.used as i128
-            };
+            // Unknown (an old agent without a quota): what we know is what it holds.
+            let free = s
+                .room()
+                .map_or((1i128 << 62) - s.used as i128, |r| r as i128);
             (m.id, free)
         })
         .collect();
@@ -242,7 +353,8 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
         let mut used: HashSet<[u8; 16]> = w.placed.iter().copied().collect();
         for (idx, target) in w.targets.iter_mut() {
             let orig = w.placed[*idx];
-            if fleet.client(&orig).is_some() {
+            let alone = w.placed.iter().filter(|&&a| a == orig).count() == 1;
+            if !w.crowded.contains(idx) && alone && fleet.client(&orig).is_some() {
                 *target = Some(orig);
                 continue;
             }
@@ -257,6 +369,10 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
                     *r -= shard_bytes;
                 }
                 *target = Some(t);
+            } else if !w.crowded.contains(idx) && fleet.client(&orig).is_some() {
+                // Absent from an agent that holds another shard of the stripe, and no agent
+                // outside: back where it was, crowded but present.
+                *target = Some(orig);
             }
         }
     }
@@ -266,7 +382,7 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     // 3. Rebuild and store.
     let mut outcomes: HashMap<usize, Placed> = HashMap::new();
     let rebuild_started = Instant::now();
-    if args.dry_run {
+    if opts.dry_run {
         for (wi, w) in work.iter().enumerate().filter(|(_, w)| !w.lost) {
             outcomes.insert(
                 wi,
@@ -341,11 +457,13 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
         let w = &work[*wi];
         let mut now = w.placed.clone();
         for (idx, r) in res {
+            let crowded = w.crowded.contains(idx);
             let outcome = match r {
                 Ok(t) => {
-                    report.shards_rebuilt += u64::from(!args.dry_run);
+                    report.shards_rebuilt += u64::from(!opts.dry_run);
+                    report.shards_spread += u64::from(crowded && *t != w.placed[*idx]);
                     now[*idx] = *t;
-                    if args.dry_run { "planned" } else { "rebuilt" }.to_string()
+                    if opts.dry_run { "planned" } else { "rebuilt" }.to_string()
                 }
                 Err(e) => {
                     report.shards_failed += 1;
@@ -362,6 +480,7 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
                         Err(_) => "-".into(),
                     },
                     outcome,
+                    why: if crowded { "crowded" } else { "absent" }.into(),
                 });
             }
         }
@@ -376,14 +495,14 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
         .sum::<u64>();
 
     // 4. New revisions where slots changed; catalog copies where an agent lacks one.
-    if !args.dry_run {
+    if !opts.dry_run {
         let held = list_catalogs(&fleet).await;
         for (m, sr) in manifests.iter().zip(report.snapshots.iter_mut()) {
             let (new, slots_moved) = revise(m, &moved, &fleet);
             sr.slots_moved = slots_moved;
             let target = new.as_ref().unwrap_or(m);
             sr.revision_after = target.revision;
-            let sealed = target.seal(&keys)?;
+            let sealed = target.seal(keys)?;
             let (copies, written) = commit(&fleet, &held, target, &sealed, new.is_some()).await;
             sr.catalog_copies = copies;
             report.catalog_copies_written += written;
@@ -403,18 +522,7 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_text(&report);
-    }
-    Ok(if report.stripes_lost > 0 {
-        3
-    } else if report.shards_failed > 0 {
-        2
-    } else {
-        0
-    })
+    Ok(report)
 }
 
 /// Reads stripe `stripe` from k good shards, encodes it again and stores the shards `targets`
@@ -578,11 +686,24 @@ fn print_text(r: &RepairReport) {
         }
     }
     for s in &r.snapshots {
-        if s.absent_shards > 0 || s.revision_after != s.revision_before {
+        if s.absent_shards > 0 || s.crowded_shards > 0 || s.revision_after != s.revision_before {
             println!(
-                "snapshot {}: {} shard(s) absent, {} slot(s) moved, revision {} -> {}{}",
+                "snapshot {}: {} shard(s) absent{}{}, {} slot(s) moved, revision {} -> {}{}",
                 s.snapshot,
                 s.absent_shards,
+                if s.held_shards > 0 {
+                    format!(
+                        " ({} held back: their agent is not missing long enough)",
+                        s.held_shards
+                    )
+                } else {
+                    String::new()
+                },
+                if s.crowded_shards > 0 {
+                    format!(", {} crowded (two on one agent)", s.crowded_shards)
+                } else {
+                    String::new()
+                },
                 s.slots_moved,
                 s.revision_before,
                 s.revision_after,
@@ -610,8 +731,13 @@ fn print_text(r: &RepairReport) {
             m.outcome
         );
     }
-    if r.stripes_repaired == 0 && r.stripes_lost == 0 {
-        println!("nothing to repair: every shard is present");
+    if r.stripes_repaired == 0 && r.stripes_lost == 0 && r.shards_held > 0 {
+        println!(
+            "{} shard(s) held back until their agent has been missing long enough",
+            r.shards_held
+        );
+    } else if r.stripes_repaired == 0 && r.stripes_lost == 0 {
+        println!("nothing to repair: every shard is present, each stripe on distinct agents");
     } else if !r.dry_run {
         println!(
             "{verb} {} shard(s), {} in {:.1}s ({:.1} MB/s); {} catalog copies written",

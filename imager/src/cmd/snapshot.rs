@@ -20,11 +20,30 @@
 //! With `--changed-since SNAPSHOT --changed-map FILE` ([`changed`]) stripes that no listed range
 //! touches are copied from that snapshot's manifest without reading the source at all.
 //!
+//! Placement ([`sa_core::placement`]): before reading anything, every agent's room is asked
+//! (`STAT`: `quota - used` with a quota, else the free space of its filesystem) and each agent
+//! gets a share of the new shards proportional to it, never more than it can take. The need is
+//! estimated as every stripe to read being new and non-zero (all-zero stripes cannot be known
+//! before reading): a first snapshot the fleet cannot hold is refused up front, before anything
+//! is stored; an incremental run (which stores only changed stripes) then still runs, placed by
+//! room, and fails cleanly only if more changed than fits. While it runs a [`Budget`] counts what
+//! each agent took and moves a shard to the roomiest agent outside the stripe when the planned
+//! one has no room left.
+//!
+//! Degraded mode (`--allow-degraded`): with fewer than `k + m` agents reachable (or with room),
+//! the default is to refuse. With the flag, and at least `k` such agents, every stripe still gets
+//! all `k + m` shards, spread as evenly as possible (at most `ceil((k + m) / n)` on one agent):
+//! every shard exists, so the data is as safe as it can be on `n` PCs, but a stripe survives
+//! fewer agent losses than `m` (its *margin*, reported). `status` then exits 2 and `repair`
+//! moves the doubled-up shards onto agents that hold no other shard of the stripe once enough
+//! agents are up. Fewer than `k` agents are refused even with the flag: one PC would then hold
+//! a whole stripe's worth of data (or more) and the backup would hinge on a couple of desks.
+//!
 //! Garbage-collection safety (see [`crate::gc`]): before storing anything, the snapshot writes a
 //! lease naming its base on every agent, then checks the base was not forgotten meanwhile; the
 //! lease is deleted after the commit (or a failure).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,8 +51,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use sa_core::keys::{hex, random_bytes, Keys};
-use sa_core::layout::{rotate_placement, Layout};
+use sa_core::layout::Layout;
 use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
+use sa_core::placement::{stripe_margin, Budget, Placement, PlacementError};
 use sa_core::seal::{is_zero, StripeId};
 use sa_core::shard::SHARD_HEADER_LEN;
 use sa_core::size::{format_size, parse_size};
@@ -101,6 +121,11 @@ pub struct SnapshotArgs {
     /// or 0x hex, `#` comments); stripes no range touches are not read.
     #[arg(long, requires = "changed_since")]
     pub changed_map: Option<PathBuf>,
+    /// With fewer than k + m agents reachable (but at least k), store anyway: all k + m shards of
+    /// every stripe, some agents holding two (or more) of one stripe, so the snapshot survives
+    /// fewer agent losses than m until `sa-image repair` spreads them (status exits 2 meanwhile).
+    #[arg(long)]
+    pub allow_degraded: bool,
 }
 
 /// Incremental options of a snapshot run.
@@ -153,6 +178,28 @@ pub struct SnapshotReport {
     pub bytes_read: u64,
     /// Size of the sealed (compressed, encrypted) manifest, bytes.
     pub manifest_bytes: u64,
+    /// Agent losses the snapshot survives as stored (m, unless stored degraded).
+    pub margin: i64,
+    /// Stored with fewer than k + m agents (`--allow-degraded`).
+    pub degraded: bool,
+    /// Agents that failed during the run: their part went to the others, and the shards they
+    /// took before failing count as absent (the margin shows it; `repair` restores it).
+    pub agents_lost: Vec<String>,
+    /// Per agent used (address): the room it reported before the run (bytes; None: unknown)
+    /// and the shards it was given.
+    pub placement: Vec<AgentPlacement>,
+}
+
+/// One agent's part in a snapshot (`snapshot --json`).
+#[derive(Serialize, Debug, Clone)]
+pub struct AgentPlacement {
+    /// Address.
+    pub addr: String,
+    /// Bytes it could take when the run started (`quota - used`, else the filesystem's free
+    /// space); None when it did not say.
+    pub room: Option<u64>,
+    /// New shards planned for it over the volume (if every stripe read were new and non-zero).
+    pub planned_shards: u64,
 }
 
 /// Parameters of a snapshot run (also used by `demo`).
@@ -171,13 +218,15 @@ pub struct SnapshotPlan {
     pub stripe_size: u32,
     /// Hide progress.
     pub quiet: bool,
+    /// Store with fewer than k + m agents (see the module docs).
+    pub allow_degraded: bool,
 }
 
 /// `sa-image snapshot`.
 pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
     merge!(args, file; key, passphrase_file, agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
-        changed_map; bools json);
+        changed_map; bools json, allow_degraded);
     if args.changed_since.is_some() != args.changed_map.is_some() {
         bail!("--changed-since and --changed-map go together: the map lists what changed since that snapshot");
     }
@@ -200,6 +249,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
         m: args.parity_shards.unwrap_or(2),
         stripe_size,
         quiet: args.json,
+        allow_degraded: args.allow_degraded,
     };
     let inc = Incremental {
         cache_dir: args.cache_dir.clone(),
@@ -237,6 +287,20 @@ fn print_report(r: &SnapshotReport) {
     );
     for a in &r.agents_unreachable {
         println!("  warning: agent {a} was unreachable; its share went to the others");
+    }
+    for a in &r.agents_lost {
+        println!(
+            "  warning: agent {a} failed during the run; its part went to the others and what it \
+             took counts as absent (survives {} agent loss(es); `sa-image repair` restores {})",
+            r.margin, r.parity_shards
+        );
+    }
+    if r.degraded {
+        println!(
+            "  warning: stored DEGRADED on {} agents: it survives {} agent loss(es), not {}; \
+             start more agents and run `sa-image repair` to spread the shards",
+            r.agents, r.margin, r.parity_shards
+        );
     }
 }
 
@@ -313,12 +377,18 @@ pub async fn snapshot_with(
     let vol = open_source(&plan.source)?;
     let layout = Layout::new(vol.size, plan.stripe_size, plan.k, plan.m)?;
     let shards = layout.shards();
-    if plan.agents.len() < shards {
+    let k = plan.k as usize;
+    if plan.agents.len() < shards && !(plan.allow_degraded && plan.agents.len() >= k) {
         bail!(
-            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards",
+            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards{}",
             plan.agents.len(),
             plan.k,
-            plan.m
+            plan.m,
+            if plan.agents.len() >= k {
+                " (or --allow-degraded to store with less redundancy for now)"
+            } else {
+                ""
+            }
         );
     }
 
@@ -345,16 +415,29 @@ pub async fn snapshot_with(
     if clients.is_empty() {
         return Err(none_reachable(&attempts));
     }
-    if clients.len() < shards {
+    if clients.len() < shards && !(plan.allow_degraded && clients.len() >= k) {
         bail!(
             "only {} of {} agents reachable but k + m = {shards}: {} cannot be stored with full redundancy; \
-             start the missing agents (unreachable: {})",
+             start the missing agents (unreachable: {}){}",
             clients.len(),
             plan.agents.len(),
             plan.volume,
-            unreachable.join(", ")
+            unreachable.join(", "),
+            if clients.len() >= k {
+                format!(
+                    ", or pass --allow-degraded to store all {shards} shards of each stripe on the {} reachable \
+                     agents now (some holding two of a stripe: it survives fewer losses until `sa-image repair` \
+                     spreads them)",
+                    clients.len()
+                )
+            } else {
+                format!(
+                    "; even --allow-degraded needs at least k = {k} agents",
+                )
+            }
         );
     }
+    let rooms = agent_rooms(&clients).await;
     let table: Vec<AgentEntry> = clients
         .iter()
         .map(|c| AgentEntry {
@@ -484,7 +567,21 @@ pub async fn snapshot_with(
             .filter(|&i| stripes[i as usize].is_none())
             .collect();
         let bytes_read: u64 = to_read.iter().map(|&i| layout.stripe_len(i) as u64).sum();
-        let known = Arc::new(Mutex::new(known_map));
+        let (placement, budget, per_stripe) = plan_placement(
+            &layout,
+            &table,
+            &rooms,
+            to_read.len() as u64,
+            base.is_some(),
+            plan.allow_degraded,
+        )?;
+        let planned = placement.quotas();
+        let placed = Arc::new(Mutex::new(Placed {
+            known: known_map,
+            placement,
+            budget,
+            lost: HashSet::new(),
+        }));
 
         let codec = Arc::new(StripeCodec::new(keys.clone(), layout, volume_id)?);
         let clients = Arc::new(clients);
@@ -493,7 +590,8 @@ pub async fn snapshot_with(
 
         // Reader thread: sequential reads into a bounded channel.
         let (tx, mut rx) = mpsc::channel::<std::io::Result<(u64, Vec<u8>)>>(4);
-        let file = vol.file;
+        let source = Arc::new(vol.file);
+        let file = source.clone();
         let reader = tokio::task::spawn_blocking(move || {
             for i in to_read {
                 let mut buf = vec![0u8; layout.stripe_len(i)];
@@ -526,11 +624,16 @@ pub async fn snapshot_with(
                 .acquire_owned()
                 .await
                 .context("pipeline closed")?;
-            let (codec, clients, known, bar) =
-                (codec.clone(), clients.clone(), known.clone(), bar.clone());
+            let (codec, clients, placed, bar, source) = (
+                codec.clone(),
+                clients.clone(),
+                placed.clone(),
+                bar.clone(),
+                source.clone(),
+            );
             tasks.spawn(async move {
                 let len = buf.len() as u64;
-                let r = store_stripe(i, buf, codec, clients, known).await;
+                let r = store_stripe(i, buf, codec, clients, placed, source).await;
                 bar.inc(len);
                 drop(permit);
                 r
@@ -554,18 +657,58 @@ pub async fn snapshot_with(
             })
             .collect::<Result<_>>()?;
 
-        // Durability barrier on every agent, then the commit: the manifest on every agent.
+        // Durability barrier on every agent still with us, then the commit: the manifest on
+        // every agent. An agent lost during the run (or whose SYNC fails) holds shards that may
+        // not be durable: they count as absent, and the snapshot is committed only if every
+        // stripe still has k shards elsewhere (its margin then shows in the report and in
+        // `status`, and `repair` restores it).
+        let mut lost = placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lost
+            .clone();
         let mut syncs = JoinSet::new();
-        for c in clients.iter() {
+        for (slot, c) in clients.iter().enumerate() {
+            if lost.contains(&(slot as u16)) {
+                continue;
+            }
             let c = c.clone();
-            syncs.spawn(async move { (c.addr().to_string(), c.sync().await) });
+            syncs.spawn(async move { (slot as u16, c.addr().to_string(), c.sync().await) });
         }
         while let Some(r) = syncs.join_next().await {
-            let (addr, r) = r.context("sync task failed")?;
-            r.with_context(|| {
-                format!("agent {addr} could not make its shards durable; snapshot not committed")
-            })?;
+            let (slot, addr, r) = r.context("sync task failed")?;
+            if let Err(e) = r {
+                tracing::warn!("agent {addr} could not make its shards durable ({e}); counting them as absent");
+                lost.insert(slot);
+            }
         }
+        let margin_of = |slots: &[u16]| {
+            let present: Vec<u16> = slots.iter().copied().filter(|s| !lost.contains(s)).collect();
+            stripe_margin(&present, k)
+        };
+        let margins: Vec<i64> = stripes
+            .iter()
+            .filter_map(|s| match s {
+                StripeRef::Data { slots, .. } => Some(margin_of(slots)),
+                StripeRef::Zero => None,
+            })
+            .collect();
+        let short = margins.iter().filter(|&&m| m < 0).count();
+        if short > 0 {
+            bail!(
+                "{short} stripe(s) have fewer than k = {k} shards on agents that stayed (lost during the run: {}); \
+                 snapshot not committed: bring the agents back or add agents, and run it again",
+                lost.iter()
+                    .map(|&s| clients[s as usize].addr().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let margin = margins.into_iter().min().unwrap_or(plan.m as i64);
+        let agents_lost: Vec<String> = lost
+            .iter()
+            .map(|&s| clients[s as usize].addr().to_string())
+            .collect();
         let (created, created_nanos) = now();
         let manifest = Manifest {
             snapshot: snapshot_id.clone(),
@@ -580,7 +723,10 @@ pub async fn snapshot_with(
         };
         let sealed = manifest.seal(&keys)?;
         let mut puts = JoinSet::new();
-        for c in clients.iter() {
+        for (slot, c) in clients.iter().enumerate() {
+            if lost.contains(&(slot as u16)) {
+                continue;
+            }
             let c = c.clone();
             let (name, data) = (manifest.blob_name(), sealed.clone());
             puts.spawn(async move { (c.addr().to_string(), c.put_blob(&name, data).await) });
@@ -592,7 +738,7 @@ pub async fn snapshot_with(
                 catalog_failures.push(format!("{addr}: {e}"));
             }
         }
-        if catalog_failures.len() == clients.len() {
+        if catalog_failures.len() == clients.len() - lost.len() {
             bail!(
                 "no agent accepted the catalog entry; snapshot not committed: {}",
                 catalog_failures.join("; ")
@@ -624,6 +770,20 @@ pub async fn snapshot_with(
             unread_stripes: unread,
             bytes_read,
             manifest_bytes: sealed.len() as u64,
+            margin,
+            degraded: per_stripe > 1,
+            agents_lost,
+            placement: manifest
+                .agents
+                .iter()
+                .zip(&rooms)
+                .zip(&planned)
+                .map(|((a, r), p)| AgentPlacement {
+                    addr: a.addr.clone(),
+                    room: *r,
+                    planned_shards: *p,
+                })
+                .collect(),
         })
     }
     .await;
@@ -634,12 +794,15 @@ pub async fn snapshot_with(
     result
 }
 
-/// Deletes blob `name` from every client.
+/// Deletes blob `name` from every client (5 s each at most: an agent lost during the run must
+/// not hold up the end of it; what is left expires by itself).
 async fn delete_everywhere(clients: &[AgentClient], name: &str) -> Result<()> {
     let mut failed = Vec::new();
     for c in clients {
-        if let Err(e) = c.delete_blob(name).await {
-            failed.push(format!("{}: {e}", c.addr()));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), c.delete_blob(name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(format!("{}: {e}", c.addr())),
+            Err(_) => failed.push(format!("{}: no answer", c.addr())),
         }
     }
     if failed.is_empty() {
@@ -668,10 +831,167 @@ impl StripeOutcome {
     }
 }
 
+/// What the stripe tasks share about where shards go.
+struct Placed {
+    /// Stripes already stored (earlier snapshot, or earlier in this run) and their slots.
+    known: HashMap<StripeId, Vec<u16>>,
+    /// The plan by room.
+    placement: Placement,
+    /// What each agent may still take.
+    budget: Budget,
+    /// Agents (slots) that failed during the run: given nothing more, not synced, their shards
+    /// of this run counted as absent.
+    lost: HashSet<u16>,
+}
+
+/// Per client, in order, the bytes it can still take (`None`: it did not say).
+async fn agent_rooms(clients: &[AgentClient]) -> Vec<Option<u64>> {
+    let mut set = JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        set.spawn(async move { (i, c.addr().to_string(), c.stat().await) });
+    }
+    let mut out = vec![None; clients.len()];
+    while let Some(r) = set.join_next().await {
+        let Ok((i, addr, r)) = r else { continue };
+        match r {
+            Ok(s) => out[i] = s.room(),
+            Err(e) => {
+                tracing::warn!("{addr}: cannot ask its free space ({e}); placing as if unlimited")
+            }
+        }
+    }
+    out
+}
+
+/// Bytes kept free on every agent for the catalog (the manifest of this snapshot, leases, and
+/// some slack): 64 KiB plus 64 bytes per stripe (a sealed manifest takes about 36).
+fn catalog_reserve(layout: &Layout) -> u64 {
+    (64 << 10) + 64 * layout.stripe_count()
+}
+
+/// The placement of this run: from each agent's room (in whole shards, the catalog reserve
+/// kept), the stripes to read (`to_read`, each assumed new and non-zero), and whether this run is
+/// incremental (a base exists: few stripes will be new). Returns the plan, the run-time budget,
+/// and the most shards of one stripe one agent may hold (1, more only degraded).
+fn plan_placement(
+    layout: &Layout,
+    table: &[AgentEntry],
+    rooms: &[Option<u64>],
+    to_read: u64,
+    incremental: bool,
+    allow_degraded: bool,
+) -> Result<(Placement, Budget, usize)> {
+    let shards = layout.shards();
+    let k = layout.k as usize;
+    let file = (layout.shard_len(layout.stripe_size as usize) + SHARD_HEADER_LEN) as u64;
+    let reserve = catalog_reserve(layout);
+    let in_shards: Vec<u64> = rooms
+        .iter()
+        .map(|r| r.map_or(u64::MAX, |b| b.saturating_sub(reserve) / file))
+        .collect();
+    let roomy = in_shards.iter().filter(|&&r| r > 0).count();
+    let describe = || {
+        table
+            .iter()
+            .zip(rooms)
+            .map(|(a, r)| {
+                format!(
+                    "{} {}",
+                    a.addr,
+                    r.map_or("room unknown".into(), |b| format!(
+                        "{} free",
+                        format_size(b)
+                    ))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let per_stripe = if roomy >= shards {
+        1
+    } else if allow_degraded && roomy >= k {
+        shards.div_ceil(roomy)
+    } else {
+        bail!(
+            "only {roomy} of {} reachable agents have room for a {} shard, but k + m = {shards} are needed{}: \
+             free space on the agents (or raise their --quota), or add agents ({})",
+            table.len(),
+            format_size(file),
+            if allow_degraded {
+                format!("; even --allow-degraded needs at least k = {k}")
+            } else if roomy >= k {
+                "; --allow-degraded stores with less redundancy for now".into()
+            } else {
+                String::new()
+            },
+            describe()
+        );
+    };
+    if per_stripe > 1 {
+        tracing::warn!(
+            "degraded: {roomy} agents for k + m = {shards} shards; up to {per_stripe} shards of a stripe on one agent"
+        );
+    }
+    let budget = Budget::new(&in_shards, per_stripe);
+    let stripes = layout.stripe_count();
+    match Placement::new(stripes, to_read, shards, &in_shards, per_stripe) {
+        Ok(p) => Ok((p, budget, per_stripe)),
+        Err(PlacementError::NoRoom { room, need, .. }) if incremental => {
+            tracing::warn!(
+                "the agents could not hold a full rewrite of the {to_read} stripes read (room for {room} of \
+                 {need} shard positions); placing by room anyway, as an incremental run stores only what changed"
+            );
+            let p = Placement::new(stripes, 0, shards, &in_shards, per_stripe)?;
+            Ok((p, budget, per_stripe))
+        }
+        Err(e @ PlacementError::NoRoom { .. }) => {
+            let need = to_read * shards as u64 * file;
+            bail!(
+                "the agents cannot hold this snapshot: up to {} of new shards ({to_read} stripes × {shards} \
+                 shards of {}; all-zero stripes store nothing but cannot be known before reading), and {e}; \
+                 nothing was stored. Free space on the agents (or raise their --quota), or add agents ({})",
+                format_size(need),
+                format_size(file),
+                describe()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 enum Prepared {
     Zero,
     Known(StripeId, Vec<u16>),
     New(sa_core::stripe::EncodedStripe, Vec<u16>),
+}
+
+/// Shard `idx` of stripe `i` made again from the source: read, checked to be the same stripe
+/// (`id`), encoded.
+async fn shard_again(
+    source: &Arc<std::fs::File>,
+    codec: &Arc<StripeCodec>,
+    i: u64,
+    id: StripeId,
+    idx: usize,
+) -> Result<Vec<u8>> {
+    let (source, codec) = (source.clone(), codec.clone());
+    tokio::task::spawn_blocking(move || {
+        let layout = *codec.layout();
+        let mut buf = vec![0u8; layout.stripe_len(i)];
+        source
+            .read_exact_at(&mut buf, layout.stripe_offset(i))
+            .with_context(|| format!("cannot read stripe {i} again"))?;
+        if codec.stripe_id(&buf) != id {
+            bail!(
+                "stripe {i} changed while the snapshot ran (a live disk?); nothing was committed"
+            );
+        }
+        let mut enc = codec.encode(id, buf);
+        Ok(enc.shards.swap_remove(idx))
+    })
+    .await
+    .context("re-encode task failed")?
 }
 
 async fn store_stripe(
@@ -679,28 +999,35 @@ async fn store_stripe(
     buf: Vec<u8>,
     codec: Arc<StripeCodec>,
     clients: Arc<Vec<AgentClient>>,
-    known: Arc<Mutex<HashMap<StripeId, Vec<u16>>>>,
+    placed: Arc<Mutex<Placed>>,
+    source: Arc<std::fs::File>,
 ) -> Result<(u64, StripeRef, StripeOutcome)> {
-    let n_agents = clients.len();
     let c2 = codec.clone();
+    let p2 = placed.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         if is_zero(&buf) {
-            return Prepared::Zero;
+            return Ok(Prepared::Zero);
         }
         let id = c2.stripe_id(&buf);
         let slots = {
-            let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slots) = known.get(&id) {
-                return Prepared::Known(id, slots.clone());
+            let mut p = p2.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slots) = p.known.get(&id) {
+                return Ok(Prepared::Known(id, slots.clone()));
             }
-            let slots = rotate_placement(i, c2.layout().shards(), n_agents);
-            known.insert(id, slots.clone());
+            let planned = p.placement.slots(i);
+            let Some(slots) = p.budget.take(&planned) else {
+                bail!(
+                    "the agents have no room left for stripe {i} (more was new than the agents could hold); \
+                     nothing was committed: free space on the agents or add agents, and run the snapshot again"
+                );
+            };
+            p.known.insert(id, slots.clone());
             slots
         };
-        Prepared::New(c2.encode(id, buf), slots)
+        Ok(Prepared::New(c2.encode(id, buf), slots))
     })
     .await
-    .context("encode task failed")?;
+    .context("encode task failed")??;
     let mut outcome = StripeOutcome::default();
     let sref = match prepared {
         Prepared::Zero => {
@@ -711,47 +1038,88 @@ async fn store_stripe(
             outcome.reused = 1;
             StripeRef::Data { id, slots }
         }
-        Prepared::New(enc, slots) => {
+        Prepared::New(enc, mut slots) => {
             // Each shard is first offered by its header: an agent that already holds it whole
             // (a snapshot killed midway left it; encryption is deterministic) keeps it, and
             // only the others travel. This is what makes the next run resume.
-            let mut puts = JoinSet::new();
-            for (idx, file) in enc.shards.into_iter().enumerate() {
-                let client = clients[slots[idx] as usize].clone();
-                let key = codec.key(&enc.id, idx);
-                puts.spawn(async move {
-                    let header = &file[..SHARD_HEADER_LEN];
-                    let r = match client.confirm_shard(&key, header).await {
-                        Ok(true) => Ok(0),
-                        Ok(false) => {
-                            let len = file.len() as u64;
-                            client.put_shard(&key, file).await.map(|()| len)
-                        }
-                        Err(e) => Err(e),
-                    };
-                    (client.addr().to_string(), r)
-                });
-            }
+            // A shard whose agent fails (gone, cut off) or says it is full goes to another agent
+            // outside the stripe ([`Budget::replace`]); a failed agent gets nothing more in this
+            // run. The shard file is made again from the source (re-read, re-encoded: the same
+            // bytes, as encryption is deterministic) rather than kept in memory for a retry.
+            let id = enc.id;
+            let mut pending: Vec<(usize, Vec<u8>)> = enc.shards.into_iter().enumerate().collect();
             let mut sent_any = false;
-            while let Some(r) = puts.join_next().await {
-                let (addr, r) = r.context("upload task failed")?;
-                match r {
-                    Ok(sent) => {
-                        outcome.bytes_sent += sent;
-                        sent_any |= sent > 0;
+            while !pending.is_empty() {
+                let mut puts = JoinSet::new();
+                for (idx, file) in pending.drain(..) {
+                    let slot = slots[idx];
+                    let client = clients[slot as usize].clone();
+                    let key = codec.key(&id, idx);
+                    puts.spawn(async move {
+                        let header = &file[..SHARD_HEADER_LEN];
+                        let r = match client.confirm_shard(&key, header).await {
+                            Ok(true) => Ok(0),
+                            Ok(false) => {
+                                let len = file.len() as u64;
+                                client.put_shard(&key, file).await.map(|()| len)
+                            }
+                            Err(e) => Err(e),
+                        };
+                        (idx, slot, client.addr().to_string(), r)
+                    });
+                }
+                let mut failed = Vec::new();
+                while let Some(r) = puts.join_next().await {
+                    let (idx, slot, addr, r) = r.context("upload task failed")?;
+                    match r {
+                        Ok(sent) => {
+                            outcome.bytes_sent += sent;
+                            sent_any |= sent > 0;
+                        }
+                        Err(e @ sa_core::Error::ShardCorrupt(_)) => bail!(
+                            "agent {addr} rejected shard {idx} of stripe {i}: {e}; nothing was committed"
+                        ),
+                        Err(e) => failed.push((idx, slot, addr, e)),
                     }
-                    Err(sa_core::Error::Full(why)) => {
-                        bail!("agent {addr} is full ({why}); nothing was committed")
-                    }
-                    Err(e) => bail!("agent {addr} failed while storing stripe {i}: {e}; nothing was committed, run the snapshot again"),
+                }
+                for (idx, slot, addr, e) in failed {
+                    let full = matches!(e, sa_core::Error::Full(_));
+                    let next = {
+                        let mut p = placed.lock().unwrap_or_else(|p| p.into_inner());
+                        p.budget.drop_agent(slot as usize);
+                        if !full && p.lost.insert(slot) {
+                            tracing::warn!(
+                                "agent {addr} failed while storing stripe {i} ({e}); its part of this run goes to the others"
+                            );
+                        } else if full {
+                            tracing::warn!("agent {addr} is full ({e}); its part of this run goes to the others");
+                        }
+                        p.budget.replace(&slots, idx)
+                    };
+                    let Some(next) = next else {
+                        if full {
+                            bail!("agent {addr} is full ({e}) and no other agent outside stripe {i} has room; nothing was committed");
+                        }
+                        bail!(
+                            "agent {addr} failed while storing stripe {i}: {e}; no other agent outside the stripe \
+                             can take its shard; nothing was committed, run the snapshot again"
+                        );
+                    };
+                    slots[idx] = next;
+                    pending.push((idx, shard_again(&source, &codec, i, id, idx).await?));
                 }
             }
+            placed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .known
+                .insert(id, slots.clone());
             if sent_any {
                 outcome.new = 1;
             } else {
                 outcome.resumed = 1;
             }
-            return Ok((i, StripeRef::Data { id: enc.id, slots }, outcome));
+            return Ok((i, StripeRef::Data { id, slots }, outcome));
         }
     };
     Ok((i, sref, outcome))
@@ -771,7 +1139,7 @@ mod tests {
         let stripes: Vec<StripeRef> = (0..layout.stripe_count())
             .map(|i| StripeRef::Data {
                 id: *blake3::hash(&i.to_le_bytes()).as_bytes(),
-                slots: rotate_placement(i, 6, 6),
+                slots: sa_core::layout::rotate_placement(i, 6, 6),
             })
             .collect();
         let m = Manifest {

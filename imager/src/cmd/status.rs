@@ -2,6 +2,9 @@
 //! snapshot's worst-case margin: how many more agents it survives losing, by shard presence
 //! (`LIST_SHARDS` on every agent, no shard read; see [`crate::health`]).
 //!
+//! Agents are counted, not shards: a stripe stored with `snapshot --allow-degraded` (two shards
+//! on one agent) has a margin below m although every shard is present.
+//!
 //! Exit 0: every snapshot has its full redundancy (margin = m). Exit 2: some snapshot is below
 //! it (margin < m; `sa-image repair` restores it). Exit 3: some stripe has fewer than k shards
 //! left (data lost unless the agents that hold the rest come back).
@@ -59,8 +62,11 @@ pub struct AgentStatus {
     pub used: Option<u64>,
     /// Quota, bytes (0: none).
     pub quota: Option<u64>,
-    /// Free bytes within the quota (None without a quota).
+    /// Bytes it can still take: quota minus used, else (no quota) its filesystem's free space;
+    /// None when unknown (an agent too old to report its filesystem).
     pub free: Option<u64>,
+    /// Free bytes on the agent's filesystem.
+    pub fs_free: Option<u64>,
     /// Shard files held.
     pub shards: Option<u64>,
     /// Why it is unreachable.
@@ -130,11 +136,8 @@ pub async fn run(mut args: StatusArgs, cfg: Option<&Path>) -> Result<u8> {
             last_seen: book.last_seen(&m.id),
             used: m.stat.as_ref().map(|s| s.used),
             quota: m.stat.as_ref().map(|s| s.quota),
-            free: m
-                .stat
-                .as_ref()
-                .filter(|s| s.quota > 0)
-                .map(|s| s.quota.saturating_sub(s.used)),
+            free: m.stat.as_ref().and_then(|s| s.room()),
+            fs_free: m.stat.as_ref().and_then(|s| s.fs_free),
             shards: m.stat.as_ref().map(|s| s.shards),
             error: m.error.clone(),
         })
@@ -232,8 +235,19 @@ fn print_text(r: &StatusReport) {
             match s.state.as_str() {
                 "ok" => "full redundancy".to_string(),
                 "degraded" => format!(
-                    "DEGRADED: {} of {} stripes miss shards ({} shards absent); survives {} more agent loss(es); run `sa-image repair`",
-                    h.degraded_stripes, h.data_stripes, h.absent_shards, h.margin
+                    "DEGRADED: {} of {} stripes miss shards ({} shards absent){}; survives {} more agent loss(es); run `sa-image repair`",
+                    h.degraded_stripes,
+                    h.data_stripes,
+                    h.absent_shards,
+                    if h.crowded_stripes > 0 {
+                        format!(
+                            ", {} stripes hold two or more shards on one agent (stored with --allow-degraded)",
+                            h.crowded_stripes
+                        )
+                    } else {
+                        String::new()
+                    },
+                    h.margin
                 ),
                 _ => format!(
                     "LOST: {} stripes have fewer than k={} shards; bring back the agents that are down",
