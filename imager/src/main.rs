@@ -2,7 +2,7 @@
 //! back — restored to a disk, or (soon) served live over NBD.
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`, `repair`,
-//! `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept`, `demo`.
+//! `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
 //! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
 //! stripe is still recoverable, and 3 when data is lost; `status` exits 2 when a snapshot is below
 //! its configured redundancy and 3 when data is lost; `scrub` exits 2 when bad shards wait for
@@ -82,7 +82,7 @@ enum Command {
     Forget(cmd::forget::ForgetArgs),
     /// Delete shards that no kept snapshot references (safe while snapshots run).
     Gc(cmd::gc::GcArgs),
-    /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`.
+    /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`.
     #[command(subcommand)]
     Agents(cmd::agents::AgentsCommand),
     /// Run everything locally: agents, a snapshot, lost agents, a verified restore.

@@ -231,3 +231,71 @@ fn floods_of_half_open_and_hostile_connections_leave_the_agent_serving_in_bounde
     drop(held);
     expect_ok(&c.sa(&["agents", "list"]), "agents list after");
 }
+
+#[test]
+fn members_join_snapshots_and_a_retired_agent_is_drained() {
+    let mut c = Cluster::start(4);
+    let img = ImageSpec::random(8 * MIB, 0x1d_0003).write(&c.path("disk.img"));
+    let (a0, a1, a3) = (
+        c.agents[0].addr_str(),
+        c.agents[1].addr_str(),
+        c.agents[3].addr_str(),
+    );
+    let first3 = sa_tests::cluster::join_addrs(&c.agents[..3]);
+    let mut args: Vec<&OsStr> = vec![OsStr::new("snapshot"), img.path.as_os_str()];
+    args.extend(K2M1.iter().map(OsStr::new));
+    args.push(OsStr::new("--json"));
+    let first = json(&c.sa_agents(&args, &first3), "snapshot on three agents");
+    let first = str_of(&first, "snapshot").to_string();
+    expect_ok(
+        &c.sa_agents(&["agents", "add", &a3], &a0),
+        "agents add the fourth",
+    );
+    // Given one address, the snapshot uses every member of the book.
+    let img2 = ImageSpec::random(8 * MIB, 0x1d_0004).write(&c.path("disk2.img"));
+    let mut args2: Vec<&OsStr> = vec![OsStr::new("snapshot"), img2.path.as_os_str()];
+    args2.extend(K2M1.iter().map(OsStr::new));
+    args2.push(OsStr::new("--json"));
+    let second = json(&c.sa_agents(&args2, &a0), "snapshot given one agent");
+    let second = str_of(&second, "snapshot").to_string();
+    let listed = json(&c.sa_agents(&["list", "--json"], &a0), "list");
+    let table = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["snapshot"] == id)
+            .map(|r| r["agents"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert_eq!(table(&second), 4, "{listed}");
+    assert!(
+        !sa_tests::scan::shard_files(c.agents[3].dir()).is_empty(),
+        "the added agent holds shards"
+    );
+
+    // Retire a0: its shards are rebuilt elsewhere; then it may vanish for good.
+    let id0 = row(&agents_list(&c, &a1), &a0)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = c.sa_agents(&["agents", "retire", &id0, "--json"], &a1);
+    let v: Value = serde_json::from_str(&expect_ok(&out, "agents retire")).unwrap();
+    assert!(v["repair"]["shards_rebuilt"].as_u64().unwrap() > 0, "{v}");
+    c.agents[0].kill();
+    std::fs::remove_dir_all(c.agents[0].dir()).unwrap();
+    let rest = sa_tests::cluster::join_addrs(&c.agents[1..]);
+    for snap in [&first, &second] {
+        let out = c.sa_agents(&["verify", snap], &rest);
+        assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    }
+    let rows = agents_list(&c, &a1);
+    assert_eq!(row(&rows, &a0)["state"], "retired", "{rows:?}");
+    // Full redundancy again: one more agent may go and both snapshots still come back.
+    c.agents[1].kill();
+    for (i, (snap, want)) in [(&first, &img), (&second, &img2)].into_iter().enumerate() {
+        let target = c.path(&format!("r{i}.img"));
+        c.restore(snap, &target, &rest);
+        assert_eq!(sha256(&target), want.sha256());
+    }
+}

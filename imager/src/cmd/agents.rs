@@ -9,6 +9,14 @@
 //! * `accept ID` pins the key an agent shows now, on purpose, in place of the pinned one: after
 //!   its identity key was replaced deliberately (a directory restored without `identity.key`).
 //!   Nothing else ever changes a pin.
+//! * `retire ID` takes an agent out of service: it is marked retired in the book (so no command
+//!   uses it again, and it is not pinned anew as a stranger), then a repair pass rebuilds every
+//!   shard it held onto agents outside each stripe and commits new manifest revisions that no
+//!   longer name it. The shards are rebuilt from the other agents (not copied from the retiring
+//!   one), so it does not need to answer: a PC already gone for good is retired the same way.
+//!   When some stripe cannot be rebuilt without it (other agents down too), it is put back in
+//!   service and the command fails, naming how many stripes would be lost. Its directory can be
+//!   deleted afterwards; the book keeps it as retired (`agents add` brings it back).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +41,8 @@ pub enum AgentsCommand {
     Add(AddArgs),
     /// Accept the identity key an agent shows now in place of the pinned one (on purpose only).
     Accept(AcceptArgs),
+    /// Take an agent out of service: rebuild its shards elsewhere, then leave it retired.
+    Retire(AcceptArgs),
 }
 
 /// Flags every `agents` subcommand takes.
@@ -63,7 +73,7 @@ pub struct AddArgs {
     common: AgentsArgs,
 }
 
-/// Flags of `agents accept`.
+/// Flags of `agents accept` and `agents retire`.
 #[derive(clap::Args, Debug)]
 pub struct AcceptArgs {
     /// The agent's id (or a unique prefix of it), as `agents list` or the refusal printed it.
@@ -105,6 +115,7 @@ pub async fn run(command: AgentsCommand, cfg: Option<&Path>) -> Result<u8> {
         AgentsCommand::List(args) => list(args, cfg).await,
         AgentsCommand::Add(a) => add(a, cfg).await,
         AgentsCommand::Accept(a) => accept(a, cfg).await,
+        AgentsCommand::Retire(a) => retire(a, cfg).await,
     }
 }
 
@@ -264,29 +275,102 @@ async fn add(a: AddArgs, cfg: Option<&Path>) -> Result<u8> {
     Ok(0)
 }
 
-async fn accept(a: AcceptArgs, cfg: Option<&Path>) -> Result<u8> {
-    let (args, keys) = load(a.common, cfg)?;
-    let addrs = require_agents(&args.agents)?;
-    // Judged connections load the book; the agent in question shows up as refused.
-    let attempts = reach_all(&addrs, &keys).await;
-    let want = a.id.to_ascii_lowercase();
+/// The one book member whose id starts with `prefix`.
+fn find_member(prefix: &str) -> Result<Member> {
+    let want = prefix.to_ascii_lowercase();
     let matches: Vec<Member> = book()
         .members()
         .filter(|m| hex(&m.id).starts_with(&want))
         .cloned()
         .collect();
-    let member = match matches.as_slice() {
-        [m] => m.clone(),
-        [] => bail!(
-            "no agent with id {} in the agent book (see `sa-image agents list`)",
-            a.id
-        ),
+    match matches.as_slice() {
+        [m] => Ok(m.clone()),
+        [] => bail!("no agent with id {prefix} in the agent book (see `sa-image agents list`)"),
         _ => bail!(
-            "id prefix {} names {} agents: give more digits",
-            a.id,
+            "id prefix {prefix} names {} agents: give more digits",
             matches.len()
         ),
+    }
+}
+
+async fn retire(a: AcceptArgs, cfg: Option<&Path>) -> Result<u8> {
+    let (args, keys) = load(a.common, cfg)?;
+    let addrs = require_agents(&args.agents)?;
+    let attempts = reach_all(&addrs, &keys).await;
+    let member = find_member(&a.id)?;
+    if member.retired {
+        println!("agent {} is already retired", hex(&member.id));
+        return Ok(0);
+    }
+    let clients: Vec<AgentClient> = live(&attempts)
+        .into_iter()
+        .filter(|c| c.agent_id() != member.id)
+        .collect();
+    if clients.is_empty() {
+        bail!(
+            "no other agent answers: retiring {} would leave nothing",
+            hex(&member.id)
+        );
+    }
+    change_book(&clients, &keys, |b| b.retire(&member.id)).await?;
+    // From here on this process refuses the retired agent: its shards count as absent.
+    let others: Vec<String> = clients.iter().map(|c| c.addr().to_string()).collect();
+    let opts = crate::cmd::repair::PassOptions {
+        dry_run: false,
+        cache_dir: None,
     };
+    let pass = crate::cmd::repair::repair_pass(&others, &keys, &opts, &mut |_| {
+        std::collections::HashSet::new()
+    })
+    .await;
+    let report = match pass {
+        Ok(r) if r.stripes_lost == 0 && r.shards_failed == 0 => r,
+        other => {
+            // Back in service: it still holds shards nothing else can replace.
+            change_book(&clients, &keys, |b| {
+                b.pin(member.id, member.key, &member.addr, true)
+            })
+            .await?;
+            let why = match other {
+                Ok(r) => format!(
+                    "{} stripe(s) cannot be rebuilt without it and {} shard(s) found no place \
+                     (other agents down, or too few agents outside the stripes)",
+                    r.stripes_lost, r.shards_failed
+                ),
+                Err(e) => format!("{e:#}"),
+            };
+            bail!(
+                "agent {} stays in service: {why}; bring the other agents back (or add one) and \
+                 retire it again",
+                hex(&member.id)
+            );
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"id": hex(&member.id), "addr": member.addr, "retired": true,
+                "repair": report})
+        );
+    } else {
+        crate::cmd::repair::print_text(&report);
+        println!(
+            "retired agent {} ({}): {} shard(s) rebuilt elsewhere; it is no longer used and its \
+             directory may be deleted",
+            hex(&member.id),
+            member.addr,
+            report.shards_rebuilt
+        );
+    }
+    Ok(0)
+}
+
+async fn accept(a: AcceptArgs, cfg: Option<&Path>) -> Result<u8> {
+    let (args, keys) = load(a.common, cfg)?;
+    let addrs = require_agents(&args.agents)?;
+    // Judged connections load the book; the agent in question shows up as refused.
+    let attempts = reach_all(&addrs, &keys).await;
+    let member = find_member(&a.id)?;
     // Where it answers: its address in the book, and the addresses given.
     let mut tries = vec![member.addr.clone()];
     tries.extend(addrs.iter().filter(|x| **x != member.addr).cloned());

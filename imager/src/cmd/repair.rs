@@ -673,7 +673,7 @@ async fn commit(
     (holding, written)
 }
 
-fn print_text(r: &RepairReport) {
+pub fn print_text(r: &RepairReport) {
     let verb = if r.dry_run {
         "would rebuild"
     } else {

@@ -378,22 +378,39 @@ pub async fn snapshot_with(
     let layout = Layout::new(vol.size, plan.stripe_size, plan.k, plan.m)?;
     let shards = layout.shards();
     let k = plan.k as usize;
-    if plan.agents.len() < shards && !(plan.allow_degraded && plan.agents.len() >= k) {
+    // Connect to the agents given, and to every other member of the agent book that answers
+    // (`sa-image agents add` puts a PC in service without changing every snapshot command).
+    let mut attempts = connect_many(&plan.agents, &keys).await;
+    let seen: Vec<[u8; 16]> = attempts
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(AgentClient::agent_id))
+        .collect();
+    let members: Vec<String> = crate::agents::book()
+        .active()
+        .filter(|m| !seen.contains(&m.id) && !plan.agents.contains(&m.addr))
+        .map(|m| m.addr.clone())
+        .collect();
+    for (addr, r) in connect_many(&members, &keys).await {
+        match r {
+            Ok(c) if !seen.contains(&c.agent_id()) => attempts.push((addr, Ok(c))),
+            Ok(_) => {}
+            Err(e) => tracing::info!("{addr} (in the agent book): {e}; not used"),
+        }
+    }
+    let given = attempts.len();
+    if given < shards && !(plan.allow_degraded && given >= k) {
         bail!(
-            "{} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards{}",
-            plan.agents.len(),
+            "{given} agents given but k={} + m={} needs {shards} distinct agents: add agents or lower --data-shards/--parity-shards{}",
             plan.k,
             plan.m,
-            if plan.agents.len() >= k {
+            if given >= k {
                 " (or --allow-degraded to store with less redundancy for now)"
             } else {
                 ""
             }
         );
     }
-
-    // Connect; place around agents that do not answer, as long as k + m remain.
-    let attempts = connect_many(&plan.agents, &keys).await;
+    // Place around agents that do not answer, as long as k + m remain.
     let mut clients: Vec<AgentClient> = Vec::new();
     let mut unreachable = Vec::new();
     for (addr, r) in &attempts {
@@ -420,7 +437,7 @@ pub async fn snapshot_with(
             "only {} of {} agents reachable but k + m = {shards}: {} cannot be stored with full redundancy; \
              start the missing agents (unreachable: {}){}",
             clients.len(),
-            plan.agents.len(),
+            given,
             plan.volume,
             unreachable.join(", "),
             if clients.len() >= k {
