@@ -161,10 +161,23 @@ fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
     f.sync_all().map_err(io)
 }
 
+/// The ring provider, TLS 1.3 suites with AES-128-GCM first: what travels is already
+/// AES-256-GCM ciphertext (shards) or sealed records, so the transport protects the session,
+/// not the data, and AES-128 runs 10 rounds per block to AES-256's 14.
 fn crypto() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(provider::default_provider()))
-        .clone()
+    P.get_or_init(|| {
+        use provider::cipher_suite as cs;
+        Arc::new(CryptoProvider {
+            cipher_suites: vec![
+                cs::TLS13_AES_128_GCM_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            ..provider::default_provider()
+        })
+    })
+    .clone()
 }
 
 /// The client side: TLS 1.3 only, any Ed25519 certificate accepted as a carrier of the key that

@@ -122,12 +122,9 @@ async fn main() -> Result<()> {
         "shard-agent ready"
     );
     // Scripts and tests read this line to learn the port when --listen ends in :0.
+    // Nothing more goes to stdout: a parent may stop reading after this line, and a later
+    // print would then fail (the identity is in the log line above).
     println!("listening on {local}");
-    println!(
-        "agent {} identity {}",
-        sa_core::keys::hex(&store.agent_id()),
-        identity.public()
-    );
     let scrub = shard_agent::scrub::Scrubber::new(store.clone(), scrub_rate);
     tokio::spawn(scrub.clone().run());
     let server = shard_agent::Server::new(store, owner, tls, max_connections).with_scrub(scrub);
