@@ -70,6 +70,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| "shard_agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let file: FileConfig = match &args.config {

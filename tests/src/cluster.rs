@@ -174,6 +174,43 @@ impl Cluster {
         cmd
     }
 
+    /// Runs `sa-image ARGS --json --key KEY --agents AGENTS`: its exit code, the JSON report on
+    /// stdout, and the whole output.
+    pub fn run_json(&self, args: &[&OsStr], agents: &str) -> (i32, Value, Output) {
+        let mut all: Vec<&OsStr> = args.to_vec();
+        all.push(OsStr::new("--json"));
+        let out = self.sa_agents(&all, agents);
+        let code = out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("sa-image died by a signal:\n{}", shown(&out)));
+        let v = parse_json(
+            &String::from_utf8_lossy(&out.stdout),
+            &format!("sa-image {args:?} (exit {code}):\n{}", shown(&out)),
+        );
+        eprintln!("[sa-image {:?} exit {code}] {v}", args[0]);
+        (code, v, out)
+    }
+
+    /// `status --json` with the cluster's private cache directory (last-seen times live there):
+    /// the exit code and the report.
+    pub fn status_json(&self, agents: &str) -> (i32, Value) {
+        let cache = self.path("cache");
+        let args = [
+            OsStr::new("status"),
+            OsStr::new("--cache-dir"),
+            cache.as_os_str(),
+        ];
+        let (code, v, _) = self.run_json(&args, agents);
+        (code, v)
+    }
+
+    /// The exit code of `verify SNAPSHOT` through `agents`.
+    pub fn verify_code(&self, snapshot: &str, agents: &str) -> i32 {
+        self.run_json(&[OsStr::new("verify"), OsStr::new(snapshot)], agents)
+            .0
+    }
+
     /// Takes a snapshot of `source` with `--json` (plus `extra` flags), asserts success, and
     /// returns the JSON report.
     pub fn snapshot(&self, source: &Path, extra: &[&str]) -> Value {

@@ -3,44 +3,11 @@
 //! new manifest revision; afterwards the backup survives m more losses again.
 
 use std::ffi::OsStr;
-use std::process::Output;
 
-use sa_tests::cluster::{parse_json, shown, str_of, u64_of};
+use sa_tests::cluster::{str_of, u64_of};
 use sa_tests::scan;
 use sa_tests::{sha256, Cluster, ImageSpec, MIB};
 use serde_json::Value;
-
-/// Runs `sa-image ARGS --json --key K --agents AGENTS`, returns the exit code and the report.
-fn run_json(c: &Cluster, args: &[&OsStr], agents: &str) -> (i32, Value, Output) {
-    let mut all: Vec<&OsStr> = args.to_vec();
-    all.push(OsStr::new("--json"));
-    let out = c.sa_agents(&all, agents);
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| panic!("sa-image died by a signal:\n{}", shown(&out)));
-    let v = parse_json(
-        &String::from_utf8_lossy(&out.stdout),
-        &format!("sa-image {args:?} (exit {code}):\n{}", shown(&out)),
-    );
-    eprintln!("[sa-image {:?} exit {code}] {v}", args[0]);
-    (code, v, out)
-}
-
-/// `status` with a private cache directory (last-seen times live there).
-fn status(c: &Cluster, agents: &str) -> (i32, Value) {
-    let cache = c.path("cache");
-    let (code, v, _) = run_json(
-        c,
-        &[
-            OsStr::new("status"),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-        ],
-        agents,
-    );
-    (code, v)
-}
 
 fn repair(c: &Cluster, agents: &str, dry_run: bool) -> (i32, Value) {
     let cache = c.path("cache");
@@ -52,13 +19,8 @@ fn repair(c: &Cluster, agents: &str, dry_run: bool) -> (i32, Value) {
     if dry_run {
         args.push(OsStr::new("--dry-run"));
     }
-    let (code, v, _) = run_json(c, &args, agents);
+    let (code, v, _) = c.run_json(&args, agents);
     (code, v)
-}
-
-fn verify_code(c: &Cluster, snapshot: &str, agents: &str) -> i32 {
-    let (code, _, _) = run_json(c, &[OsStr::new("verify"), OsStr::new(snapshot)], agents);
-    code
 }
 
 /// The one snapshot of a status report.
@@ -97,7 +59,7 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
     assert_eq!(u64_of(&snap, "agents"), 7, "{snap}");
     let all = c.agents_arg();
 
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 0, "healthy status exits 0: {st}");
     assert_eq!(margin(&st), 2, "{st}");
     assert_eq!(str_of(only_snapshot(&st), "state"), "ok");
@@ -129,7 +91,7 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
     c.agents[3].kill();
     std::fs::remove_dir_all(c.agents[3].dir()).unwrap();
 
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 2, "below the configured m: exit 2: {st}");
     assert_eq!(margin(&st), 1, "{st}");
     assert_eq!(str_of(only_snapshot(&st), "state"), "degraded");
@@ -144,7 +106,7 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
         lost["last_seen"].as_u64().is_some(),
         "seen by the first status: {st}"
     );
-    assert_eq!(verify_code(&c, &id, &all), 2, "verify agrees");
+    assert_eq!(c.verify_code(&id, &all), 2, "verify agrees");
 
     // A dry run plans without changing anything.
     let (code, plan) = repair(&c, &all, true);
@@ -154,7 +116,7 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
         lost_shards,
         "{plan}"
     );
-    assert_eq!(status(&c, &all).0, 2, "a dry run changes nothing");
+    assert_eq!(c.status_json(&all).0, 2, "a dry run changes nothing");
 
     let (code, rep) = repair(&c, &all, false);
     assert_eq!(code, 0, "{rep}");
@@ -183,15 +145,11 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
         );
     }
 
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 0, "full redundancy again: {st}");
     assert_eq!(margin(&st), 2, "{st}");
     assert_eq!(u64_of(only_snapshot(&st), "revision"), 1, "{st}");
-    assert_eq!(
-        verify_code(&c, &id, &all),
-        0,
-        "verify is clean after repair"
-    );
+    assert_eq!(c.verify_code(&id, &all), 0, "verify is clean after repair");
     let (code, again) = repair(&c, &all, false);
     assert_eq!(
         (code, u64_of(&again, "shards_rebuilt")),
@@ -209,7 +167,7 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
         img.sha256(),
         "restore after repair + 2 losses: {r}"
     );
-    let (code, st) = status(&c, &c.agents[1].addr_str());
+    let (code, st) = c.status_json(&c.agents[1].addr_str());
     assert_eq!((code, margin(&st)), (2, 0), "{st}");
 }
 
@@ -234,10 +192,10 @@ fn bit_rot_is_scrubbed_quarantined_and_repaired() {
     rotten[at] ^= 0x08;
     std::fs::write(&file, &rotten).unwrap();
 
-    let (code, _) = status(&c, &all);
+    let (code, _) = c.status_json(&all);
     assert_eq!(code, 0, "status goes by presence only");
 
-    let (code, sc, _) = run_json(&c, &[OsStr::new("scrub")], &all);
+    let (code, sc, _) = c.run_json(&[OsStr::new("scrub")], &all);
     assert_eq!(code, 2, "bad shards wait for repair: {sc}");
     assert_eq!(u64_of(&sc, "bad_unrestored"), 1, "{sc}");
     let entry = sc["agents"]
@@ -262,7 +220,7 @@ fn bit_rot_is_scrubbed_quarantined_and_repaired() {
     assert_eq!(quarantined.len(), 1, "kept in quarantine, not deleted");
     assert_eq!(std::fs::read(&quarantined[0]).unwrap(), rotten);
 
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!((code, margin(&st)), (2, 1), "now it shows: {st}");
 
     let (code, rep) = repair(&c, &all, false);
@@ -279,12 +237,8 @@ fn bit_rot_is_scrubbed_quarantined_and_repaired() {
         original,
         "deterministic encryption: the rebuilt shard is the original"
     );
-    assert_eq!(
-        verify_code(&c, &id, &all),
-        0,
-        "verify is clean after repair"
-    );
-    let (code, sc, _) = run_json(&c, &[OsStr::new("scrub")], &all);
+    assert_eq!(c.verify_code(&id, &all), 0, "verify is clean after repair");
+    let (code, sc, _) = c.run_json(&[OsStr::new("scrub")], &all);
     assert_eq!(code, 0, "{sc}");
     assert_eq!(sc_restored(&sc), 1, "{sc}");
 }

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sa_tests::cluster::{expect_fail, parse_json, shown, str_of, u64_of, ClusterOptions};
@@ -14,42 +14,6 @@ use sa_tests::netns::{NetNs, NsAgent};
 use sa_tests::proc::Proc;
 use sa_tests::{scan, wait, Agent, Cluster, ImageSpec, MIB};
 use serde_json::Value;
-
-/// Runs `sa-image ARGS --json --key K --agents AGENTS`: the exit code and the report.
-fn run_json(c: &Cluster, args: &[&OsStr], agents: &str) -> (i32, Value, Output) {
-    let mut all: Vec<&OsStr> = args.to_vec();
-    all.push(OsStr::new("--json"));
-    let out = c.sa_agents(&all, agents);
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| panic!("sa-image died by a signal:\n{}", shown(&out)));
-    let v = parse_json(
-        &String::from_utf8_lossy(&out.stdout),
-        &format!("sa-image {args:?} (exit {code}):\n{}", shown(&out)),
-    );
-    eprintln!("[sa-image {:?} exit {code}] {v}", args[0]);
-    (code, v, out)
-}
-
-/// `status` with the cluster's private cache directory.
-fn status(c: &Cluster, agents: &str) -> (i32, Value) {
-    let cache = c.path("cache");
-    let (code, v, _) = run_json(
-        c,
-        &[
-            OsStr::new("status"),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-        ],
-        agents,
-    );
-    (code, v)
-}
-
-fn verify_code(c: &Cluster, snapshot: &str, agents: &str) -> i32 {
-    run_json(c, &[OsStr::new("verify"), OsStr::new(snapshot)], agents).0
-}
 
 fn only_snapshot(status: &Value) -> &Value {
     let s = status["snapshots"].as_array().expect("snapshots array");
@@ -99,12 +63,8 @@ fn one_of_seven_off_is_placed_around() {
     assert_eq!(snap["margin"], 2, "{snap}");
     assert!(scan::shard_files(c.agents[6].dir()).is_empty());
     let all = c.agents_arg();
-    assert_eq!(
-        verify_code(&c, &id, &all),
-        0,
-        "verify without the off agent"
-    );
-    let (code, st) = status(&c, &all);
+    assert_eq!(c.verify_code(&id, &all), 0, "verify without the off agent");
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 0, "{st}");
     assert_eq!(margin(&st), 2, "{st}");
     restore_matches(&c, &id, &all, &img.sha256(), "around an off agent");
@@ -152,8 +112,8 @@ fn agents_at_or_near_quota_get_less() {
         "the nearly full agent should get less: {near_shards} vs {roomy}"
     );
     let all = c.agents_arg();
-    assert_eq!(verify_code(&c, &id, &all), 0, "verify clean");
-    let (code, st) = status(&c, &all);
+    assert_eq!(c.verify_code(&id, &all), 0, "verify clean");
+    let (code, st) = c.status_json(&all);
     assert_eq!((code, margin(&st)), (0, 2), "{st}");
     for a in [full, near] {
         let s = agent_status(&st, &a.addr_str());
@@ -257,7 +217,7 @@ fn allow_degraded_then_repair_spreads() {
         .sum();
     assert_eq!(stored, 6 * 7, "every shard of the 7 data stripes exists");
     let four = c.agents_arg();
-    let (code, st) = status(&c, &four);
+    let (code, st) = c.status_json(&four);
     assert_eq!(code, 2, "below m: {st}");
     assert_eq!(str_of(only_snapshot(&st), "state"), "degraded", "{st}");
     assert_eq!(margin(&st), 1, "{st}");
@@ -274,8 +234,7 @@ fn allow_degraded_then_repair_spreads() {
     }
     let all = c.agents_arg();
     let cache = c.path("cache");
-    let (code, rep, _) = run_json(
-        &c,
+    let (code, rep, _) = c.run_json(
         &[
             OsStr::new("repair"),
             OsStr::new("--cache-dir"),
@@ -288,11 +247,11 @@ fn allow_degraded_then_repair_spreads() {
     assert_eq!(u64_of(&rep, "shards_failed"), 0, "{rep}");
     assert!(!scan::shard_files(c.agents[4].dir()).is_empty());
     assert!(!scan::shard_files(c.agents[5].dir()).is_empty());
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 0, "full redundancy after the repair: {st}");
     assert_eq!(margin(&st), 2, "{st}");
     assert_eq!(u64_of(only_snapshot(&st), "crowded_stripes"), 0, "{st}");
-    assert_eq!(verify_code(&c, &id, &all), 0);
+    assert_eq!(c.verify_code(&id, &all), 0);
     // Any two may go now.
     c.agents[0].kill();
     c.agents[1].kill();
@@ -385,7 +344,7 @@ fn repair_watch_waits_for_the_threshold() {
     assert_eq!(held["missing"][0]["repairing"], false, "{held}");
     let since = held["missing"][0]["since_ms"].as_u64().expect("since_ms");
     // Still degraded while it waits (nothing rebuilt yet).
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     let rebuilt_yet = json_lines(&out_path)
         .iter()
         .any(|l| report_u64(l, "shards_rebuilt") > 0);
@@ -417,7 +376,7 @@ fn repair_watch_waits_for_the_threshold() {
         }
     }
     assert_eq!(report_u64(&done, "shards_failed"), 0, "{done}");
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(code, 0, "full redundancy after the watcher's repair: {st}");
     assert_eq!(margin(&st), 2, "{st}");
 
@@ -428,7 +387,7 @@ fn repair_watch_waits_for_the_threshold() {
     sigterm(watcher.id());
     let status = watcher.wait(Duration::from_secs(30));
     assert!(status.success(), "watcher on SIGTERM: {status}\n{}", log());
-    assert!(verify_code(&c, &id, &all) == 0);
+    assert!(c.verify_code(&id, &all) == 0);
 }
 
 /// An agent cut off the network (not killed) mid-snapshot: the snapshot fails cleanly or
@@ -449,7 +408,7 @@ fn agent_cut_off_mid_snapshot() {
     let cache = c.path("cache");
     // A small snapshot first: the catalog exists, and it must survive whatever happens next.
     let small = ImageSpec::random(8 * MIB, 0x91ac_e0006).write(&c.path("small.img"));
-    let (code, first, _) = run_json(&c, &[OsStr::new("snapshot"), small.path.as_os_str()], &all);
+    let (code, first, _) = c.run_json(&[OsStr::new("snapshot"), small.path.as_os_str()], &all);
     assert_eq!(code, 0, "{first}");
     let first_id = str_of(&first, "snapshot").to_string();
     let before = scan::shard_files(far.dir()).len();
@@ -506,7 +465,7 @@ fn agent_cut_off_mid_snapshot() {
     let m = v["margin"].as_i64().expect("margin");
     assert!((1..=2).contains(&m), "{v}");
     let big_id = Some(str_of(&v, "snapshot").to_string());
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert_eq!(
         code, 2,
         "the far agent's shards are absent while it is cut off: {st}"
@@ -531,7 +490,7 @@ fn agent_cut_off_mid_snapshot() {
         shards_dir_files, named,
         "only whole, named shard files in shards/ (temp files stay in tmp/)"
     );
-    let (code, scrub, _) = run_json(&c, &[OsStr::new("scrub")], &all);
+    let (code, scrub, _) = c.run_json(&[OsStr::new("scrub")], &all);
     assert!(code == 0 || code == 2, "scrub: {scrub}");
     let far_scrub = scrub["agents"]
         .as_array()
@@ -558,8 +517,7 @@ fn agent_cut_off_mid_snapshot() {
 
     // A run with the link up completes (resuming what was stored), verifies clean, and restores
     // exactly with the far agent cut off again.
-    let (code, again, out) = run_json(
-        &c,
+    let (code, again, out) = c.run_json(
         &[
             OsStr::new("snapshot"),
             big.path.as_os_str(),
@@ -570,7 +528,7 @@ fn agent_cut_off_mid_snapshot() {
     );
     assert_eq!(code, 0, "{}", shown(&out));
     let id = str_of(&again, "snapshot").to_string();
-    assert_eq!(verify_code(&c, &id, &all), 0);
+    assert_eq!(c.verify_code(&id, &all), 0);
     ns.cut();
     restore_matches(
         &c,
@@ -579,7 +537,7 @@ fn agent_cut_off_mid_snapshot() {
         &big.sha256(),
         "big after the link came back, cut again",
     );
-    let (code, st) = status(&c, &all);
+    let (code, st) = c.status_json(&all);
     assert!(
         code >= 2,
         "status must report the cut-off agent's shards as absent: {st}"

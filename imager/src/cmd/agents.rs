@@ -165,7 +165,7 @@ async fn list(args: AgentsArgs, cfg: Option<&Path>) -> Result<u8> {
         println!("the agent book is empty: no agent has been used yet");
     } else {
         println!(
-            "{:<16}  {:<21}  {:<16}  {:<7}  {:<11}  {:<20}  status",
+            "{:<16}  {:<21}  {:<16}  {:<7}  {:<13}  {:<20}  status",
             "ID", "ADDRESS", "IDENTITY", "STATE", "PINNED BY", "PINNED"
         );
         for r in &rows {
@@ -183,7 +183,7 @@ async fn list(args: AgentsArgs, cfg: Option<&Path>) -> Result<u8> {
                 (None, None) => "up".into(),
             };
             println!(
-                "{:<16}  {:<21}  {:<16}  {:<7}  {:<11}  {:<20}  {status}",
+                "{:<16}  {:<21}  {:<16}  {:<7}  {:<13}  {:<20}  {status}",
                 &r.id[..16],
                 r.addr,
                 &r.identity[..16],
