@@ -41,7 +41,13 @@
 //!   passphrase files that others may read refused with `chmod 600`.
 //! - `tests/targets_and_layouts.rs`: restores over junk (file and block device), incremental
 //!   snapshots, k=2 m=1 on four agents, a wiped agent, a damaged catalog copy.
-//!
+//! - `tests/identity.rs`: agents speak TLS 1.3 only (`openssl s_client` sees it; plain TCP and
+//!   garbage inside TLS are dropped); an agent showing a changed identity key is refused until
+//!   `agents accept`; a flood of hostile connections leaves the agent serving in bounded memory;
+//!   `agents add`/`list`/`retire` and snapshots using every member of the agent book.
+//! - `tests/health.rs`: an agent lost for good and repaired; bit rot scrubbed and repaired.
+//! - `tests/serve.rs`, `tests/serve_tls.rs`, `tests/hydrate.rs`: the NBD export (plain and
+//!   TLS) read by real NBD clients, and live restore.
 //! - `tests/placement.rs`: placement by free space (an agent at its quota gets nothing, a
 //!   nearly full one little, a fleet too small is refused up front), an agent cut off the
 //!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
