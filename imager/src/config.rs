@@ -85,6 +85,32 @@ macro_rules! merge {
     }};
 }
 
+/// The key file and how to open it: the flags (and config keys) of every command that reads
+/// or writes backups.
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct KeyArgs {
+    /// The key file.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
+    /// key's passphrase is asked for on a terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// Fills the settings not given as flags from the config file's.
+    pub fn merge(&mut self, file: &mut KeyArgs) {
+        merge!(self, file; key, passphrase_file);
+    }
+
+    /// Loads the master key (the key file is required).
+    pub fn load(&self) -> Result<sa_core::keys::MasterKey> {
+        load_key(&self.key, &self.passphrase_file)
+    }
+}
+
 /// The key file setting, required.
 pub fn require_key(key: &Option<PathBuf>) -> Result<PathBuf> {
     key.clone().context("no key file: give --key KEYFILE (or `key` in the config file); make one with `sa-image keygen --out KEYFILE`")

@@ -18,7 +18,7 @@
 //!   service and the command fails, naming how many stripes would be lost. Its directory can be
 //!   deleted afterwards; the book keeps it as retired (`agents add` brings it back).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agents::{book, change_book, connect_many, connect_unchecked, none_reachable, Attempt};
 use crate::cmd::list::rfc3339;
-use crate::config::{self, normalize_addr, require_agents};
+use crate::config::{self, normalize_addr, require_agents, KeyArgs};
 use crate::merge;
 
 /// `agents` subcommands.
@@ -49,13 +49,9 @@ pub enum AgentsCommand {
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct AgentsArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: one member is enough, the book names the rest.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -124,8 +120,9 @@ fn load(
     cfg: Option<&Path>,
 ) -> Result<(AgentsArgs, Arc<sa_core::keys::Keys>)> {
     let mut file: AgentsArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents; bools json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents; bools json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     Ok((args, keys))
 }
 

@@ -1,7 +1,7 @@
 //! `sa-image forget SNAPSHOT`: remove one snapshot from the catalog (a tombstone on every agent,
 //! then its manifest deleted), then collect the shards only it used (see [`crate::gc`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -9,7 +9,7 @@ use sa_core::catalog::resolve;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::connect_many;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::gc::{self, collect, parse_duration, GcOptions, GcReport, DEFAULT_GRACE};
 use crate::merge;
 
@@ -20,13 +20,9 @@ pub struct ForgetArgs {
     /// Snapshot id (or unique prefix), or `latest`.
     #[serde(skip)]
     pub snapshot: String,
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Every agent, HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -62,8 +58,9 @@ pub struct ForgetReport {
 /// `sa-image forget`.
 pub async fn run(mut args: ForgetArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ForgetArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, volume, gc_grace; bools dry_run, json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, volume, gc_grace; bools dry_run, json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let clients: Vec<_> = attempts

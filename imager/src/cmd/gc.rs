@@ -1,13 +1,13 @@
 //! `sa-image gc`: delete shards that no kept snapshot references (see [`crate::gc`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
 use serde::Deserialize;
 
 use crate::agents::connect_many;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::gc::{collect, parse_duration, print_report, GcOptions, DEFAULT_GRACE};
 use crate::merge;
 
@@ -15,13 +15,9 @@ use crate::merge;
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct GcArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Every agent, HOST:PORT, comma-separated: only reachable ones are collected.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -39,8 +35,9 @@ pub struct GcArgs {
 /// `sa-image gc`.
 pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: GcArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, gc_grace; bools dry_run, json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, gc_grace; bools dry_run, json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let report = collect(

@@ -13,7 +13,7 @@ use sa_core::keyfile::{KdfParams, KeyFile, WrappedKey};
 use sa_core::keys::MasterKey;
 use serde::Deserialize;
 
-use crate::config;
+use crate::config::{self, KeyArgs};
 use crate::merge;
 use crate::passphrase;
 
@@ -72,12 +72,9 @@ pub struct KeyImportArgs {
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct OwnerIdArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file.
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
 }
 
 /// Writes a plain key file: created new with mode 0600, never following a symlink to an old key.
@@ -154,8 +151,8 @@ pub fn keygen(mut args: KeygenArgs, cfg: Option<&Path>) -> Result<u8> {
 /// `sa-image owner-id`.
 pub fn owner_id(mut args: OwnerIdArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: OwnerIdArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file);
-    let key = config::load_key(&args.key, &args.passphrase_file)?;
+    args.keyfile.merge(&mut file.keyfile);
+    let key = args.keyfile.load()?;
     println!("{}", key.derive().owner_id());
     Ok(0)
 }

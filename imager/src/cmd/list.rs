@@ -1,6 +1,6 @@
 //! `sa-image list`: the snapshots in the catalog. Any one reachable agent is enough.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -10,20 +10,16 @@ use sa_core::size::format_size;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::open_catalog;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::merge;
 
 /// Flags of `list`.
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ListArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -151,8 +147,9 @@ fn entry(m: &Manifest) -> ListEntry {
 /// `sa-image list`.
 pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ListArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents; bools json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents; bools json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let (manifests, _) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let figures = data_figures(&manifests);
     let rows: Vec<ListEntry> = manifests

@@ -11,7 +11,7 @@
 //! remove everything). The newest snapshot of each volume is always kept.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agents::connect_many;
 use crate::cmd::list::rfc3339;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::gc::{self, collect, parse_duration, GcOptions, GcReport, DEFAULT_GRACE};
 use crate::merge;
 
@@ -28,13 +28,9 @@ use crate::merge;
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct PruneArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Every agent, HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -192,7 +188,8 @@ pub fn decide(snaps: &[&Manifest], policy: Policy) -> Vec<Decision> {
 /// `sa-image prune`.
 pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: PruneArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, keep_last, keep_daily, keep_weekly, keep_monthly, volume, gc_grace;
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, keep_last, keep_daily, keep_weekly, keep_monthly, volume, gc_grace;
         bools dry_run, json);
     let policy = Policy {
         last: args.keep_last.unwrap_or(0),
@@ -203,7 +200,7 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     if policy == Policy::default() {
         bail!("no retention policy: give at least one of --keep-last, --keep-daily, --keep-weekly, --keep-monthly (N > 0)");
     }
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
     let clients: Vec<_> = attempts

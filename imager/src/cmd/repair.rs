@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::open_catalog;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::fetch::StripeReader;
 use crate::gc::now_secs;
 use crate::health::{bad_shards, crowded_shards, Fleet, Presence, SeenBook};
@@ -61,13 +61,9 @@ const PARALLEL: usize = 4;
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RepairArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: the catalog names the rest.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -218,9 +214,10 @@ type Placed = Vec<(usize, Result<[u8; 16], String>)>;
 /// `sa-image repair`.
 pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RepairArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, cache_dir, repair_after, interval, state;
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, cache_dir, repair_after, interval, state;
         bools json, dry_run, watch);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let agents = require_agents(&args.agents)?;
     if args.watch {
         return crate::cmd::repair_watch::run(&args, keys, agents).await;

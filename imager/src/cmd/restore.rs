@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::fetch::{Problem, StripeReader};
 use crate::merge;
 use crate::progress::bytes_bar;
@@ -40,13 +40,9 @@ pub struct RestoreArgs {
     /// Target: an image file (created if missing) or a block device.
     #[arg(long)]
     pub to: Option<PathBuf>,
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -83,8 +79,9 @@ pub struct RestoreReport {
 /// `sa-image restore`.
 pub async fn run(mut args: RestoreArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RestoreArgs = config::load(cfg)?;
-    merge!(args, file; to, key, passphrase_file, agents; bools json);
-    let key = config::load_key(&args.key, &args.passphrase_file)?;
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; to, agents; bools json);
+    let key = args.keyfile.load()?;
     let to = args
         .to
         .clone()

@@ -6,7 +6,7 @@
 //! in quarantine that are not restored yet (`sa-image repair` rebuilds them). Exit 1: an agent
 //! could not be asked.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::open_catalog;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::health::Fleet;
 use crate::merge;
 
@@ -29,13 +29,9 @@ const POLL: Duration = Duration::from_millis(200);
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ScrubArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: the catalog names the rest.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -102,8 +98,9 @@ pub struct ScrubReport {
 /// `sa-image scrub`.
 pub async fn run(mut args: ScrubArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ScrubArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents; bools json, no_wait, report_only);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents; bools json, no_wait, report_only);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let started = Instant::now();
     let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let fleet = Fleet::gather(&attempts, &manifests, &keys).await;

@@ -34,7 +34,7 @@ use sa_core::stripe::StripeCodec;
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::fetch::StripeReader;
 use crate::gc::parse_duration;
 use crate::merge;
@@ -58,13 +58,9 @@ pub struct ServeArgs {
     /// Snapshot id (or unique prefix), or `latest`.
     #[serde(skip)]
     pub snapshot: String,
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -145,7 +141,8 @@ pub struct ServeReport {
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
     let tls = load_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
     let idle_timeout = match args.idle_timeout.as_deref() {
@@ -171,7 +168,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| hydrate::DEFAULT_RATE.to_string());
     let rate = hydrate::parse_rate(&rate_text)?;
-    let key = config::load_key(&args.key, &args.passphrase_file)?;
+    let key = args.keyfile.load()?;
     let keys = Arc::new(key.derive());
     let agents = require_agents(&args.agents)?;
     let listen = args

@@ -64,7 +64,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::agents::{connect_many, none_reachable};
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::merge;
 use crate::progress::bytes_bar;
 use crate::source::open_source;
@@ -86,13 +86,9 @@ pub struct SnapshotArgs {
     /// Block device or image file to snapshot, e.g. /dev/sda.
     #[serde(skip)]
     pub source: PathBuf,
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to store shards on, HOST:PORT, comma-separated (at least k + m).
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -225,12 +221,13 @@ pub struct SnapshotPlan {
 /// `sa-image snapshot`.
 pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
         changed_map; bools json, allow_degraded);
     if args.changed_since.is_some() != args.changed_map.is_some() {
         bail!("--changed-since and --changed-map go together: the map lists what changed since that snapshot");
     }
-    let key = config::load_key(&args.key, &args.passphrase_file)?;
+    let key = args.keyfile.load()?;
     let stripe_size = parse_size(args.stripe_size.as_deref().unwrap_or("4MiB"))?;
     let stripe_size = u32::try_from(stripe_size).context("stripe size too large")?;
     let volume = match args.volume {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agents::open_catalog;
 use crate::cmd::list::rfc3339;
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::gc::now_secs;
 use crate::health::{snapshot_margin, Fleet, Margin, Presence, SeenBook};
 use crate::merge;
@@ -28,13 +28,9 @@ use crate::merge;
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct StatusArgs {
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: the catalog names the rest.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -111,8 +107,9 @@ pub struct StatusReport {
 /// `sa-image status`.
 pub async fn run(mut args: StatusArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: StatusArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents, cache_dir; bools json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents, cache_dir; bools json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let fleet = Fleet::gather(&attempts, &manifests, &keys).await;
     let mut volumes: Vec<_> = manifests.iter().map(|m| m.volume).collect();

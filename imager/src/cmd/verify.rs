@@ -6,7 +6,7 @@
 //! Exit 0: every shard present and sound. Exit 2: some shard missing or corrupt, but every stripe
 //! still recoverable (run verify again once agents are back, or repair). Exit 3: data is lost.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents};
+use crate::config::{self, require_agents, KeyArgs};
 use crate::fetch::{fetch_shard, Problem};
 use crate::merge;
 use crate::progress::bytes_bar;
@@ -31,13 +31,9 @@ pub struct VerifyArgs {
     /// Snapshot id (or unique prefix), or `latest`.
     #[serde(skip)]
     pub snapshot: String,
-    /// The key file.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
-    /// key's passphrase is asked for on a terminal).
-    #[arg(long)]
-    pub passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub keyfile: KeyArgs,
     /// Agents to ask, HOST:PORT, comma-separated: one is enough.
     #[arg(long, value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -124,8 +120,9 @@ struct StripeCheck {
 /// `sa-image verify`.
 pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: VerifyArgs = config::load(cfg)?;
-    merge!(args, file; key, passphrase_file, agents; bools json);
-    let keys = Arc::new(config::load_key(&args.key, &args.passphrase_file)?.derive());
+    args.keyfile.merge(&mut file.keyfile);
+    merge!(args, file; agents; bools json);
+    let keys = Arc::new(args.keyfile.load()?.derive());
     let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
     let m = Arc::new(resolve(&manifests, &args.snapshot, None)?.clone());
     let layout = m.layout;
