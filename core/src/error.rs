@@ -13,14 +13,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in sa-core.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A local file or directory operation failed.
-    #[error("{what}: {source}")]
+    /// A local file or directory operation failed. The OS error is part of the message and
+    /// deliberately not a `source()`: a report that prints the chain (`{:#}`) would repeat it.
+    #[error("{what}: {err}")]
     Io {
         /// What we were doing.
         what: String,
         /// The OS error.
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
     /// A shard is not stored where the manifest says it is.
     #[error("shard not found")]
@@ -142,7 +142,7 @@ impl Error {
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source,
+            err: source,
         }
     }
 

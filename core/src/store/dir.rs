@@ -609,7 +609,7 @@ fn touch(path: &Path) -> Result<()> {
 
 fn full_if_no_space(e: Error) -> Error {
     match &e {
-        Error::Io { source, what } if source.raw_os_error() == Some(28) => Error::Full(format!(
+        Error::Io { err, what } if err.raw_os_error() == Some(28) => Error::Full(format!(
             "disk full: {what}; free space or move the agent's directory"
         )),
         _ => e,
