@@ -95,14 +95,11 @@ pub async fn change_book(
 /// the module docs); results in the order given.
 pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
     let mut attempts = connect_unchecked(addrs, keys).await;
-    let live: Vec<AgentClient> = attempts
-        .iter()
-        .filter_map(|(_, c)| c.as_ref().ok().cloned())
-        .collect();
-    if live.is_empty() {
+    let reached = live(&attempts);
+    if reached.is_empty() {
         return attempts;
     }
-    load_book(&live, keys).await;
+    load_book(&reached, keys).await;
     let mut changed = false;
     for (addr, r) in attempts.iter_mut() {
         let Ok(c) = r else { continue };
@@ -140,15 +137,29 @@ pub async fn connect_many(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attempt> {
         }
     }
     if changed {
-        let trusted: Vec<AgentClient> = attempts
-            .iter()
-            .filter_map(|(_, c)| c.as_ref().ok().cloned())
-            .collect();
-        if let Err(e) = store_book(&trusted, keys).await {
+        if let Err(e) = store_book(&live(&attempts), keys).await {
             tracing::warn!("cannot store the agent book: {e}");
         }
     }
     attempts
+}
+
+/// Connects to `addrs` ([`connect_many`]), then to every member of the agent book in service
+/// that is not among them. Returns the attempts for `addrs` (in order) and those for the
+/// members.
+pub async fn connect_with_members(
+    addrs: &[String],
+    keys: &Arc<Keys>,
+) -> (Vec<Attempt>, Vec<Attempt>) {
+    let given = connect_many(addrs, keys).await;
+    let seen: Vec<[u8; 16]> = live(&given).iter().map(AgentClient::agent_id).collect();
+    let more: Vec<String> = book()
+        .active()
+        .filter(|m| !seen.contains(&m.id) && !addrs.contains(&m.addr))
+        .map(|m| m.addr.clone())
+        .collect();
+    let members = connect_many(&more, keys).await;
+    (given, members)
 }
 
 /// Connects to every address in parallel without judging identities (only for `agents
@@ -176,6 +187,23 @@ pub async fn connect_unchecked(addrs: &[String], keys: &Arc<Keys>) -> Vec<Attemp
             })
         })
         .collect()
+}
+
+/// The agents of `attempts` that answered (and passed the identity check).
+pub fn live(attempts: &[Attempt]) -> Vec<AgentClient> {
+    attempts
+        .iter()
+        .filter_map(|(_, c)| c.as_ref().ok().cloned())
+        .collect()
+}
+
+/// [`live`], or the error that says why no agent could be used.
+pub fn live_or_none(attempts: &[Attempt]) -> Result<Vec<AgentClient>> {
+    let clients = live(attempts);
+    if clients.is_empty() {
+        return Err(none_reachable(attempts));
+    }
+    Ok(clients)
 }
 
 /// Explains why no agent could be used.
@@ -209,13 +237,7 @@ pub async fn open_catalog(
     keys: &Arc<Keys>,
 ) -> Result<(Vec<Manifest>, Vec<Attempt>)> {
     let attempts = connect_many(addrs, keys).await;
-    let live: Vec<&AgentClient> = attempts
-        .iter()
-        .filter_map(|(_, c)| c.as_ref().ok())
-        .collect();
-    if live.is_empty() {
-        return Err(none_reachable(&attempts));
-    }
+    let live = live_or_none(&attempts)?;
     let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut listed = 0;
     for (i, c) in live.iter().enumerate() {
@@ -237,7 +259,7 @@ pub async fn open_catalog(
     let mut revisions = group_revisions(holders.keys().map(String::as_str));
     let ids: Vec<String> = revisions.keys().cloned().collect();
     for c in &live {
-        match sa_core::catalog::load_tombstones(*c, keys, Some(&ids)).await {
+        match sa_core::catalog::load_tombstones(c, keys, Some(&ids)).await {
             Ok(ts) => {
                 for t in ts {
                     revisions.remove(&t.snapshot);

@@ -389,13 +389,7 @@ fn mark(manifests: &[&Manifest]) -> HashMap<[u8; 16], HashSet<ShardKey>> {
 /// Runs a collection over the reachable agents of `attempts` (unreachable ones are reported and
 /// left alone: the next collection cleans them).
 pub async fn collect(attempts: &[Attempt], keys: &Arc<Keys>, opts: GcOptions) -> Result<GcReport> {
-    let clients: Vec<AgentClient> = attempts
-        .iter()
-        .filter_map(|(_, c)| c.as_ref().ok().cloned())
-        .collect();
-    if clients.is_empty() {
-        return Err(crate::agents::none_reachable(attempts));
-    }
+    let clients = crate::agents::live_or_none(attempts)?;
     let cat = read_catalog(&clients, keys).await?;
     let now = now_secs();
     let oldest_lease = cat.leases.iter().map(|l| l.started).min();

@@ -27,7 +27,9 @@ use sa_core::pins::Member;
 use sa_core::store::{AgentClient, ShardRead};
 use serde::{Deserialize, Serialize};
 
-use crate::agents::{book, change_book, connect_many, connect_unchecked, none_reachable, Attempt};
+use crate::agents::{
+    book, change_book, connect_unchecked, connect_with_members, live, none_reachable, Attempt,
+};
 use crate::cmd::list::rfc3339;
 use crate::config::{self, normalize_addr, require_agents, KeyArgs};
 use crate::merge;
@@ -126,23 +128,10 @@ fn load(
     Ok((args, keys))
 }
 
-fn live(attempts: &[Attempt]) -> Vec<AgentClient> {
-    attempts
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().cloned())
-        .collect()
-}
-
-/// Connects to the agents given, then to every book member not among them.
+/// Connects to the agents given, then to every other member of the book in service.
 async fn reach_all(addrs: &[String], keys: &Arc<sa_core::keys::Keys>) -> Vec<Attempt> {
-    let mut attempts = connect_many(addrs, keys).await;
-    let seen: Vec<[u8; 16]> = live(&attempts).iter().map(|c| c.agent_id()).collect();
-    let more: Vec<String> = book()
-        .members()
-        .filter(|m| !seen.contains(&m.id) && !addrs.contains(&m.addr))
-        .map(|m| m.addr.clone())
-        .collect();
-    attempts.extend(connect_many(&more, keys).await);
+    let (mut attempts, members) = connect_with_members(addrs, keys).await;
+    attempts.extend(members);
     attempts
 }
 

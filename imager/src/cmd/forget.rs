@@ -63,13 +63,7 @@ pub async fn run(mut args: ForgetArgs, cfg: Option<&Path>) -> Result<u8> {
     let keys = Arc::new(args.keyfile.load()?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
-    let clients: Vec<_> = attempts
-        .iter()
-        .filter_map(|(_, c)| c.as_ref().ok().cloned())
-        .collect();
-    if clients.is_empty() {
-        return Err(crate::agents::none_reachable(&attempts));
-    }
+    let clients = crate::agents::live_or_none(&attempts)?;
     let cat = gc::read_catalog(&clients, &keys).await?;
     let m = resolve(&cat.live, &args.snapshot, args.volume.as_deref())?;
     let mut report = ForgetReport {

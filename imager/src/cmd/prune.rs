@@ -203,13 +203,7 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     let keys = Arc::new(args.keyfile.load()?.derive());
     let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
     let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
-    let clients: Vec<_> = attempts
-        .iter()
-        .filter_map(|(_, c)| c.as_ref().ok().cloned())
-        .collect();
-    if clients.is_empty() {
-        return Err(crate::agents::none_reachable(&attempts));
-    }
+    let clients = crate::agents::live_or_none(&attempts)?;
     let cat = gc::read_catalog(&clients, &keys).await?;
     let mut by_volume: BTreeMap<&str, Vec<&Manifest>> = BTreeMap::new();
     for m in &cat.live {

@@ -63,7 +63,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::agents::{connect_many, none_reachable};
+use crate::agents::{connect_with_members, live, none_reachable};
 use crate::config::{self, require_agents, KeyArgs};
 use crate::merge;
 use crate::progress::bytes_bar;
@@ -377,17 +377,9 @@ pub async fn snapshot_with(
     let k = plan.k as usize;
     // Connect to the agents given, and to every other member of the agent book that answers
     // (`sa-image agents add` puts a PC in service without changing every snapshot command).
-    let mut attempts = connect_many(&plan.agents, &keys).await;
-    let seen: Vec<[u8; 16]> = attempts
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(AgentClient::agent_id))
-        .collect();
-    let members: Vec<String> = crate::agents::book()
-        .active()
-        .filter(|m| !seen.contains(&m.id) && !plan.agents.contains(&m.addr))
-        .map(|m| m.addr.clone())
-        .collect();
-    for (addr, r) in connect_many(&members, &keys).await {
+    let (mut attempts, members) = connect_with_members(&plan.agents, &keys).await;
+    let seen: Vec<[u8; 16]> = live(&attempts).iter().map(AgentClient::agent_id).collect();
+    for (addr, r) in members {
         match r {
             Ok(c) if !seen.contains(&c.agent_id()) => attempts.push((addr, Ok(c))),
             Ok(_) => {}
