@@ -205,24 +205,19 @@ impl Book {
         let mut members = BTreeMap::new();
         for _ in 0..n {
             let id: [u8; 16] = r.array()?;
+            let key = AgentKey(r.array()?);
+            let addr = r.str()?;
+            let (pinned, updated, flags) = (r.u64()?, r.u64()?, r.u8()?);
             let m = Member {
                 id,
-                key: AgentKey(r.array()?),
-                addr: r.str()?,
-                pinned: r.u64()?,
-                updated: r.u64()?,
-                deliberate: false,
-                retired: false,
+                key,
+                addr,
+                pinned,
+                updated,
+                deliberate: flags & DELIBERATE != 0,
+                retired: flags & RETIRED != 0,
             };
-            let flags = r.u8()?;
-            members.insert(
-                id,
-                Member {
-                    deliberate: flags & DELIBERATE != 0,
-                    retired: flags & RETIRED != 0,
-                    ..m
-                },
-            );
+            members.insert(id, m);
         }
         r.finish()?;
         Ok(Book { members })

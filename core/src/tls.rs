@@ -14,7 +14,6 @@
 //!   a signature made for one TLS session is worthless in any other, so a machine in the middle
 //!   that terminates our TLS cannot relay our proof to the real agent.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -83,11 +82,8 @@ impl AgentIdentity {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let rng = ring::rand::SystemRandom::new();
-                let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-                    .map_err(|_| Error::Invalid("cannot make an Ed25519 key".into()))?;
-                let pkcs8 = doc.as_ref().to_vec();
-                write_new_private(&path, &pkcs8)?;
+                let pkcs8 = new_pkcs8()?;
+                crate::keyfile::write_new_private(&path, &pkcs8)?;
                 tracing::info!(path = %path.display(), "made a new agent identity key");
                 Self::from_pkcs8(pkcs8)
             }
@@ -97,10 +93,7 @@ impl AgentIdentity {
 
     /// A fresh identity held in memory only (tests).
     pub fn generate() -> Result<Self> {
-        let rng = ring::rand::SystemRandom::new();
-        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|_| Error::Invalid("cannot make an Ed25519 key".into()))?;
-        Self::from_pkcs8(doc.as_ref().to_vec())
+        Self::from_pkcs8(new_pkcs8()?)
     }
 
     fn from_pkcs8(pkcs8: Vec<u8>) -> Result<Self> {
@@ -146,19 +139,12 @@ impl AgentIdentity {
     }
 }
 
-/// Writes a new file readable by its owner only; refuses to replace an existing one.
-fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let io = |e| Error::io(format!("write {}", path.display()), e);
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)
+/// A new Ed25519 key pair, PKCS#8.
+fn new_pkcs8() -> Result<Vec<u8>> {
+    let rng = ring::rand::SystemRandom::new();
+    ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map(|doc| doc.as_ref().to_vec())
+        .map_err(|_| Error::Invalid("cannot make an Ed25519 key".into()))
 }
 
 /// The ring provider, TLS 1.3 suites with AES-128-GCM first: what travels is already
