@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,49 +29,8 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-            SanType,
-        };
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "nbd-server test CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().expect("server key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        let cert = params.signed_by(&key, &issuer).expect("server certificate");
-        let client_key = KeyPair::generate().expect("client key");
-        let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
-        client
-            .distinguished_name
-            .push(DnType::CommonName, "nbd test client");
-        let client_cert = client
-            .signed_by(&client_key, &issuer)
-            .expect("client certificate");
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path();
-        std::fs::write(p.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(p.join("server-cert.pem"), cert.pem()).unwrap();
-        std::fs::write(p.join("server-key.pem"), key.serialize_pem()).unwrap();
-        std::fs::create_dir(p.join("client")).unwrap();
-        std::fs::write(p.join("client/ca-cert.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(p.join("client/client-cert.pem"), client_cert.pem()).unwrap();
-        std::fs::write(p.join("client/client-key.pem"), client_key.serialize_pem()).unwrap();
+        sa_tests::pki::make_pki(dir.path(), "nbd-server");
         Pki { dir }
     }
 

@@ -23,6 +23,7 @@
 //! - [`loopdev`] attaches an image to a loop device (root only) and detaches it on drop.
 //! - [`nbd_client`] runs standard NBD clients and a random workload checked against a model.
 //! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
+//! - [`pki`] makes a test CA and server and client certificates for NBD over TLS.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
@@ -69,6 +70,7 @@ pub mod image;
 pub mod loopdev;
 pub mod nbd_client;
 pub mod netns;
+pub mod pki;
 pub mod proc;
 pub mod scan;
 pub mod serve;

@@ -2,63 +2,14 @@
 //! (`nbds://` URIs), plain clients refused, the same settings from a config file, and clear
 //! errors for half-given or broken certificate settings.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use sa_tests::cluster::{expect_fail, str_of, u64_of};
 use sa_tests::nbd_client::{client, client_ok};
 use sa_tests::{sha256, Cluster, ImageSpec, Serve, MIB};
 
-/// A CA (`ca-cert.pem`, what libnbd's `tls-certificates` directory holds) and a server
-/// certificate for localhost and 127.0.0.1 (`server-cert.pem`, `server-key.pem`) in `dir`, and
-/// in `dir/client` the CA and a client certificate it signed (`client-cert.pem`,
-/// `client-key.pem`, the names libnbd looks for).
 fn make_pki(dir: &Path) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-        SanType,
-    };
-    std::fs::create_dir_all(dir).expect("pki dir");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sa-image test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &issuer).expect("server certificate");
-    let client_key = KeyPair::generate().expect("client key");
-    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "sa-image test client");
-    let client_cert = client
-        .signed_by(&client_key, &issuer)
-        .expect("client certificate");
-    std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
-    std::fs::create_dir_all(dir.join("client")).unwrap();
-    std::fs::write(dir.join("client/ca-cert.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("client/client-cert.pem"), client_cert.pem()).unwrap();
-    std::fs::write(
-        dir.join("client/client-key.pem"),
-        client_key.serialize_pem(),
-    )
-    .unwrap();
+    sa_tests::pki::make_pki(dir, "sa-image");
 }
 
 fn path_str(p: &Path) -> &str {
