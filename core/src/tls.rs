@@ -311,6 +311,11 @@ mod tests {
         });
         let c = connector.connect(server_name(), a).await.unwrap();
         assert_eq!(peer_key(c.get_ref().1).unwrap(), id.public());
+        assert_eq!(
+            c.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "our ends agree on the cheaper suite"
+        );
         let mine = client_binding(c.get_ref().1).unwrap();
         assert_eq!(server.await.unwrap(), mine);
         // Another session has another binding.
