@@ -211,39 +211,6 @@ pub fn sort_by_creation(manifests: &mut [Manifest]) {
     });
 }
 
-/// Finds a snapshot by id, unique id prefix, or `latest` (newest of all, or of `volume` if given).
-pub fn resolve<'a>(
-    manifests: &'a [Manifest],
-    wanted: &str,
-    volume: Option<&str>,
-) -> Result<&'a Manifest> {
-    let pool: Vec<&Manifest> = manifests
-        .iter()
-        .filter(|m| volume.is_none_or(|v| m.volume_name == v))
-        .collect();
-    if wanted == "latest" {
-        return pool.last().copied().ok_or_else(|| {
-            Error::Invalid(
-                "the catalog holds no snapshot yet: run `sa-image snapshot` first".into(),
-            )
-        });
-    }
-    let hits: Vec<&Manifest> = pool
-        .iter()
-        .copied()
-        .filter(|m| m.snapshot.starts_with(wanted))
-        .collect();
-    match hits.len() {
-        1 => Ok(hits[0]),
-        0 => Err(Error::Invalid(format!(
-            "no snapshot '{wanted}' in the catalog (see `sa-image list`)"
-        ))),
-        n => Err(Error::Invalid(format!(
-            "'{wanted}' matches {n} snapshots: give more of the id"
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,22 @@ pub enum Error {
         /// The key it showed (hex).
         presented: String,
     },
+    /// A different agent answers at the address the agent book records for a member: a PC
+    /// reinstalled (a fresh shard directory), or another machine that took its address.
+    #[error(
+        "at {addr} answers agent {id}, not {member}, the member the agent book has at that address \
+         (a reinstalled PC, or another machine on its address?); it is not used. To use it as a new \
+         agent run `sa-image agents add {addr}`; the old member stays listed as down until it is \
+         back or `sa-image agents retire {member}`"
+    )]
+    Stranger {
+        /// The address.
+        addr: String,
+        /// The id of the agent that answers there (hex).
+        id: String,
+        /// The id of the member the book has there (hex).
+        member: String,
+    },
     /// The agent was retired from this owner's agent book.
     #[error(
         "agent {id} at {addr} was retired (`sa-image agents retire`) and is not used; to use it \

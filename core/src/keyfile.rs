@@ -300,23 +300,6 @@ pub fn check_key_file_mode(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a new file readable by its owner only (mode 0600), durably; refuses to replace an
-/// existing one.
-pub fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let io = |e| Error::io(format!("cannot write {}", path.display()), e);
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)
-}
-
 /// Reads and parses a key file, refusing one that others may read.
 pub fn read_key_file(path: &Path) -> Result<KeyFile> {
     check_key_file_mode(path)?;

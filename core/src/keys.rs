@@ -12,7 +12,6 @@
 //! Agents only ever learn the identity's public half (the owner id), which decrypts nothing.
 
 use std::fmt;
-use std::path::Path;
 
 use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
 use ring::hkdf;
@@ -100,17 +99,6 @@ impl MasterKey {
     /// The raw key bytes.
     pub fn as_bytes(&self) -> &[u8; MASTER_KEY_LEN] {
         &self.0
-    }
-
-    /// Reads a plain key file (see [`crate::keyfile`]); a wrapped one is
-    /// [`Error::PassphraseNeeded`], a file others may read [`Error::InsecureKeyFile`].
-    pub fn load(path: &Path) -> Result<Self> {
-        match crate::keyfile::read_key_file(path)? {
-            crate::keyfile::KeyFile::Plain(k) => Ok(k),
-            crate::keyfile::KeyFile::Wrapped(_) => {
-                Err(Error::PassphraseNeeded(path.display().to_string()))
-            }
-        }
     }
 
     /// Derives all working keys.

@@ -22,6 +22,8 @@
 //!   (what an agent serves) and a remote agent client.
 //! * [`wire`]: the agent protocol (frames, handshake, requests), spoken inside [`tls`]: TLS 1.3
 //!   where each agent proves its own Ed25519 key and no certificate authority is involved.
+//! * [`durable`]: writing a state or key file so a crash leaves the old one or the whole new one.
+//! * [`duration`], [`size`]: the one grammar for durations (`90s`, `1.5h`, `7d`) and sizes (`4MiB`).
 //! * [`pins`]: the agent book, a sealed catalog record with every agent's pinned key and last
 //!   address (trust on first contact, changes refused unless accepted on purpose).
 //!
@@ -30,6 +32,8 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod durable;
+pub mod duration;
 pub mod enc;
 pub mod envelope;
 pub mod error;

@@ -13,7 +13,7 @@ pub mod dir;
 pub mod remote;
 
 pub use dir::{Checked, DirStore};
-pub use remote::AgentClient;
+pub use remote::{AgentClient, ClientOptions};
 
 /// The read side of a store.
 #[async_trait]

@@ -83,7 +83,12 @@ impl AgentIdentity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let pkcs8 = new_pkcs8()?;
-                crate::keyfile::write_new_private(&path, &pkcs8)?;
+                crate::durable::write(
+                    &path,
+                    &pkcs8,
+                    crate::durable::Access::Private,
+                    crate::durable::Replace::No,
+                )?;
                 tracing::info!(path = %path.display(), "made a new agent identity key");
                 Self::from_pkcs8(pkcs8)
             }

@@ -3,16 +3,28 @@
 //! The file is flat: keys are the long flag names with `_` for `-` (`key`, `agents`,
 //! `data_shards`, `stripe_size`, `listen`, ...). Flags given on the command line win over the file.
 //! A key that no command knows is an error, so a typo does not pass silently.
+//!
+//! Durations (`--request-timeout 5s`, `--gc-grace 1.5h`) and sizes (`--cache 256MiB`) have one
+//! grammar each, [`sa_core::duration`] and [`sa_core::size`], for flags and keys alike.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use sa_core::store::ClientOptions;
+use sa_engine::fleet::{Fleet, FleetOptions};
 use serde::de::DeserializeOwned;
+
+use crate::exit::usage;
 
 /// Every key a config file may hold.
 pub const KNOWN_KEYS: &[&str] = &[
     "key",
+    "passphrase_file",
     "agents",
+    "connect_timeout",
+    "request_timeout",
     "data_shards",
     "parity_shards",
     "stripe_size",
@@ -31,9 +43,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "hydrate_rate",
     "hydrate_state",
     "cache",
+    "hedge_after",
     "size",
     "keep",
-    "agent_bin",
     "keep_last",
     "keep_daily",
     "keep_weekly",
@@ -45,7 +57,6 @@ pub const KNOWN_KEYS: &[&str] = &[
     "changed_map",
     "no_wait",
     "report_only",
-    "passphrase_file",
     "allow_degraded",
     "watch",
     "repair_after",
@@ -60,20 +71,27 @@ pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text)
-        .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        usage(format!(
+            "config file {} is not valid TOML: {e}",
+            path.display()
+        ))
+    })?;
     for k in table.keys() {
         if !KNOWN_KEYS.contains(&k.as_str()) {
-            bail!(
+            return Err(usage(format!(
                 "config file {}: unknown key '{k}' (known: {})",
                 path.display(),
                 KNOWN_KEYS.join(", ")
-            );
+            )));
         }
     }
-    table
-        .try_into()
-        .with_context(|| format!("config file {} has a key of the wrong type", path.display()))
+    table.try_into().map_err(|e| {
+        usage(format!(
+            "config file {} has a key of the wrong type: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Fills every `None` field of `$cli` from `$file`, and ORs boolean flags.
@@ -90,7 +108,7 @@ macro_rules! merge {
 #[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
 #[serde(default)]
 pub struct KeyArgs {
-    /// The key file.
+    /// The key file (made by `sa-image keygen`).
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// File whose first line is the passphrase of a wrapped key file (without it, a wrapped
@@ -107,32 +125,69 @@ impl KeyArgs {
 
     /// Loads the master key (the key file is required).
     pub fn load(&self) -> Result<sa_core::keys::MasterKey> {
-        load_key(&self.key, &self.passphrase_file)
+        let key = self.key.clone().ok_or_else(|| {
+            usage("no key file: give --key KEYFILE (or `key` in the config file); make one with `sa-image keygen --out KEYFILE`")
+        })?;
+        crate::passphrase::load_key(&key, self.passphrase_file.as_deref())
     }
 }
 
-/// The key file setting, required.
-pub fn require_key(key: &Option<PathBuf>) -> Result<PathBuf> {
-    key.clone().context("no key file: give --key KEYFILE (or `key` in the config file); make one with `sa-image keygen --out KEYFILE`")
+/// Which agents to reach and how long to wait for them: the flags (and config keys) of every
+/// command that talks to agents.
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct FleetArgs {
+    /// Agents, HOST[:PORT] (port 7710 when left out), comma-separated. One member of the agent
+    /// book is enough: every other member in service is reached too. A first snapshot names
+    /// at least k + m.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+    /// How long to wait for an agent to accept a connection and prove its identity, e.g. 5s
+    /// [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// How long one request to an agent may take before the agent counts as gone, e.g. 60s
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    pub request_timeout: Option<String>,
 }
 
-/// Loads the master key named by the `key` setting (required), unwrapping a passphrase-protected
-/// key file with `passphrase_file` or, on a terminal, a passphrase asked for.
-pub fn load_key(
-    key: &Option<PathBuf>,
-    passphrase_file: &Option<PathBuf>,
-) -> Result<sa_core::keys::MasterKey> {
-    crate::passphrase::load_key(&require_key(key)?, passphrase_file.as_deref())
-}
-
-/// The agents setting, required.
-pub fn require_agents(agents: &Option<Vec<String>>) -> Result<Vec<String>> {
-    match agents {
-        Some(a) if !a.is_empty() => Ok(a.iter().map(|s| normalize_addr(s)).collect()),
-        _ => bail!(
-            "no agents: give --agents HOST:PORT[,HOST:PORT...] (or `agents` in the config file)"
-        ),
+impl FleetArgs {
+    /// Fills the settings not given as flags from the config file's.
+    pub fn merge(&mut self, file: &mut FleetArgs) {
+        merge!(self, file; agents, connect_timeout, request_timeout);
     }
+
+    /// The agent addresses (required), with the default port added where missing.
+    pub fn addrs(&self) -> Result<Vec<String>> {
+        match &self.agents {
+            Some(a) if !a.is_empty() => Ok(a.iter().map(|s| normalize_addr(s)).collect()),
+            _ => Err(usage(
+                "no agents: give --agents HOST[:PORT][,HOST[:PORT]...] (or `agents` in the config file)",
+            )),
+        }
+    }
+
+    /// The fleet of `keys`' owner with these timeouts.
+    pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
+        let mut client = ClientOptions::default();
+        if let Some(t) = &self.connect_timeout {
+            client.connect_timeout =
+                nonzero(duration(t, "--connect-timeout")?, "--connect-timeout")?;
+        }
+        if let Some(t) = &self.request_timeout {
+            client.request_timeout =
+                nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
+        }
+        Ok(Fleet::new(Arc::new(keys), FleetOptions { client }))
+    }
+}
+
+fn nonzero(d: Duration, flag: &str) -> Result<Duration> {
+    if d.is_zero() {
+        return Err(usage(format!("{flag} must be more than 0")));
+    }
+    Ok(d)
 }
 
 /// Adds the default agent port when an address has none.
@@ -143,6 +198,57 @@ pub fn normalize_addr(addr: &str) -> String {
     {
         a.to_string()
     } else {
-        format!("{a}:{}", crate::DEFAULT_AGENT_PORT)
+        format!("{a}:{}", sa_engine::DEFAULT_AGENT_PORT)
+    }
+}
+
+/// Parses a duration flag or key (a usage error naming `flag` when it is not one).
+pub fn duration(text: &str, flag: &str) -> Result<Duration> {
+    sa_core::duration::parse_duration(text).map_err(|e| usage(format!("{flag}: {e}")))
+}
+
+/// Parses a size flag or key (a usage error naming `flag` when it is not one).
+pub fn size(text: &str, flag: &str) -> Result<u64> {
+    sa_core::size::parse_size(text).map_err(|e| usage(format!("{flag}: {e}")))
+}
+
+/// Parses a rate: a size per second (`200MiB`, `200MiB/s`), or `unlimited` / `0` for none.
+pub fn rate(text: &str, flag: &str) -> Result<Option<u64>> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
+    }
+    let n = size(t.strip_suffix("/s").unwrap_or(t), flag)?;
+    Ok((n > 0).then_some(n))
+}
+
+/// The grace period from `--gc-grace` (default [`sa_engine::gc::DEFAULT_GRACE`]).
+pub fn gc_grace(text: Option<&str>) -> Result<Duration> {
+    match text {
+        Some(t) => duration(t, "--gc-grace"),
+        None => Ok(sa_engine::gc::DEFAULT_GRACE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(rate("200MiB", "--r").unwrap(), Some(200 << 20));
+        assert_eq!(rate("200MiB/s", "--r").unwrap(), Some(200 << 20));
+        assert_eq!(rate("unlimited", "--r").unwrap(), None);
+        assert_eq!(rate("0", "--r").unwrap(), None);
+        let e = rate("fast", "--hydrate-rate").unwrap_err();
+        assert_eq!(crate::exit::code_of(&e), crate::exit::USAGE);
+        assert!(e.to_string().contains("--hydrate-rate"), "{e}");
+    }
+
+    #[test]
+    fn addresses_get_the_default_port() {
+        assert_eq!(normalize_addr("pc1"), "pc1:7710");
+        assert_eq!(normalize_addr("10.0.0.5:7000"), "10.0.0.5:7000");
+        assert_eq!(normalize_addr(" 10.0.0.5 "), "10.0.0.5:7710");
     }
 }

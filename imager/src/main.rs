@@ -1,29 +1,26 @@
-//! `sa-image`: snapshot a server's whole disk onto shard agents on the office's PCs, and get it
-//! back — restored to a disk, or (soon) served live over NBD.
+//! `sa-image`: the command line over the engine ([`sa_engine`]). It turns flags and the config
+//! file into engine options, asks for passphrases, draws progress bars, prints the engine's
+//! reports as text or JSON, and gives exit codes ([`exit`]).
 //!
-//! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`, `repair`,
-//! `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
-//! Exit codes: 0 success; 1 error; `verify` exits 2 when shards are missing or corrupt but every
-//! stripe is still recoverable, and 3 when data is lost; `status` exits 2 when a snapshot is below
-//! its configured redundancy and 3 when data is lost; `scrub` exits 2 when bad shards wait for
-//! `repair`; `repair` exits 2 when a shard could not be placed and 3 when a stripe is lost (`repair --watch`
-//! runs until SIGINT/SIGTERM and exits 0).
+//! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
+//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
+//!
+//! Files: [`cmd`] (one per command), [`config`] (the config file, the flags every command
+//! shares, and the one duration and size grammar), [`exit`], [`progress`] (indicatif),
+//! [`signal`] (SIGINT/SIGTERM to the engine's shutdown token), [`passphrase`], [`text`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod agents;
 mod cmd;
 mod config;
-mod fetch;
-mod gc;
-mod health;
+mod exit;
 mod passphrase;
 mod progress;
-mod serve;
-mod source;
+mod signal;
+mod text;
 
 /// mimalloc: the data path allocates and frees many shard-sized (1 MiB) buffers; glibc's
 /// allocator returns them to the kernel and page-faults them back in, which cost about a quarter
@@ -31,12 +28,15 @@ mod source;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Default TCP port of `shard-agent`.
-pub const DEFAULT_AGENT_PORT: u16 = 7710;
-
 /// Back a whole disk up onto shard agents on your office's PCs; restore it with any m of them gone.
 #[derive(Parser, Debug)]
-#[command(name = "sa-image", version, about, long_about = None)]
+#[command(
+    name = "sa-image",
+    version,
+    about,
+    long_about = None,
+    after_help = exit::HELP,
+)]
 struct Cli {
     /// TOML file whose keys are the long flag names (key, agents, data_shards, ...).
     #[arg(long, global = true)]
@@ -57,24 +57,29 @@ enum Command {
     /// Key files: `key import` writes one from the printed recovery text.
     #[command(subcommand)]
     Key(cmd::keygen::KeyCommand),
-    /// Snapshot a disk (block device or image file) onto the agents.
+    /// Snapshot a disk (block device or image file) onto the agents (defaults: k=4, m=2, 4MiB
+    /// stripes).
     Snapshot(cmd::snapshot::SnapshotArgs),
     /// List the snapshots in the catalog (any one reachable agent is enough).
     List(cmd::list::ListArgs),
     /// Agents (reachable, last seen, usage) and each snapshot's margin: how many more agent
-    /// losses it survives now.
+    /// losses it survives now. Exit 0 full redundancy, 2 below it, 3 data lost.
     Status(cmd::status::StatusArgs),
-    /// Read and check every shard of a snapshot.
+    /// Read and check every shard of a snapshot. Exit 0 sound, 2 degraded but recoverable, 3
+    /// data lost.
     Verify(cmd::verify::VerifyArgs),
     /// Ask every agent to check all its shard files now, and gather the bad ones they found.
+    /// Exit 2 when bad shards wait for `repair`.
     Scrub(cmd::scrub::ScrubArgs),
     /// Rebuild every missing or bad shard onto agents outside its stripe (and spread shards stored
     /// doubled up by `snapshot --allow-degraded`), and update the catalog; `--watch` keeps doing it,
-    /// waiting `--repair-after` before rebuilding around a missing agent.
+    /// waiting `--repair-after` before rebuilding around a missing agent. Exit 2 when a shard
+    /// found no place, 3 when a stripe is lost.
     Repair(cmd::repair::RepairArgs),
-    /// Restore a snapshot to a file or block device.
+    /// Restore a snapshot to a file or block device. Exit 3 when stripes cannot be rebuilt.
     Restore(cmd::restore::RestoreArgs),
-    /// Serve a snapshot as an NBD export (read-only, or writable into a local overlay file).
+    /// Serve a snapshot as an NBD export (read-only, or writable into a local overlay file, or a
+    /// live restore onto a disk) [default listen: 127.0.0.1:10809].
     Serve(cmd::serve::ServeArgs),
     /// Apply a retention policy per volume, forget the rest, and collect unreferenced shards.
     Prune(cmd::prune::PruneArgs),
@@ -85,15 +90,27 @@ enum Command {
     /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`.
     #[command(subcommand)]
     Agents(cmd::agents::AgentsCommand),
-    /// Run everything locally: agents, a snapshot, lost agents, a verified restore.
+    /// Run everything locally: agents in this process, a snapshot, lost agents, a verified
+    /// restore and a copy through NBD [default size: 256MiB].
     Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let default = match cli.verbose {
-        0 => "sa_image=warn,sa_core=warn",
-        1 => "sa_image=info,sa_core=info",
+        0 => "sa_image=warn,sa_engine=warn,sa_core=warn",
+        1 => "sa_image=info,sa_engine=info,sa_core=info",
         _ => "debug",
     };
     tracing_subscriber::fmt()
@@ -111,37 +128,38 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(exit::ERROR);
         }
     };
     let config = cli.config.clone();
     let result = runtime.block_on(async move {
+        let cfg = config.as_deref();
         match cli.command {
-            Command::Keygen(a) => cmd::keygen::keygen(a, config.as_deref()),
-            Command::OwnerId(a) => cmd::keygen::owner_id(a, config.as_deref()),
-            Command::Key(cmd::keygen::KeyCommand::Import(a)) => {
-                cmd::keygen::import(a, config.as_deref())
-            }
-            Command::Snapshot(a) => cmd::snapshot::run(a, config.as_deref()).await,
-            Command::List(a) => cmd::list::run(a, config.as_deref()).await,
-            Command::Status(a) => cmd::status::run(a, config.as_deref()).await,
-            Command::Verify(a) => cmd::verify::run(a, config.as_deref()).await,
-            Command::Scrub(a) => cmd::scrub::run(a, config.as_deref()).await,
-            Command::Repair(a) => cmd::repair::run(a, config.as_deref()).await,
-            Command::Restore(a) => cmd::restore::run(a, config.as_deref()).await,
-            Command::Serve(a) => cmd::serve::run(a, config.as_deref()).await,
-            Command::Prune(a) => cmd::prune::run(a, config.as_deref()).await,
-            Command::Forget(a) => cmd::forget::run(a, config.as_deref()).await,
-            Command::Gc(a) => cmd::gc::run(a, config.as_deref()).await,
-            Command::Agents(a) => cmd::agents::run(a, config.as_deref()).await,
-            Command::Demo(a) => cmd::demo::run(a, config.as_deref()).await,
+            Command::Keygen(a) => cmd::keygen::keygen(a, cfg),
+            Command::OwnerId(a) => cmd::keygen::owner_id(a, cfg),
+            Command::Key(cmd::keygen::KeyCommand::Import(a)) => cmd::keygen::import(a, cfg),
+            Command::Snapshot(a) => cmd::snapshot::run(a, cfg).await,
+            Command::List(a) => cmd::list::run(a, cfg).await,
+            Command::Status(a) => cmd::status::run(a, cfg).await,
+            Command::Verify(a) => cmd::verify::run(a, cfg).await,
+            Command::Scrub(a) => cmd::scrub::run(a, cfg).await,
+            Command::Repair(a) => cmd::repair::run(a, cfg).await,
+            Command::Restore(a) => cmd::restore::run(a, cfg).await,
+            Command::Serve(a) => cmd::serve::run(a, cfg).await,
+            Command::Prune(a) => cmd::prune::run(a, cfg).await,
+            Command::Forget(a) => cmd::forget::run(a, cfg).await,
+            Command::Gc(a) => cmd::gc::run(a, cfg).await,
+            Command::Agents(a) => cmd::agents::run(a, cfg).await,
+            Command::Demo(a) => cmd::demo::run(a, cfg).await,
         }
     });
+    // Background tasks (a signal watcher) must not hold the process.
+    runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }

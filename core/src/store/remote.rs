@@ -32,10 +32,28 @@ use crate::wire::{
 
 /// Most connections one client opens to one agent.
 pub const MAX_CONNECTIONS: usize = 8;
-/// How long to wait for a TCP connection and handshake.
+/// How long to wait for a TCP connection and handshake, unless told otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request may take before the agent counts as gone.
+/// How long one request may take before the agent counts as gone, unless told otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client waits for an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// TCP connection plus TLS and owner handshake.
+    pub connect_timeout: Duration,
+    /// One request and its whole answer.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
 
 /// A client of one agent.
 #[derive(Clone)]
@@ -46,6 +64,7 @@ pub struct AgentClient {
 struct Inner {
     addr: String,
     keys: Arc<Keys>,
+    opts: ClientOptions,
     agent_id: [u8; 16],
     key: AgentKey,
     idle: Mutex<Vec<Conn>>,
@@ -61,7 +80,7 @@ impl std::fmt::Debug for AgentClient {
 /// One authenticated connection.
 type Conn = TlsStream<TcpStream>;
 
-async fn open(addr: &str, keys: &Keys) -> Result<(Conn, [u8; 16], AgentKey)> {
+async fn open(addr: &str, keys: &Keys, timeout: Duration) -> Result<(Conn, [u8; 16], AgentKey)> {
     let unreachable = |why: String| Error::AgentUnreachable {
         addr: addr.to_string(),
         why,
@@ -134,23 +153,39 @@ async fn open(addr: &str, keys: &Keys) -> Result<(Conn, [u8; 16], AgentKey)> {
             ))),
         }
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+    match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(unreachable(format!(
-            "no answer within {}s",
-            CONNECT_TIMEOUT.as_secs()
+            "no answer within {}",
+            seconds(timeout)
         ))),
     }
 }
 
+/// `5s`, `0.5s`: a timeout as a person reads it.
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
 impl AgentClient {
-    /// Connects and authenticates to the agent at `addr` (`host:port`).
+    /// Connects and authenticates to the agent at `addr` (`host:port`) with the default timeouts.
     pub async fn connect(addr: &str, keys: Arc<Keys>) -> Result<Self> {
-        let (stream, agent_id, key) = open(addr, &keys).await?;
+        Self::connect_with(addr, keys, ClientOptions::default()).await
+    }
+
+    /// Connects and authenticates to the agent at `addr` (`host:port`).
+    pub async fn connect_with(addr: &str, keys: Arc<Keys>, opts: ClientOptions) -> Result<Self> {
+        let (stream, agent_id, key) = open(addr, &keys, opts.connect_timeout).await?;
         Ok(AgentClient {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
                 keys,
+                opts,
                 agent_id,
                 key,
                 idle: Mutex::new(vec![stream]),
@@ -184,11 +219,12 @@ impl AgentClient {
                 .ok_or_else(|| Error::Protocol("connection closed".into()))?;
             Response::parse(kind, body)
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        let limit = self.inner.opts.request_timeout;
+        match tokio::time::timeout(limit, fut).await {
             Ok(r) => r,
             Err(_) => Err(Error::Protocol(format!(
-                "no answer within {}s",
-                REQUEST_TIMEOUT.as_secs()
+                "no answer within {}",
+                seconds(limit)
             ))),
         }
     }
@@ -227,7 +263,12 @@ impl AgentClient {
     }
 
     async fn fresh_exchange(&self, req: &Request) -> Result<(Response, Conn)> {
-        let (mut s, id, key) = open(&self.inner.addr, &self.inner.keys).await?;
+        let (mut s, id, key) = open(
+            &self.inner.addr,
+            &self.inner.keys,
+            self.inner.opts.connect_timeout,
+        )
+        .await?;
         if id != self.inner.agent_id {
             return Err(Error::Refused {
                 addr: self.inner.addr.clone(),

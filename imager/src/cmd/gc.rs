@@ -1,15 +1,15 @@
-//! `sa-image gc`: delete shards that no kept snapshot references (see [`crate::gc`]).
+//! `sa-image gc`: delete shards that no kept snapshot references (see [`sa_engine::gc`]).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Result;
+use sa_engine::fleet::Access;
+use sa_engine::gc::{collect, GcOptions};
 use serde::Deserialize;
 
-use crate::agents::connect_many;
-use crate::config::{self, require_agents, KeyArgs};
-use crate::gc::{collect, parse_duration, print_report, GcOptions, DEFAULT_GRACE};
+use crate::config::{self, FleetArgs, KeyArgs};
 use crate::merge;
+use crate::text::print_gc;
 
 /// Flags of `gc`.
 #[derive(clap::Args, Debug, Default, Deserialize)]
@@ -18,11 +18,11 @@ pub struct GcArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub keyfile: KeyArgs,
-    /// Every agent, HOST:PORT, comma-separated: only reachable ones are collected.
-    #[arg(long, value_delimiter = ',')]
-    pub agents: Option<Vec<String>>,
-    /// Never delete a shard younger than this (0s, 30m, 1h, 2d); default 1h.
-    #[arg(long)]
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub fleet: FleetArgs,
+    /// Never delete a shard younger than this, e.g. 0s, 30m, 1.5h, 2d [default: 1h].
+    #[arg(long, value_name = "DURATION")]
     pub gc_grace: Option<String>,
     /// Report what would be deleted, delete nothing.
     #[arg(long)]
@@ -36,23 +36,19 @@ pub struct GcArgs {
 pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: GcArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
-    merge!(args, file; agents, gc_grace; bools dry_run, json);
-    let keys = Arc::new(args.keyfile.load()?.derive());
-    let grace = parse_duration(args.gc_grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
-    let attempts = connect_many(&require_agents(&args.agents)?, &keys).await;
-    let report = collect(
-        &attempts,
-        &keys,
-        GcOptions {
-            grace,
-            dry_run: args.dry_run,
-        },
-    )
-    .await?;
+    args.fleet.merge(&mut file.fleet);
+    merge!(args, file; gc_grace; bools dry_run, json);
+    let opts = GcOptions {
+        grace: config::gc_grace(args.gc_grace.as_deref())?,
+        dry_run: args.dry_run,
+    };
+    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let reach = fleet.reach(&args.fleet.addrs()?, Access::Write).await;
+    let report = collect(&fleet, &reach, opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report, args.dry_run);
+        print_gc(&report, args.dry_run);
     }
     Ok(0)
 }

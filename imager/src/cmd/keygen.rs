@@ -14,6 +14,7 @@ use sa_core::keys::MasterKey;
 use serde::Deserialize;
 
 use crate::config::{self, KeyArgs};
+use crate::exit::usage;
 use crate::merge;
 use crate::passphrase;
 
@@ -82,7 +83,7 @@ pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
     write_key_text(path, &KeyFile::Plain(key.clone()).to_text(), force)
 }
 
-/// Writes a key file's text: created new with mode 0600, never following a symlink to an old key.
+/// Writes a key file's text durably with mode 0600; an existing file only with `force`.
 fn write_key_text(path: &Path, text: &str, force: bool) -> Result<()> {
     if path.exists() && !force {
         bail!(
@@ -90,10 +91,17 @@ fn write_key_text(path: &Path, text: &str, force: bool) -> Result<()> {
             path.display()
         );
     }
-    let tmp = path.with_extension("tmp-new");
-    let _ = std::fs::remove_file(&tmp);
-    sa_core::keyfile::write_new_private(&tmp, text.as_bytes())?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let replace = if force {
+        sa_core::durable::Replace::Yes
+    } else {
+        sa_core::durable::Replace::No
+    };
+    sa_core::durable::write(
+        path,
+        text.as_bytes(),
+        sa_core::durable::Access::Private,
+        replace,
+    )?;
     Ok(())
 }
 
@@ -103,7 +111,7 @@ pub fn keygen(mut args: KeygenArgs, cfg: Option<&Path>) -> Result<u8> {
     merge!(args, file; out, passphrase_file; bools force);
     let out = args
         .out
-        .context("give --out KEYFILE: where to write the new key")?;
+        .ok_or_else(|| usage("give --out KEYFILE: where to write the new key"))?;
     if out.exists() && !args.force {
         bail!(
             "{} exists already; keep it (it may be the only way to your backups) or pass --force",
@@ -202,7 +210,7 @@ pub fn import(mut args: KeyImportArgs, cfg: Option<&Path>) -> Result<u8> {
     merge!(args, file; out, passphrase_file; bools force);
     let out = args
         .out
-        .context("give --out KEYFILE: where to write the imported key")?;
+        .ok_or_else(|| usage("give --out KEYFILE: where to write the imported key"))?;
     if out.exists() && !args.force {
         bail!(
             "{} exists already; remove it first or pass --force",

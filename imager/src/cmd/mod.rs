@@ -1,4 +1,6 @@
-//! One module per command: its arguments (flags and config keys) and what it does.
+//! One module per command: its flags (and config keys), the engine options they make, and how
+//! the engine's report is printed. No command calls another; shared text output is in
+//! [`crate::text`], shared settings in [`crate::config`].
 
 pub mod agents;
 pub mod demo;
@@ -8,7 +10,6 @@ pub mod keygen;
 pub mod list;
 pub mod prune;
 pub mod repair;
-pub mod repair_watch;
 pub mod restore;
 pub mod scrub;
 pub mod serve;

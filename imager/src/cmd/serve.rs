@@ -1,6 +1,8 @@
 //! `sa-image serve`: a snapshot as a live NBD export, assembled from the agents on demand.
 //!
-//! One agent's address is enough (the catalog there names the others). The export answers to
+//! One agent's address is enough (the catalog there names the others). The engine opens the
+//! snapshot ([`sa_engine::serve::open`]); this command binds the listener, prints the line
+//! scripts wait for, and runs the server until SIGINT or SIGTERM. The export answers to
 //! the default name `""` and to the snapshot id. Read-only unless `--overlay FILE` is given; then
 //! writes go to that file (see [`crate::serve::overlay`]) and never to the agents. Once listening,
 //! one line goes to stdout: `serving snapshot ID (SIZE) on nbd://ADDR` (with `--listen HOST:0`,
@@ -23,33 +25,18 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nbd_server::{rustls, Export, Exports, Server, ServerConfig};
-use sa_core::catalog::resolve;
-use sa_core::size::{format_size, parse_size};
-use sa_core::stripe::StripeCodec;
-use serde::{Deserialize, Serialize};
+use sa_core::size::format_size;
+use sa_engine::serve::{open, tls_config, ServeOptions, ServeReport};
+use serde::Deserialize;
 
-use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents, KeyArgs};
-use crate::fetch::StripeReader;
-use crate::gc::parse_duration;
+use crate::config::{self, FleetArgs, KeyArgs};
 use crate::merge;
-use crate::serve::hydrate::{self, Copier, Hydrate, HydrateReport};
-use crate::serve::overlay::Overlay;
-use crate::serve::snapshot::{Snapshot, READ_AHEAD};
-use crate::serve::source::{ServeSource, WriteLayer};
-use crate::serve::stats::{Counters, Stats};
 
 /// Where `serve` listens unless told otherwise (the IANA NBD port, loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
-/// Decoded stripes kept in memory unless told otherwise.
-pub const DEFAULT_CACHE: &str = "256MiB";
-/// A shard fetch slower than this gets a parity fetch alongside.
-pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
 
 /// Flags of `serve`.
 #[derive(clap::Args, Debug, Default, Deserialize)]
@@ -61,9 +48,12 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub keyfile: KeyArgs,
-    /// Agents to ask, HOST:PORT, comma-separated: one is enough.
-    #[arg(long, value_delimiter = ',')]
-    pub agents: Option<Vec<String>>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub fleet: FleetArgs,
+    /// The volume whose snapshot `latest` names.
+    #[arg(long)]
+    pub volume: Option<String>,
     /// Address to listen on, HOST:PORT (port 0: any free port) [default: 127.0.0.1:10809].
     /// Plain NBD has no encryption or authentication: to export over a LAN, listen on its
     /// address and give --tls-cert and --tls-key.
@@ -106,236 +96,85 @@ pub struct ServeArgs {
     /// Memory for decoded stripes, e.g. 256MiB [default: 256MiB].
     #[arg(long)]
     pub cache: Option<String>,
+    /// A read whose k shards have not all arrived after this gets one more shard fetched
+    /// alongside (a slow PC is hedged around), e.g. 300ms [default: 300ms].
+    #[arg(long, value_name = "DURATION")]
+    pub hedge_after: Option<String>,
     /// Print the counters as one JSON object when stopping.
     #[arg(long)]
     pub json: bool,
-}
-
-/// What `serve --json` prints when it stops.
-#[derive(Serialize, Debug)]
-pub struct ServeReport {
-    /// Snapshot id.
-    pub snapshot: String,
-    /// Volume name.
-    pub volume: String,
-    /// Volume size in bytes.
-    pub size: u64,
-    /// Address served.
-    pub listen: String,
-    /// Overlay file, if writable.
-    pub overlay: Option<String>,
-    /// Blocks (4 KiB) held by the overlay at the end.
-    pub overlay_blocks: u64,
-    /// Live restore, if `--hydrate` was given.
-    #[serde(flatten)]
-    pub hydrate: Option<HydrateReport>,
-    /// Counters.
-    #[serde(flatten)]
-    pub counters: Counters,
-    /// Agents that could not be reached at start.
-    pub agents_down: Vec<String>,
-    /// Wall time served.
-    pub seconds: f64,
 }
 
 /// `sa-image serve`.
 pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
-    merge!(args, file; agents, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay, cache, hydrate, hydrate_rate, hydrate_state; bools json);
+    args.fleet.merge(&mut file.fleet);
+    merge!(args, file; volume, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay,
+        cache, hedge_after, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
-    let tls = load_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
-    let idle_timeout = match args.idle_timeout.as_deref() {
-        None => ServerConfig::default().idle_timeout,
-        Some(text) => {
-            match parse_duration(text).with_context(|| format!("--idle-timeout {text}"))? {
-                0 => None,
-                secs => Some(Duration::from_secs(secs)),
-            }
-        }
-    };
-    if args.overlay.is_some() && args.hydrate.is_some() {
-        anyhow::bail!(
-            "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
-             hydrate target; give one of them"
-        );
+    let tls = tls_config(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_client_ca.as_deref(),
+    )
+    .map_err(|e| crate::exit::usage(e.to_string()))?;
+    let mut opts = ServeOptions::new(&args.snapshot, args.fleet.addrs()?);
+    opts.volume = args.volume.clone();
+    opts.tls = tls;
+    if let Some(t) = &args.idle_timeout {
+        opts.idle_timeout = Some(config::duration(t, "--idle-timeout")?).filter(|d| !d.is_zero());
     }
-    if args.hydrate_state.is_some() && args.hydrate.is_none() {
-        anyhow::bail!("--hydrate-state needs --hydrate TARGET");
+    if let Some(c) = &args.cache {
+        opts.cache = config::size(c, "--cache")?;
     }
-    let rate_text = args
-        .hydrate_rate
-        .clone()
-        .unwrap_or_else(|| hydrate::DEFAULT_RATE.to_string());
-    let rate = hydrate::parse_rate(&rate_text)?;
-    let key = args.keyfile.load()?;
-    let keys = Arc::new(key.derive());
-    let agents = require_agents(&args.agents)?;
+    if let Some(h) = &args.hedge_after {
+        opts.hedge_after = config::duration(h, "--hedge-after")?.max(Duration::from_millis(1));
+    }
+    opts.overlay = args.overlay.clone();
+    opts.hydrate = args.hydrate.clone();
+    opts.hydrate_state = args.hydrate_state.clone();
+    if let Some(r) = &args.hydrate_rate {
+        opts.hydrate_rate = config::rate(r, "--hydrate-rate")?;
+    }
     let listen = args
         .listen
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let cache_text = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| DEFAULT_CACHE.to_string());
-    let cache = parse_size(&cache_text).with_context(|| format!("--cache {cache_text}"))?;
-
-    let (manifests, attempts) = open_catalog(&agents, &keys).await?;
-    let m = Arc::new(resolve(&manifests, &args.snapshot, None)?.clone());
-    let layout = m.layout;
-    let slots = clients_for(&m, &attempts, &keys).await;
-    for (i, why) in &slots.down {
-        tracing::warn!(
-            "agent {} is down: {why}; its shards are rebuilt from parity",
-            slots.names[*i]
-        );
-    }
-    let agents_down: Vec<String> = slots
-        .down
-        .iter()
-        .map(|(i, _)| slots.names[*i].clone())
-        .collect();
-    let codec = Arc::new(StripeCodec::new(keys.clone(), layout, m.volume)?);
-    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_hedge(HEDGE_AFTER);
-
-    // The cache must hold the stripes being read plus the read-ahead, or read-ahead is wasted.
-    let floor = layout.stripe_size as u64 * (READ_AHEAD + 2);
-    if cache < floor {
-        tracing::warn!(
-            "--cache {cache_text} is less than {}: using that",
-            format_size(floor)
-        );
-    }
-    let stats = Arc::new(Stats::default());
-    let snapshot = Arc::new(Snapshot::new(
-        m.clone(),
-        reader,
-        cache.max(floor) as usize,
-        slots.names.clone(),
-        stats.clone(),
-    ));
-    let overlay = match &args.overlay {
-        Some(p) => Some(Arc::new(Overlay::open(p, layout.volume_size, &m.snapshot)?)),
-        None => None,
-    };
-    let hydrate = match &args.hydrate {
-        Some(t) => Some(Arc::new(
-            Hydrate::open(t, args.hydrate_state.as_deref(), layout, &m.snapshot)
-                .with_context(|| format!("cannot start the live restore onto {}", t.display()))?,
-        )),
-        None => None,
-    };
-    let layer: Option<Arc<dyn WriteLayer>> = match (&overlay, &hydrate) {
-        (Some(o), _) => Some(o.clone()),
-        (None, Some(h)) => Some(h.clone()),
-        (None, None) => None,
-    };
-    let source = Arc::new(ServeSource::new(
-        snapshot.clone(),
-        layer.clone(),
-        stats.clone(),
-    ));
-    let description = format!(
-        "sa-image snapshot {} of '{}' ({}){}",
-        m.snapshot,
-        m.volume_name,
-        format_size(layout.volume_size),
-        if overlay.is_some() {
-            ", writes to an overlay"
-        } else if hydrate.is_some() {
-            ", live restore: writes to the target"
-        } else {
-            ", read-only"
-        }
-    );
-    let write_lock = source.write_lock();
-    let exports = Exports::single(Export::new(m.snapshot.clone(), description, source))
-        .context("cannot name the export after the snapshot")?;
-
+    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let served = open(&fleet, &opts).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| {
             format!("cannot listen on {listen}: is another serve (or NBD server) using it?")
         })?;
     let bound: SocketAddr = listener.local_addr()?;
-    let started = Instant::now();
     println!(
         "serving snapshot {} ({}) on {}://{bound}",
-        m.snapshot,
-        format_size(layout.volume_size),
-        if tls.is_some() { "nbds" } else { "nbd" }
+        served.snapshot,
+        format_size(served.size),
+        if served.tls() { "nbds" } else { "nbd" }
     );
-    if tls.is_none() && !bound.ip().is_loopback() {
+    if !served.tls() && !bound.ip().is_loopback() {
         tracing::warn!(
             "serving plain NBD on {bound}: anyone on that network can read the disk; \
              give --tls-cert and --tls-key to require TLS"
         );
     }
-    if let Some(o) = &overlay {
-        tracing::info!(
-            "writes go to {} ({} blocks written before)",
-            o.path().display(),
-            o.written_blocks()
-        );
-    }
-    if let Some(h) = &hydrate {
-        tracing::info!(
-            "live restore onto {} (progress in {}): {} of {} stripes there already",
-            h.path().display(),
-            h.state_path().display(),
-            h.filled_stripes(),
-            layout.stripe_count()
-        );
-    }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-
-    // The copier starts once the export is announced: the guest can boot at once.
-    let (stop_copier, stopped) = tokio::sync::watch::channel(false);
-    let copier = hydrate.as_ref().map(|h| {
-        let c = Copier::new(h.clone(), snapshot.clone(), write_lock.clone(), rate);
-        tokio::spawn(c.run(stopped))
-    });
-
-    let config = ServerConfig {
-        tls,
-        idle_timeout,
-        ..ServerConfig::default()
-    };
-    let served = Server::with_config(Arc::new(exports), config)
-        .run(listener, stop_signal())
-        .await
-        .context("NBD server failed");
-
-    // The copier finishes the stripes in flight and makes its progress durable.
-    let _ = stop_copier.send(true);
-    if let Some(c) = copier {
-        let _ = c.await;
+    if let Some(mut done) = served.hydration_done() {
+        tokio::spawn(async move {
+            if let Ok(d) = done.wait_for(Option::is_some).await {
+                if let Some((n, secs)) = *d {
+                    println!("hydration complete: {n} stripes in {secs:.1}s");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        });
     }
-    served?;
-    if let Some(l) = &layer {
-        let what = match (&overlay, &hydrate) {
-            (Some(o), _) => format!("the overlay {}", o.path().display()),
-            (_, Some(h)) => format!("the hydrate target {}", h.path().display()),
-            _ => String::new(),
-        };
-        l.flush()
-            .await
-            .with_context(|| format!("cannot sync {what}"))?;
-    }
-    let report = ServeReport {
-        snapshot: m.snapshot.clone(),
-        volume: m.volume_name.clone(),
-        size: layout.volume_size,
-        listen: bound.to_string(),
-        overlay: overlay.as_ref().map(|o| o.path().display().to_string()),
-        overlay_blocks: overlay.as_ref().map_or(0, |o| o.written_blocks()),
-        hydrate: hydrate.as_ref().map(|h| h.report()),
-        counters: stats.report(&slots.names),
-        agents_down,
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let shutdown = crate::signal::on_stop_signals();
+    let report = served.run(listener, shutdown).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -395,46 +234,4 @@ fn print_report(r: &ServeReport) {
             h.written_blocks
         );
     }
-}
-
-/// The TLS configuration from `--tls-cert` and `--tls-key` (both or neither) and
-/// `--tls-client-ca` (only with them).
-fn load_tls(
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
-    client_ca: &Option<PathBuf>,
-) -> Result<Option<Arc<rustls::ServerConfig>>> {
-    match (cert, key) {
-        (None, None) if client_ca.is_some() => anyhow::bail!(
-            "--tls-client-ca needs --tls-cert and --tls-key: the server needs its own certificate \
-             to ask clients for theirs"
-        ),
-        (None, None) => Ok(None),
-        (Some(cert), Some(key)) => nbd_server::load_pem(cert, key, client_ca.as_deref())
-            .map(Some)
-            .context("cannot set up NBD over TLS (--tls-cert, --tls-key, --tls-client-ca)"),
-        (Some(_), None) => anyhow::bail!(
-            "--tls-cert needs --tls-key: give the private key of the certificate too (PEM)"
-        ),
-        (None, Some(_)) => anyhow::bail!(
-            "--tls-key needs --tls-cert: give the certificate chain of the key too (PEM)"
-        ),
-    }
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot watch for signals; stop serve with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("signal received: finishing requests in flight");
 }

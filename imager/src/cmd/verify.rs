@@ -1,232 +1,56 @@
-//! `sa-image verify`: read and check every shard of a snapshot.
-//!
-//! Each shard is fetched and checked (header, crc32c, identity); each stripe is then rebuilt,
-//! decrypted and checked against its id, and when all shards are present the parity is
-//! recomputed and compared, so a wrong parity shard cannot hide until the day it is needed.
-//! Exit 0: every shard present and sound. Exit 2: some shard missing or corrupt, but every stripe
-//! still recoverable (run verify again once agents are back, or repair). Exit 3: data is lost.
+//! `sa-image verify SNAPSHOT`: read and check every shard (see [`sa_engine::verify`]).
 
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use sa_core::catalog::resolve;
-use sa_core::manifest::StripeRef;
-use sa_core::stripe::{Payload, StripeCodec};
-use serde::{Deserialize, Serialize};
-use tokio::task::JoinSet;
+use anyhow::Result;
+use sa_engine::verify::{verify, VerifyOptions, VerifyReport};
+use serde::Deserialize;
 
-use crate::agents::{clients_for, open_catalog};
-use crate::config::{self, require_agents, KeyArgs};
-use crate::fetch::{fetch_shard, Problem};
+use crate::config::{self, FleetArgs, KeyArgs};
 use crate::merge;
-use crate::progress::bytes_bar;
-
-const PARALLEL: usize = 6;
+use crate::progress::Bar;
 
 /// Flags of `verify`.
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct VerifyArgs {
-    /// Snapshot id (or unique prefix), or `latest`.
+    /// Snapshot id (or unique prefix), or `latest` (of --volume; needed with several volumes).
     #[serde(skip)]
     pub snapshot: String,
     #[command(flatten)]
     #[serde(flatten)]
     pub keyfile: KeyArgs,
-    /// Agents to ask, HOST:PORT, comma-separated: one is enough.
-    #[arg(long, value_delimiter = ',')]
-    pub agents: Option<Vec<String>>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub fleet: FleetArgs,
+    /// The volume whose snapshot `latest` names.
+    #[arg(long)]
+    pub volume: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Per-agent figures.
-#[derive(Serialize, Debug, Default, Clone)]
-pub struct AgentReport {
-    /// Address.
-    pub addr: String,
-    /// Agent id (hex).
-    pub id: String,
-    /// Whether it answered.
-    pub reachable: bool,
-    /// Sound shards.
-    pub ok: u64,
-    /// Missing shards (including all of an unreachable agent's).
-    pub missing: u64,
-    /// Corrupt shards.
-    pub corrupt: u64,
-}
-
-/// One bad shard.
-#[derive(Serialize, Debug, Clone)]
-pub struct BadShard {
-    /// Stripe index.
-    pub stripe: u64,
-    /// Shard index.
-    pub index: usize,
-    /// Agent address.
-    pub agent: String,
-    /// Problem.
-    pub problem: Problem,
-    /// Details.
-    pub detail: String,
-}
-
-/// What `verify --json` prints.
-#[derive(Serialize, Debug, Default)]
-pub struct VerifyReport {
-    /// Snapshot id.
-    pub snapshot: String,
-    /// Volume.
-    pub volume: String,
-    /// Stripes.
-    pub stripes: u64,
-    /// Zero stripes (nothing to check).
-    pub zero_stripes: u64,
-    /// Stripes with every shard sound.
-    pub healthy_stripes: u64,
-    /// Stripes missing shards but recoverable.
-    pub degraded_stripes: u64,
-    /// Stripes that cannot be rebuilt.
-    pub lost_stripes: u64,
-    /// Sound shards.
-    pub shards_ok: u64,
-    /// Missing shards.
-    pub shards_missing: u64,
-    /// Corrupt shards.
-    pub shards_corrupt: u64,
-    /// True when every stripe can be rebuilt.
-    pub recoverable: bool,
-    /// Per agent.
-    pub agents: Vec<AgentReport>,
-    /// Bad shards (first 1000).
-    pub bad_shards: Vec<BadShard>,
-    /// Lost stripe indices (first 1000).
-    pub lost: Vec<u64>,
-}
-
-/// A shard's verdict: sound, or what is wrong with it.
-type ShardOutcome = Result<(), (Problem, String)>;
-
-struct StripeCheck {
-    stripe: u64,
-    /// (shard index, agent slot, sound or the problem).
-    shard_results: Vec<(usize, usize, ShardOutcome)>,
-    decodable: Result<(), String>,
 }
 
 /// `sa-image verify`.
 pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: VerifyArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
-    merge!(args, file; agents; bools json);
-    let keys = Arc::new(args.keyfile.load()?.derive());
-    let (manifests, attempts) = open_catalog(&require_agents(&args.agents)?, &keys).await?;
-    let m = Arc::new(resolve(&manifests, &args.snapshot, None)?.clone());
-    let layout = m.layout;
-    let slots = clients_for(&m, &attempts, &keys).await;
-    let mut report = VerifyReport {
-        snapshot: m.snapshot.clone(),
-        volume: m.volume_name.clone(),
-        stripes: layout.stripe_count(),
-        agents: m
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| AgentReport {
-                addr: a.addr.clone(),
-                id: sa_core::keys::hex(&a.id),
-                reachable: slots.slots[i].is_some(),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
+    args.fleet.merge(&mut file.fleet);
+    merge!(args, file; volume; bools json);
+    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let opts = VerifyOptions {
+        snapshot: args.snapshot.clone(),
+        volume: args.volume.clone(),
+        agents: args.fleet.addrs()?,
     };
-    let codec = Arc::new(StripeCodec::new(keys.clone(), layout, m.volume)?);
-    let clients = Arc::new(slots.slots.clone());
-    let bar = bytes_bar(layout.volume_size, "verify", args.json);
-    let mut set: JoinSet<StripeCheck> = JoinSet::new();
-    let mut next = 0u64;
-    loop {
-        while set.len() < PARALLEL && next < layout.stripe_count() {
-            let i = next;
-            next += 1;
-            let (id, sl) = match &m.stripes[i as usize] {
-                StripeRef::Zero => {
-                    report.zero_stripes += 1;
-                    bar.inc(layout.stripe_len(i) as u64);
-                    continue;
-                }
-                StripeRef::Data { id, slots } => (*id, slots.clone()),
-            };
-            let (codec, clients) = (codec.clone(), clients.clone());
-            set.spawn(async move { check_stripe(i, id, sl, codec, clients).await });
-        }
-        let Some(joined) = set.join_next().await else {
-            break;
-        };
-        let c = joined.context("verify task failed")?;
-        bar.inc(layout.stripe_len(c.stripe) as u64);
-        let mut bad = 0;
-        for (index, slot, r) in c.shard_results {
-            let a = &mut report.agents[slot];
-            match r {
-                Ok(()) => {
-                    a.ok += 1;
-                    report.shards_ok += 1;
-                }
-                Err((problem, detail)) => {
-                    bad += 1;
-                    if problem == Problem::Corrupt {
-                        a.corrupt += 1;
-                        report.shards_corrupt += 1;
-                    } else {
-                        a.missing += 1;
-                        report.shards_missing += 1;
-                    }
-                    if report.bad_shards.len() < 1000 {
-                        report.bad_shards.push(BadShard {
-                            stripe: c.stripe,
-                            index,
-                            agent: a.addr.clone(),
-                            problem,
-                            detail,
-                        });
-                    }
-                }
-            }
-        }
-        match (&c.decodable, bad) {
-            (Err(why), _) => {
-                report.lost_stripes += 1;
-                if report.lost.len() < 1000 {
-                    report.lost.push(c.stripe);
-                }
-                tracing::error!("stripe {} cannot be recovered: {why}", c.stripe);
-            }
-            (Ok(()), 0) => report.healthy_stripes += 1,
-            (Ok(()), _) => report.degraded_stripes += 1,
-        }
-    }
-    bar.finish_and_clear();
-    report.lost.sort_unstable();
-    report.bad_shards.sort_by_key(|b| (b.stripe, b.index));
-    report.recoverable = report.lost_stripes == 0;
-    let code = if report.lost_stripes > 0 {
-        3
-    } else if report.shards_missing + report.shards_corrupt > 0 {
-        2
-    } else {
-        0
-    };
+    let shutdown = crate::signal::on_stop_signals();
+    let report = verify(&fleet, &opts, &Bar::new(args.json), &shutdown).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_text(&report);
     }
-    Ok(code)
+    Ok(report.exit_code())
 }
 
 fn print_text(r: &VerifyReport) {
@@ -276,81 +100,5 @@ fn print_text(r: &VerifyReport) {
         );
     } else {
         println!("OK: all {} shards present and sound", r.shards_ok);
-    }
-}
-
-async fn check_stripe(
-    i: u64,
-    id: sa_core::seal::StripeId,
-    slots: Vec<u16>,
-    codec: Arc<StripeCodec>,
-    clients: Arc<Vec<Option<sa_core::store::AgentClient>>>,
-) -> StripeCheck {
-    let layout = *codec.layout();
-    let plain_len = layout.stripe_len(i);
-    let mut set = JoinSet::new();
-    for (idx, &slot) in slots.iter().enumerate() {
-        let (codec, client) = (codec.clone(), clients.get(slot as usize).cloned().flatten());
-        set.spawn(async move {
-            (
-                idx,
-                fetch_shard(&codec, client.as_ref(), &id, idx, plain_len).await,
-            )
-        });
-    }
-    let mut payloads: Vec<Option<Payload>> = vec![None; layout.shards()];
-    let mut shard_results = Vec::new();
-    while let Some(r) = set.join_next().await {
-        let Ok((idx, r)) = r else { continue };
-        match r {
-            Ok(p) => {
-                payloads[idx] = Some(p);
-                shard_results.push((idx, slots[idx] as usize, Ok(())));
-            }
-            Err(e) => {
-                shard_results.push((
-                    idx,
-                    slots[idx] as usize,
-                    Err((Problem::of(&e), e.to_string())),
-                ));
-            }
-        }
-    }
-    let k = layout.k as usize;
-    let c2 = codec.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        let mut bad_parity = Vec::new();
-        if payloads.iter().all(|p| p.is_some()) {
-            let data: Vec<&[u8]> = payloads
-                .iter()
-                .take(k)
-                .map(|p| p.as_ref().map(Payload::as_slice).unwrap_or_default())
-                .collect();
-            for (j, par) in c2.parity_of(&data).into_iter().enumerate() {
-                if payloads[k + j].as_ref().map(Payload::as_slice) != Some(&par[..]) {
-                    bad_parity.push(k + j);
-                }
-            }
-        }
-        let decoded = c2
-            .decode(&id, plain_len, payloads)
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        (bad_parity, decoded)
-    })
-    .await;
-    let (bad_parity, decodable) = checked.unwrap_or_else(|e| (vec![], Err(e.to_string())));
-    for idx in bad_parity {
-        if let Some(entry) = shard_results.iter_mut().find(|(j, _, _)| *j == idx) {
-            entry.2 = Err((
-                Problem::Corrupt,
-                "parity does not match the data shards".into(),
-            ));
-        }
-    }
-    StripeCheck {
-        stripe: i,
-        shard_results,
-        decodable,
     }
 }

@@ -76,7 +76,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use async_trait::async_trait;
 use sa_core::layout::Layout;
 use sa_core::size::format_size;
@@ -93,7 +93,7 @@ use super::source::WriteLayer;
 
 /// Hydration rate unless `--hydrate-rate` says otherwise: about half of a gigabit link, so a
 /// guest reading from the agents over the same link keeps the other half.
-pub const DEFAULT_RATE: &str = "64MiB";
+pub const DEFAULT_RATE: u64 = 64 << 20;
 /// Stripes the copier has in flight at most (the guest's reads have `FETCH_PARALLEL` in all).
 pub const PARALLEL: usize = 4;
 /// A guest read answered from the agents this recently makes the copier keep one stripe in flight.
@@ -102,20 +102,6 @@ pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long the copier waits before retrying stripes it could not fetch.
 pub const RETRY_AFTER: Duration = Duration::from_secs(10);
-
-/// Parses `--hydrate-rate`: a size per second (`200MiB`, `200MiB/s`), or `unlimited` / `0` for
-/// none (`None`).
-pub fn parse_rate(text: &str) -> Result<Option<u64>> {
-    let t = text.trim();
-    if t.eq_ignore_ascii_case("unlimited") {
-        return Ok(None);
-    }
-    let t = t.strip_suffix("/s").unwrap_or(t);
-    let n = sa_core::size::parse_size(t).with_context(|| {
-        format!("--hydrate-rate {text}: give bytes per second such as 200MiB, or unlimited")
-    })?;
-    Ok((n > 0).then_some(n))
-}
 
 /// The state file used for `target` when `--hydrate-state` is not given: `TARGET.hydrate`.
 pub fn default_state_path(target: &Path) -> PathBuf {
@@ -176,9 +162,16 @@ pub struct Hydrate {
     layout: Layout,
     counters: Counters,
     started: Instant,
+    /// `Some((stripes, seconds))` once hydration is complete.
+    done: watch::Sender<Option<(u64, f64)>>,
 }
 
 impl Hydrate {
+    /// A receiver that holds `Some((stripes copied, seconds))` once hydration is complete.
+    pub fn done(&self) -> watch::Receiver<Option<(u64, f64)>> {
+        self.done.subscribe()
+    }
+
     /// Opens (or starts) the live restore of `snapshot` onto `target`, with its state at
     /// `state_path` (default: [`default_state_path`]; required for a block device).
     pub fn open(
@@ -196,22 +189,24 @@ impl Hydrate {
             .as_ref()
             .is_some_and(|m| !is_device && !m.file_type().is_file())
         {
-            bail!(
+            return Err(Error::invalid(format!(
                 "--hydrate {}: neither a block device nor a regular file",
                 target.display()
-            );
+            )));
         }
         let state_path = match state_path {
             Some(p) => p.to_path_buf(),
-            None if is_device => bail!(
+            None if is_device => return Err(Error::invalid(format!(
                 "--hydrate {} is a block device: give --hydrate-state FILE, a file on persistent storage \
                  (not /dev) where the progress is kept, so a restart resumes",
                 target.display()
-            ),
+            ))),
             None => default_state_path(target),
         };
         if state_path == target {
-            bail!("--hydrate-state must not be the target itself");
+            return Err(Error::invalid(
+                "--hydrate-state must not be the target itself",
+            ));
         }
         if !State::exists(&state_path) {
             let fresh = match &meta {
@@ -220,13 +215,13 @@ impl Hydrate {
                 Some(_) => false,
             };
             if !is_device && !fresh {
-                bail!(
+                return Err(Error::invalid(format!(
                     "{} exists but its state file {} does not: it is not the target of a live restore \
                      started by `sa-image serve` (its contents would be overwritten); remove it, or give \
                      another --hydrate path",
                     target.display(),
                     state_path.display()
-                );
+                )));
             }
             State::create(
                 &state_path,
@@ -242,30 +237,31 @@ impl Hydrate {
                 .read(true)
                 .write(true)
                 .open(target)
-                .with_context(|| {
+                .ctx(|| {
                     format!(
                         "cannot open {} for writing (root needed?)",
                         target.display()
                     )
                 })?;
-            let dev_size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))?;
+            let dev_size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+                .ctx(|| format!("cannot find the size of {}", target.display()))?;
             if dev_size < size {
-                bail!(
+                return Err(Error::invalid(format!(
                     "{} holds {dev_size} bytes but the snapshot needs {size}: use a larger disk",
                     target.display()
-                );
+                )));
             }
             f
         } else {
             if meta.is_none()
                 && (state.filled.count() > 0 || state.written.count() > 0 || !state.target_zeroed())
             {
-                bail!(
+                return Err(Error::invalid(format!(
                     "target {} is gone but its state file {} says part of it was restored: remove the \
                      state file to start again",
                     target.display(),
                     state_path.display()
-                );
+                )));
             }
             let f = OpenOptions::new()
                 .read(true)
@@ -273,22 +269,21 @@ impl Hydrate {
                 .create(true)
                 .truncate(false)
                 .open(target)
-                .with_context(|| format!("cannot open {}", target.display()))?;
-            if f.metadata()?.len() < size {
-                f.set_len(size).with_context(|| {
+                .ctx(|| format!("cannot open {}", target.display()))?;
+            let len = f
+                .metadata()
+                .ctx(|| format!("cannot read the size of {}", target.display()))?
+                .len();
+            if len < size {
+                f.set_len(size).ctx(|| {
                     format!(
                         "cannot size {} to {size} bytes (disk full?)",
                         target.display()
                     )
                 })?;
-                f.sync_all()?;
-                let dir = target
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .with_context(|| format!("cannot sync {}", dir.display()))?;
+                f.sync_all()
+                    .and_then(|()| sa_core::durable::sync_parent(target))
+                    .ctx(|| format!("cannot sync {}", target.display()))?;
             }
             f
         };
@@ -300,6 +295,7 @@ impl Hydrate {
             layout,
             counters: Counters::default(),
             started: Instant::now(),
+            done: watch::channel(None).0,
         })
     }
 
@@ -738,7 +734,7 @@ impl Copier {
         result
     }
 
-    /// Says that hydration is complete (once): log, and a line on stdout.
+    /// Says that hydration is complete (once): log, and the `done` channel.
     fn complete(&self) -> std::io::Result<()> {
         if self.announced.swap(true, Ordering::Relaxed) {
             return Ok(());
@@ -756,10 +752,8 @@ impl Copier {
             format_size(bytes),
             hyd.state.written.count()
         );
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "hydration complete: {n} stripes in {secs:.1}s")?;
-        out.flush()
+        hyd.done.send_replace(Some((n, secs)));
+        Ok(())
     }
 }
 
@@ -769,15 +763,6 @@ mod tests {
 
     fn layout(size: u64) -> Layout {
         Layout::new(size, 1 << 20, 4, 2).unwrap()
-    }
-
-    #[test]
-    fn rates() {
-        assert_eq!(parse_rate("200MiB").unwrap(), Some(200 << 20));
-        assert_eq!(parse_rate("200MiB/s").unwrap(), Some(200 << 20));
-        assert_eq!(parse_rate("unlimited").unwrap(), None);
-        assert_eq!(parse_rate("0").unwrap(), None);
-        assert!(parse_rate("fast").is_err());
     }
 
     #[tokio::test]

@@ -14,8 +14,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use sa_core::layout::Layout;
+
+use crate::error::{Error, IoContext, Result};
 
 fn number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -41,13 +42,16 @@ pub fn parse(text: &str, volume_size: u64) -> Result<Vec<(u64, u64)>> {
             fields.get(1).and_then(|f| number(f)),
             fields.len(),
         ) else {
-            bail!(
+            return Err(Error::invalid(format!(
                 "changed map line {}: expected `OFFSET LENGTH` (decimal or 0x hex), found {line:?}",
                 n + 1
-            );
+            )));
         };
         if off.checked_add(len).is_none_or(|end| end > volume_size) {
-            bail!("changed map line {}: range {off}+{len} goes past the end of the {volume_size}-byte volume", n + 1);
+            return Err(Error::invalid(format!(
+                "changed map line {}: range {off}+{len} goes past the end of the {volume_size}-byte volume",
+                n + 1
+            )));
         }
         if len > 0 {
             out.push((off, len));
@@ -59,8 +63,11 @@ pub fn parse(text: &str, volume_size: u64) -> Result<Vec<(u64, u64)>> {
 /// Reads and parses a changed-map file.
 pub fn load(path: &Path, volume_size: u64) -> Result<Vec<(u64, u64)>> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read changed map {}", path.display()))?;
-    parse(&text, volume_size).with_context(|| format!("changed map {}", path.display()))
+        .ctx(|| format!("cannot read changed map {}", path.display()))?;
+    parse(&text, volume_size).map_err(|e| match e {
+        Error::Invalid(why) => Error::Invalid(format!("{}: {why}", path.display())),
+        e => e,
+    })
 }
 
 /// Per stripe: does any range touch it?

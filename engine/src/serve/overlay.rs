@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Bytes per overlay block: the unit of the map.
 pub const BLOCK: u64 = 4096;
@@ -87,7 +87,9 @@ impl Overlay {
     /// Opens the overlay at `path` for snapshot `snapshot` of `size` bytes, or makes a new one.
     pub fn open(path: &Path, size: u64, snapshot: &str) -> Result<Overlay> {
         if snapshot.len() > ID_LEN {
-            bail!("snapshot id {snapshot:?} is too long for an overlay map");
+            return Err(Error::invalid(format!(
+                "snapshot id {snapshot:?} is too long for an overlay map"
+            )));
         }
         let mp = map_path(path);
         let blocks = size.div_ceil(BLOCK);
@@ -99,12 +101,12 @@ impl Overlay {
                     .map(|m| m.len() > 0)
                     .unwrap_or(false)
             {
-                bail!(
+                return Err(Error::invalid(format!(
                     "{} exists but its map {} does not: it is not an overlay made by `sa-image serve` \
                      (give another --overlay path, or remove the file to start an empty overlay)",
                     path.display(),
                     mp.display()
-                );
+                )));
             }
             create_map(&mp, &header(size, snapshot), map_bytes)?;
         }
@@ -112,23 +114,26 @@ impl Overlay {
             .read(true)
             .write(true)
             .open(&mp)
-            .with_context(|| format!("cannot open overlay map {}", mp.display()))?;
+            .ctx(|| format!("cannot open overlay map {}", mp.display()))?;
         let mut head = vec![0u8; MAP_HEADER_LEN as usize];
-        map.read_exact_at(&mut head, 0).with_context(|| {
+        map.read_exact_at(&mut head, 0).ctx(|| {
             format!(
                 "overlay map {} is too short: not a map, or damaged",
                 mp.display()
             )
         })?;
         if head[0..8] != MAP_MAGIC {
-            bail!("{} is not an overlay map (bad magic)", mp.display());
+            return Err(Error::invalid(format!(
+                "{} is not an overlay map (bad magic)",
+                mp.display()
+            )));
         }
         let version = u16::from_le_bytes([head[8], head[9]]);
         if version != MAP_VERSION {
-            bail!(
+            return Err(Error::invalid(format!(
                 "overlay map {} has format version {version}; this sa-image reads version {MAP_VERSION}",
                 mp.display()
-            );
+            )));
         }
         let block = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as u64;
         let vsize = u64::from_le_bytes(head[16..24].try_into().unwrap_or_default());
@@ -138,31 +143,31 @@ impl Overlay {
             .unwrap_or(ID_LEN);
         let id = String::from_utf8_lossy(&head[24..24 + id_end]).into_owned();
         if block != BLOCK || vsize != size {
-            bail!(
+            return Err(Error::invalid(format!(
                 "overlay map {} is for a volume of {vsize} bytes in {block}-byte blocks, not {size} in {BLOCK}",
                 mp.display()
-            );
+            )));
         }
         if id != snapshot {
-            bail!(
+            return Err(Error::invalid(format!(
                 "overlay {} holds writes made over snapshot {id}, not {snapshot}: serve that snapshot, or give another --overlay path",
                 path.display()
-            );
+            )));
         }
         let mut raw = vec![0u8; map_bytes as usize];
         map.read_exact_at(&mut raw, MAP_HEADER_LEN)
-            .with_context(|| format!("overlay map {} is truncated", mp.display()))?;
+            .ctx(|| format!("overlay map {} is truncated", mp.display()))?;
         let bits: Vec<AtomicU64> = raw
             .chunks_exact(8)
             .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().unwrap_or_default())))
             .collect();
         let any = bits.iter().any(|w| w.load(Ordering::Relaxed) != 0);
         if !path.exists() && any {
-            bail!(
+            return Err(Error::invalid(format!(
                 "overlay {} is gone but its map {} names written blocks: the writes are lost; remove the map to start an empty overlay",
                 path.display(),
                 mp.display()
-            );
+            )));
         }
         let data = OpenOptions::new()
             .read(true)
@@ -170,12 +175,15 @@ impl Overlay {
             .create(true)
             .truncate(false)
             .open(path)
-            .with_context(|| format!("cannot open overlay {}", path.display()))?;
-        let len = data.metadata()?.len();
+            .ctx(|| format!("cannot open overlay {}", path.display()))?;
+        let len = data
+            .metadata()
+            .ctx(|| format!("cannot read the size of overlay {}", path.display()))?
+            .len();
         if len < size {
             data.set_len(size)
-                .with_context(|| format!("cannot size overlay {}", path.display()))?;
-            data.sync_all()?;
+                .and_then(|()| data.sync_all())
+                .ctx(|| format!("cannot size overlay {}", path.display()))?;
         }
         Ok(Overlay {
             data: Arc::new(data),
@@ -347,20 +355,15 @@ async fn blocking<T: Send + 'static>(
 /// Writes a fresh map (header + empty bitmap) under a temporary name, syncs it, renames it
 /// into place and syncs the directory.
 fn create_map(mp: &Path, head: &[u8], map_bytes: u64) -> Result<()> {
-    let dir = mp
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    tmp.as_file().write_all_at(head, 0)?;
-    tmp.as_file().set_len(MAP_HEADER_LEN + map_bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(mp)
-        .with_context(|| format!("cannot create overlay map {}", mp.display()))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
+    sa_core::durable::create_with(
+        mp,
+        sa_core::durable::Access::Shared,
+        sa_core::durable::Replace::No,
+        |f| {
+            f.write_all_at(head, 0)?;
+            f.set_len(MAP_HEADER_LEN + map_bytes)
+        },
+    )?;
     Ok(())
 }
 

@@ -1,8 +1,9 @@
-//! What `status` and `repair` share: the fleet of agents a catalog names, which shards each one
+//! What `status`, `scrub` and `repair` share: the agents a catalog names, which shards each one
 //! holds, and how many more agent losses each snapshot survives.
 //!
-//! * [`Fleet`]: every agent of the addresses given and of every live snapshot's agent table (the
-//!   newest revision), by stable id; reachable ones with a connection and their `STAT`.
+//! * [`Census`]: every agent reached (the addresses given and the book's members in service),
+//!   every member that is down, and every agent a live snapshot places shards on, by stable id;
+//!   reachable ones with a connection and their `STAT`. Retired members are not in it.
 //! * [`Presence`]: which shards each reachable agent holds, from `LIST_SHARDS` (names only: a
 //!   shard whose file rots is still present until the agent's scrub quarantines it; `verify`
 //!   reads every shard).
@@ -11,14 +12,10 @@
 //!   stripe go first ([`stripe_margin`]), so a stripe stored degraded (two shards on one agent)
 //!   has a margin below `present - k`. A snapshot's margin is its worst stripe's; it is below the
 //!   configured redundancy when less than `m`, and data is lost when negative.
-//! * [`SeenBook`]: when each agent last answered, kept in the manifest cache directory of this
-//!   machine (a small text file; a lost one only loses history).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 
-use sa_core::keys::{hex, Keys};
+use sa_core::keys::hex;
 use sa_core::manifest::{Manifest, StripeRef};
 use sa_core::placement::stripe_margin;
 use sa_core::seal::StripeId;
@@ -26,7 +23,8 @@ use sa_core::shard::VolumeId;
 use sa_core::store::{AgentClient, ShardRead, StoreStat};
 use tokio::task::JoinSet;
 
-use crate::agents::{connect_many, Attempt};
+use crate::catalog::used_slots;
+use crate::fleet::{Access, Fleet, Reach};
 
 /// One agent of the fleet.
 #[derive(Debug, Clone)]
@@ -43,76 +41,51 @@ pub struct Member {
     pub error: Option<String>,
 }
 
-/// Every agent known from the addresses given and the snapshots' agent tables.
-pub struct Fleet {
+/// Every agent known from the addresses given, the agent book and the snapshots' agent tables.
+pub struct Census {
     /// By first appearance: the addresses given, then table entries.
     pub members: Vec<Member>,
 }
 
-impl Fleet {
-    /// Builds the fleet: `attempts` (the addresses given) plus every table entry of `manifests`
-    /// not among them, connected by its last known address.
-    pub async fn gather(attempts: &[Attempt], manifests: &[Manifest], keys: &Arc<Keys>) -> Fleet {
+impl Census {
+    /// Builds the census: the agents of `reach` (those that answered, and the book's members
+    /// that are down), plus every agent a stripe of `manifests` places a shard on that is not
+    /// among them and not retired, connected by its last known address.
+    pub async fn gather(fleet: &Fleet, reach: &Reach, manifests: &[Manifest]) -> Census {
         let mut members: Vec<Member> = Vec::new();
-        let mut down_addrs: Vec<(String, String)> = Vec::new();
-        for (addr, r) in attempts {
-            match r {
-                Ok(c) if !members.iter().any(|m| m.id == c.agent_id()) => members.push(Member {
-                    id: c.agent_id(),
-                    addr: addr.clone(),
-                    client: Some(c.clone()),
-                    stat: None,
-                    error: None,
-                }),
-                Ok(_) => {}
-                Err(e) => down_addrs.push((addr.clone(), e.to_string())),
-            }
-        }
-        // Table entries not yet connected (newest snapshot's address first).
-        let mut wanted: Vec<([u8; 16], String)> = Vec::new();
-        for m in manifests.iter().rev() {
-            for a in &m.agents {
-                if !members.iter().any(|x| x.id == a.id) && !wanted.iter().any(|w| w.0 == a.id) {
-                    wanted.push((a.id, a.addr.clone()));
-                }
-            }
-        }
-        let addrs: Vec<String> = wanted.iter().map(|w| w.1.clone()).collect();
-        for ((id, addr), (_, r)) in wanted.into_iter().zip(connect_many(&addrs, keys).await) {
-            let (client, error) = match r {
-                Ok(c) if c.agent_id() == id => (Some(c), None),
-                Ok(c) => (
-                    None,
-                    Some(format!(
-                        "another agent ({}) answers at {addr} now",
-                        &hex(&c.agent_id())[..8]
-                    )),
-                ),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            if let (Some(c), true) = (&client, error.is_none()) {
-                if members.iter().any(|m| m.id == c.agent_id()) {
-                    continue;
-                }
-            }
+        for c in reach.live() {
             members.push(Member {
-                id,
-                addr,
-                client,
+                id: c.agent_id(),
+                addr: c.addr().to_string(),
+                client: Some(c),
                 stat: None,
-                error,
+                error: None,
             });
         }
-        // Given addresses that did not answer and are in no table: still listed.
-        for (addr, e) in down_addrs {
-            if !members.iter().any(|m| m.addr == addr) {
+        for d in &reach.down {
+            if !members.iter().any(|m| m.id == d.id) {
                 members.push(Member {
-                    id: [0; 16],
-                    addr,
+                    id: d.id,
+                    addr: d.addr.clone(),
                     client: None,
                     stat: None,
-                    error: Some(e),
+                    error: Some(d.why.clone()),
                 });
+            }
+        }
+        Self::add_table_agents(fleet, manifests, &mut members).await;
+        // Addresses given that did not answer and belong to no member: still listed.
+        for (addr, r) in &reach.attempts {
+            if let Err(e) = r {
+                if !members.iter().any(|m| m.addr == *addr) {
+                    members.push(Member {
+                        id: [0; 16],
+                        addr: addr.clone(),
+                        client: None,
+                        stat: None,
+                        error: Some(e.to_string()),
+                    });
+                }
             }
         }
         let mut set = JoinSet::new();
@@ -132,7 +105,49 @@ impl Fleet {
                 }
             }
         }
-        Fleet { members }
+        Census { members }
+    }
+
+    /// Agents a live snapshot still places shards on that are not in `members` (newest
+    /// snapshot's address first), connected by their last known address.
+    async fn add_table_agents(fleet: &Fleet, manifests: &[Manifest], members: &mut Vec<Member>) {
+        let mut wanted: Vec<([u8; 16], String)> = Vec::new();
+        for m in manifests.iter().rev() {
+            let used = used_slots(m);
+            for (slot, a) in m.agents.iter().enumerate() {
+                if !used.contains(&(slot as u16))
+                    || fleet.is_retired(&a.id)
+                    || members.iter().any(|x| x.id == a.id)
+                    || wanted.iter().any(|w| w.0 == a.id)
+                {
+                    continue;
+                }
+                let addr = fleet.book_addr(&a.id).unwrap_or_else(|| a.addr.clone());
+                wanted.push((a.id, addr));
+            }
+        }
+        let addrs: Vec<String> = wanted.iter().map(|w| w.1.clone()).collect();
+        let attempts = fleet.connect(&addrs, Access::Read).await;
+        for ((id, addr), (_, r)) in wanted.into_iter().zip(attempts) {
+            let (client, error) = match r {
+                Ok(c) if c.agent_id() == id => (Some(c), None),
+                Ok(c) => (
+                    None,
+                    Some(format!(
+                        "another agent ({}) answers at {addr} now",
+                        &hex(&c.agent_id())[..8]
+                    )),
+                ),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            members.push(Member {
+                id,
+                addr,
+                client,
+                stat: None,
+                error,
+            });
+        }
     }
 
     /// The connection to agent `id`, when reachable.
@@ -169,11 +184,11 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Lists the shards of `volumes` on every reachable agent of `fleet` (256 small requests per
+    /// Lists the shards of `volumes` on every reachable agent of `census` (256 small requests per
     /// volume and agent, agents in parallel).
-    pub async fn gather(fleet: &Fleet, volumes: &[VolumeId]) -> Presence {
+    pub async fn gather(census: &Census, volumes: &[VolumeId]) -> Presence {
         let mut set = JoinSet::new();
-        for m in fleet.reachable() {
+        for m in census.reachable() {
             let (c, id, vols) = (m.client.clone(), m.id, volumes.to_vec());
             let Some(c) = c else { continue };
             set.spawn(async move {
@@ -293,65 +308,6 @@ pub fn snapshot_margin(m: &Manifest, p: &Presence) -> Margin {
         }
     }
     out
-}
-
-/// When each agent last answered, by id (hex): a small file in this machine's cache directory.
-pub struct SeenBook {
-    path: Option<PathBuf>,
-    /// Agent id (hex) → (Unix seconds, address).
-    pub seen: BTreeMap<String, (u64, String)>,
-}
-
-impl SeenBook {
-    /// Opens the book of `keys`' owner under the cache root `root` (None: the default root).
-    pub fn open(root: Option<&Path>, keys: &Keys) -> SeenBook {
-        let path = root
-            .map(Path::to_path_buf)
-            .or_else(crate::cmd::snapshot::cache::default_root)
-            .map(|r| r.join(&hex(&keys.owner_id().0)[..16]).join("agents-seen"));
-        let mut seen = BTreeMap::new();
-        if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-            for line in text.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if let [id, t, addr] = f[..] {
-                    if let Ok(t) = t.parse() {
-                        seen.insert(id.to_string(), (t, addr.to_string()));
-                    }
-                }
-            }
-        }
-        SeenBook { path, seen }
-    }
-
-    /// Records the reachable members of `fleet` as seen `now`, and saves (failures are warnings).
-    pub fn record(&mut self, fleet: &Fleet, now: u64) {
-        for m in fleet.reachable() {
-            self.seen.insert(hex(&m.id), (now, m.addr.clone()));
-        }
-        let Some(path) = &self.path else { return };
-        let text: String = self
-            .seen
-            .iter()
-            .map(|(id, (t, a))| format!("{id} {t} {a}\n"))
-            .collect();
-        let tmp = path.with_extension("new");
-        let r = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = r {
-            tracing::warn!(
-                "cannot record when agents were seen in {}: {e}",
-                path.display()
-            );
-        }
-    }
-
-    /// When agent `id` last answered (Unix seconds).
-    pub fn last_seen(&self, id: &[u8; 16]) -> Option<u64> {
-        self.seen.get(&hex(id)).map(|(t, _)| *t)
-    }
 }
 
 #[cfg(test)]

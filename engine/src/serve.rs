@@ -1,4 +1,5 @@
-//! Serving a snapshot as a live NBD export (`sa-image serve`).
+//! Serving a snapshot as a live NBD export (`sa-image serve`): [`run::open`], then
+//! [`run::Served::run`].
 //!
 //! ```text
 //! NBD client ──READ──▶ ServeSource ──▶ overlay blocks? ──yes──▶ overlay file
@@ -18,11 +19,14 @@
 //!   hydrate target, writable (write, flush, FUA, write-zeroes, trim) with one.
 //! - [`stats`]: counters, printed when `serve` stops.
 //!
-//! The command itself (flags, agents, listening, signals) is [`crate::cmd::serve`].
+//! - [`run`]: opening a snapshot for serving, and running the server until shutdown.
 
 pub mod cache;
 pub mod hydrate;
 pub mod overlay;
+pub mod run;
 pub mod snapshot;
 pub mod source;
 pub mod stats;
+
+pub use run::{open, tls_config, ServeOptions, ServeReport, Served};

@@ -1,76 +1,57 @@
-//! `sa-image repair --watch`: keep the backup at full redundancy while client PCs come and go.
+//! Repair, watching: keep the backup at full redundancy while client PCs come and go.
 //!
-//! Every `--interval` (default 5m) it runs one [`repair_pass`]:
+//! Every interval (default 5m) it runs one [`repair_pass`]:
 //!
 //! * shards that are **bad or quarantined** on an agent that answers, and shards **crowded** on
 //!   one agent (a snapshot stored with `--allow-degraded`), are rebuilt at once;
 //! * shards on an agent that **does not answer** are held back until that agent has been
-//!   missing for longer than `--repair-after` (default 24h): a PC that is off for the night or
+//!   missing for longer than the repair delay (default 24h): a PC that is off for the night or
 //!   the weekend should not make the office's network copy its whole share elsewhere. After
 //!   that they are rebuilt onto other agents and the catalog gets a new revision, as
 //!   `sa-image repair` does.
 //!
-//! Since when each agent has been missing is kept in a small text file (`--state`, default
-//! `repair-watch` in this owner's cache directory, beside the manifest cache and
-//! `agents-seen`): one line `AGENT-ID-HEX SINCE-UNIX-MS ADDRESS` per missing agent, written to a
-//! temporary file and renamed, so a restarted watcher keeps the clock instead of starting it
-//! over. An agent that answers again leaves the file. The clock starts when the watcher first
+//! Since when each agent has been missing is kept in a small text file (default `repair-watch`
+//! in this owner's cache directory, beside the manifest cache and `agents-seen`): one line
+//! `AGENT-ID-HEX SINCE-UNIX-MS ADDRESS` per missing agent, written durably, so a restarted
+//! watcher keeps the clock instead of starting it over. An agent that answers again leaves the file. The clock starts when the watcher first
 //! sees the agent missing (not when someone last saw it answering: a watcher started after a
 //! long pause must not rebuild around an agent that was only just switched off).
 //!
-//! Logging goes through `tracing` (`-v` for each pass; rebuilds and held-back agents are logged
-//! at info, failures at warn). With `--json`, one JSON object per pass on its own stdout line.
-//! SIGINT or SIGTERM stop it at once, also mid-pass: a pass interrupted anywhere leaves a
-//! readable catalog and no shard collected too early (see [`crate::cmd::repair`]); the next
-//! start repeats what was left.
+//! Logging goes through `tracing` (each pass at debug; rebuilds and held-back agents at info,
+//! failures at warn); each pass is also handed to the caller as a [`PassLine`]. The caller's
+//! [`Shutdown`] stops it at once, also mid-pass: a pass interrupted anywhere leaves a readable
+//! catalog and no shard collected too early (see [`crate::repair`]); the next start repeats what
+//! was left. Time comes from the fleet's clock; the waits between passes are tokio sleeps.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use sa_core::keys::{hex, Keys};
 use serde::Serialize;
 
-use crate::cmd::repair::{repair_pass, PassOptions, RepairArgs, RepairReport};
-use crate::health::Fleet;
+use super::{repair_pass, PassOptions, RepairReport};
+use crate::error::{Error, Result};
+use crate::fleet::census::Census;
+use crate::fleet::Fleet;
+use crate::shutdown::Shutdown;
 
-/// Default `--repair-after`.
-pub const DEFAULT_REPAIR_AFTER: &str = "24h";
-/// Default `--interval`.
-pub const DEFAULT_INTERVAL: &str = "5m";
+/// Default repair delay: how long an agent may be missing before its shards are rebuilt.
+pub const DEFAULT_REPAIR_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Default time between passes.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 
-/// Parses a duration: a number followed by `ms`, `s`, `m`, `h` or `d` (`90s`, `30m`, `24h`,
-/// `7d`, `200ms`); a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("'{text}' is not a duration: use e.g. 90s, 30m, 24h, 7d"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        u => bail!("'{text}': unknown unit '{u}' (use ms, s, m, h or d)"),
-    };
-    if !secs.is_finite() || !(0.0..=100.0 * 365.0 * 86400.0).contains(&secs) {
-        bail!("'{text}' is out of range");
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// How to watch.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Each pass's settings.
+    pub pass: PassOptions,
+    /// How long an agent may be missing before its shards are rebuilt elsewhere.
+    pub repair_after: Duration,
+    /// Time between passes.
+    pub interval: Duration,
+    /// The state file (None: `repair-watch` in the owner's cache directory).
+    pub state: Option<PathBuf>,
 }
 
 /// Since when each agent has been missing, kept in a file.
@@ -106,33 +87,29 @@ impl WatchState {
         }
     }
 
-    /// Writes the file (temp + rename); a failure is a warning (the clock may restart).
+    /// Writes the file durably; a failure is a warning (the clock may restart).
     pub fn save(&self) {
         let text: String = self
             .missing
             .iter()
             .map(|(id, (t, a))| format!("{id} {t} {a}\n"))
             .collect();
-        let tmp = self.path.with_extension("new");
-        let r = self
-            .path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        let r = sa_core::durable::write(
+            &self.path,
+            text.as_bytes(),
+            sa_core::durable::Access::Shared,
+            sa_core::durable::Replace::Yes,
+        );
         if let Err(e) = r {
-            tracing::warn!(
-                "cannot save the watcher's state in {}: {e}",
-                self.path.display()
-            );
+            tracing::warn!("cannot save the watcher's state: {e}");
         }
     }
 
     /// Notes who answers and who does not at `now` (Unix ms); returns the missing agents whose
     /// shards wait (missing for less than `after`).
-    pub fn observe(&mut self, fleet: &Fleet, now: u64, after: Duration) -> HashSet<[u8; 16]> {
+    pub fn observe(&mut self, census: &Census, now: u64, after: Duration) -> HashSet<[u8; 16]> {
         let mut hold = HashSet::new();
-        for m in &fleet.members {
+        for m in &census.members {
             if m.id == [0; 16] {
                 continue; // an address that never answered: it holds nothing of ours
             }
@@ -170,7 +147,7 @@ impl WatchState {
 }
 
 /// One missing agent in a pass line.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct MissingAgent {
     /// Agent id (hex).
     pub id: String,
@@ -198,53 +175,52 @@ pub struct PassLine {
 }
 
 /// The default state file of `keys`' owner under the cache root `root`.
-fn default_state(root: Option<&Path>, keys: &Keys) -> Option<PathBuf> {
-    root.map(Path::to_path_buf)
-        .or_else(crate::cmd::snapshot::cache::default_root)
-        .map(|r| r.join(&hex(&keys.owner_id().0)[..16]).join("repair-watch"))
+pub fn default_state(root: Option<&Path>, keys: &Keys) -> Option<PathBuf> {
+    crate::cache_dir::owner_dir(root, keys).map(|d| d.join("repair-watch"))
 }
 
-/// `sa-image repair --watch`.
-pub async fn run(args: &RepairArgs, keys: Arc<Keys>, agents: Vec<String>) -> Result<u8> {
-    let after = parse_duration(args.repair_after.as_deref().unwrap_or(DEFAULT_REPAIR_AFTER))
-        .context("--repair-after")?;
-    let interval = parse_duration(args.interval.as_deref().unwrap_or(DEFAULT_INTERVAL))
-        .context("--interval")?;
-    if interval.is_zero() {
-        bail!("--interval must be more than 0");
+/// Runs repair passes until `shutdown` fires (see the module docs); `on_pass` gets each pass.
+pub async fn watch(
+    fleet: &Fleet,
+    opts: &WatchOptions,
+    shutdown: &Shutdown,
+    on_pass: &mut (dyn FnMut(&PassLine) + Send),
+) -> Result<()> {
+    if opts.interval.is_zero() {
+        return Err(Error::invalid(
+            "the interval between passes must be more than 0",
+        ));
     }
-    let path = match &args.state {
+    let path = match &opts.state {
         Some(p) => p.clone(),
-        None => default_state(args.cache_dir.as_deref(), &keys).context(
-            "no place for the watcher's state: give --state FILE (or --cache-dir, or set HOME)",
-        )?,
+        None => default_state(opts.pass.cache_dir.as_deref(), fleet.keys()).ok_or_else(|| {
+            Error::invalid(
+                "no place for the watcher's state: give --state FILE (or --cache-dir, or set HOME)",
+            )
+        })?,
     };
     let mut state = WatchState::load(&path);
-    let opts = PassOptions {
-        dry_run: args.dry_run,
-        cache_dir: args.cache_dir.clone(),
-    };
     tracing::info!(
-        "watching {} agent address(es): looking every {interval:?}, rebuilding around a missing agent after {after:?}; state in {}",
-        agents.len(),
+        "watching: looking every {:?}, rebuilding around a missing agent after {:?}; state in {}",
+        opts.interval,
+        opts.repair_after,
         path.display()
     );
-    let mut stop = Box::pin(stop_signal());
+    let after = opts.repair_after;
     let mut pass = 0u64;
     loop {
         pass += 1;
-        let at = now_ms();
-        let mut hold = |fleet: &Fleet| {
-            let hold = state.observe(fleet, at, after);
+        let at = fleet.clock().now_ms();
+        let mut hold = |census: &Census| {
+            let hold = state.observe(census, at, after);
             state.save();
             hold
         };
-        let run = repair_pass(&agents, &keys, &opts, &mut hold);
         let result = tokio::select! {
-            r = run => r,
-            sig = &mut stop => {
-                tracing::info!("{sig}: stopping (mid-pass; the next start repeats what was left)");
-                return Ok(0);
+            r = repair_pass(fleet, &opts.pass, &mut hold) => r,
+            () = shutdown.cancelled() => {
+                tracing::info!("stopping (mid-pass; the next start repeats what was left)");
+                return Ok(());
             }
         };
         let missing: Vec<MissingAgent> = state
@@ -258,7 +234,7 @@ pub async fn run(args: &RepairArgs, keys: Arc<Keys>, agents: Vec<String>) -> Res
             .collect();
         let line = match result {
             Ok(report) => {
-                log_pass(pass, &report, &missing, after);
+                log_pass(pass, fleet.clock().now_ms(), &report, &missing, after);
                 PassLine {
                     pass,
                     at_ms: at,
@@ -268,32 +244,33 @@ pub async fn run(args: &RepairArgs, keys: Arc<Keys>, agents: Vec<String>) -> Res
                 }
             }
             Err(e) => {
-                tracing::warn!("pass {pass} failed: {e:#}; trying again in {interval:?}");
+                tracing::warn!(
+                    "pass {pass} failed: {e}; trying again in {:?}",
+                    opts.interval
+                );
                 PassLine {
                     pass,
                     at_ms: at,
                     missing,
                     report: None,
-                    error: Some(format!("{e:#}")),
+                    error: Some(e.to_string()),
                 }
             }
         };
-        if args.json {
-            println!("{}", serde_json::to_string(&line)?);
-        }
+        on_pass(&line);
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            sig = &mut stop => {
-                tracing::info!("{sig}: stopping");
-                return Ok(0);
+            () = tokio::time::sleep(opts.interval) => {}
+            () = shutdown.cancelled() => {
+                tracing::info!("stopping");
+                return Ok(());
             }
         }
     }
 }
 
-fn log_pass(pass: u64, r: &RepairReport, missing: &[MissingAgent], after: Duration) {
+fn log_pass(pass: u64, now: u64, r: &RepairReport, missing: &[MissingAgent], after: Duration) {
     for m in missing.iter().filter(|m| !m.repairing) {
-        let left = after.saturating_sub(Duration::from_millis(now_ms().saturating_sub(m.since_ms)));
+        let left = after.saturating_sub(Duration::from_millis(now.saturating_sub(m.since_ms)));
         tracing::info!(
             "agent {} missing; its shards are rebuilt elsewhere if it is still missing in {}s",
             m.addr,
@@ -324,45 +301,12 @@ fn log_pass(pass: u64, r: &RepairReport, missing: &[MissingAgent], after: Durati
     }
 }
 
-/// Resolves with the name of the first SIGINT or SIGTERM.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // No signal handling: ctrl-c still ends the process the default way.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
-        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
-        assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "h", "5x", "-1s", "1e999s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    fn member(id: u8, up: bool) -> crate::health::Member {
-        crate::health::Member {
+    fn member(id: u8, up: bool) -> crate::fleet::census::Member {
+        crate::fleet::census::Member {
             id: [id; 16],
             addr: format!("10.0.0.{id}:7710"),
             client: None,
@@ -376,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("repair-watch");
         // Members without a client are missing (a test cannot make a live AgentClient here).
-        let fleet = Fleet {
+        let fleet = Census {
             members: vec![member(1, false), member(2, false)],
         };
         let after = Duration::from_secs(10);

@@ -9,7 +9,8 @@
 //!   after each further delay, up to all `k + m`. The first `k` to arrive win; the rest are
 //!   dropped. One slow PC then costs a boot the hedge delay, not its full timeout.
 //! - **Agent health**: an agent that could not be reached, or that was still silent when a hedged
-//!   fetch completed the stripe without it, is "cooling down" for [`COOL_DOWN`];
+//!   fetch completed the stripe without it, is "cooling down" for the cool-down time
+//!   ([`COOL_DOWN`] unless [`StripeReader::with_cool_down`] says otherwise);
 //!   while it is, its shards are asked for last (after parity on healthy agents), so a dead PC
 //!   does not cost every stripe a failed round trip. Shards are otherwise asked for data first.
 
@@ -85,8 +86,10 @@ pub struct StripeLost {
     pub error: Error,
 }
 
-/// How long an agent that could not be reached is asked last.
+/// How long an agent that could not be reached is asked last, unless told otherwise.
 pub const COOL_DOWN: Duration = Duration::from_secs(5);
+/// How long a serving read waits for k shards before asking one more, unless told otherwise.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
 
 /// Reads stripes of one snapshot.
 #[derive(Clone)]
@@ -98,6 +101,7 @@ pub struct StripeReader {
     cooling: Arc<Vec<AtomicU64>>,
     epoch: Instant,
     hedge: Option<Duration>,
+    cool_down: Duration,
     /// Where decoded stripes' buffers come from (serve recycles evicted cache entries).
     pool: Option<Arc<BufferPool>>,
 }
@@ -132,6 +136,7 @@ impl StripeReader {
             cooling,
             epoch: Instant::now(),
             hedge: None,
+            cool_down: COOL_DOWN,
             pool: None,
         }
     }
@@ -149,12 +154,18 @@ impl StripeReader {
         self
     }
 
+    /// Asks an agent that failed last for `d` (default [`COOL_DOWN`]).
+    pub fn with_cool_down(mut self, d: Duration) -> Self {
+        self.cool_down = d;
+        self
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
     /// Whether the agent in `slot` is known to be unreachable (not connected, or failed within
-    /// the last [`COOL_DOWN`]).
+    /// the last cool-down time).
     pub fn slot_down(&self, slot: usize) -> bool {
         match self.slots.get(slot) {
             Some(Some(_)) => self
@@ -168,7 +179,7 @@ impl StripeReader {
     fn cool_down(&self, slot: usize) {
         if let Some(c) = self.cooling.get(slot) {
             c.store(
-                self.now_ms() + COOL_DOWN.as_millis() as u64,
+                self.now_ms() + self.cool_down.as_millis() as u64,
                 Ordering::Relaxed,
             );
         }

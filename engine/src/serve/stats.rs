@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::fetch::Problem;
+use crate::read::Problem;
 
 /// Shard problems met on one agent.
 #[derive(Debug, Default, Clone, Copy, Serialize)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 
 use crate::serve::overlay::BLOCK;
 
@@ -157,24 +157,21 @@ impl State {
         flags: u16,
     ) -> Result<()> {
         if snapshot.len() > ID_LEN {
-            bail!("snapshot id {snapshot:?} is too long for a hydrate state file");
+            return Err(Error::invalid(format!(
+                "snapshot id {snapshot:?} is too long for a hydrate state file"
+            )));
         }
         let (_, _, b_at, b_bytes) = geometry(size, stripe_size);
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        tmp.as_file()
-            .write_all_at(&header(size, stripe_size, snapshot, flags), 0)?;
-        tmp.as_file().set_len(b_at + b_bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path)
-            .with_context(|| format!("cannot create hydrate state {}", path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", dir.display()))?;
+        let head = header(size, stripe_size, snapshot, flags);
+        sa_core::durable::create_with(
+            path,
+            sa_core::durable::Access::Shared,
+            sa_core::durable::Replace::No,
+            |f| {
+                f.write_all_at(&head, 0)?;
+                f.set_len(b_at + b_bytes)
+            },
+        )?;
         Ok(())
     }
 
@@ -185,23 +182,26 @@ impl State {
             .read(true)
             .write(true)
             .open(path)
-            .with_context(|| format!("cannot open hydrate state {}", path.display()))?;
+            .ctx(|| format!("cannot open hydrate state {}", path.display()))?;
         let mut head = vec![0u8; STATE_HEADER_LEN as usize];
-        file.read_exact_at(&mut head, 0).with_context(|| {
+        file.read_exact_at(&mut head, 0).ctx(|| {
             format!(
                 "hydrate state {} is too short: not a state file, or damaged",
                 path.display()
             )
         })?;
         if head[0..8] != STATE_MAGIC {
-            bail!("{} is not a hydrate state file (bad magic)", path.display());
+            return Err(Error::invalid(format!(
+                "{} is not a hydrate state file (bad magic)",
+                path.display()
+            )));
         }
         let version = u16::from_le_bytes([head[8], head[9]]);
         if version != STATE_VERSION {
-            bail!(
+            return Err(Error::invalid(format!(
                 "hydrate state {} has format version {version}; this sa-image reads version {STATE_VERSION}",
                 path.display()
-            );
+            )));
         }
         let flags = u16::from_le_bytes([head[10], head[11]]);
         let block = u32::from_le_bytes(head[12..16].try_into().unwrap_or_default()) as u64;
@@ -213,25 +213,25 @@ impl State {
             .unwrap_or(ID_LEN);
         let id = String::from_utf8_lossy(&head[ID_AT..ID_AT + id_end]).into_owned();
         if block != BLOCK || vsize != size || ssize != stripe_size {
-            bail!(
+            return Err(Error::invalid(format!(
                 "hydrate state {} is for a volume of {vsize} bytes in {ssize}-byte stripes and {block}-byte blocks, \
                  not {size} in {stripe_size} and {BLOCK}",
                 path.display()
-            );
+            )));
         }
         if id != snapshot {
-            bail!(
+            return Err(Error::invalid(format!(
                 "hydrate state {} belongs to a live restore of snapshot {id}, not {snapshot}: serve that snapshot, \
                  or give another target (and state file)",
                 path.display()
-            );
+            )));
         }
         let (s_at, s_bytes, b_at, b_bytes) = geometry(size, stripe_size);
         let mut s_raw = vec![0u8; s_bytes as usize];
         let mut b_raw = vec![0u8; b_bytes as usize];
         file.read_exact_at(&mut s_raw, s_at)
             .and_then(|()| file.read_exact_at(&mut b_raw, b_at))
-            .with_context(|| format!("hydrate state {} is truncated", path.display()))?;
+            .ctx(|| format!("hydrate state {} is truncated", path.display()))?;
         Ok(State {
             file: Arc::new(file),
             path: path.to_path_buf(),

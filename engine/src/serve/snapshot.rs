@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 
 use super::cache::{Origin, Stripe, StripeCache};
 use super::stats::{add, bump, Stats};
-use crate::fetch::{Problem, StripeData, StripeLost, StripeReader};
+use crate::read::{Problem, StripeData, StripeLost, StripeReader};
 use sa_core::pool::BufferPool;
 
 /// Stripes fetched from the agents at once (across all requests and read-ahead).

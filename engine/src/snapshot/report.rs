@@ -1,0 +1,71 @@
+//! What a snapshot run reports (`snapshot --json` prints it as is).
+
+use serde::Serialize;
+
+/// What `snapshot --json` prints.
+#[derive(Serialize, Debug, Clone)]
+pub struct SnapshotReport {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Volume name.
+    pub volume: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Stripes in the volume.
+    pub stripes: u64,
+    /// All-zero stripes (nothing stored).
+    pub zero_stripes: u64,
+    /// Stripes whose shards were sent.
+    pub new_stripes: u64,
+    /// Stripes already stored, referenced only.
+    pub reused_stripes: u64,
+    /// Stripes found stored whole on their agents (left by an interrupted run) and kept.
+    pub resumed_stripes: u64,
+    /// Bytes of shard files sent.
+    pub bytes_sent: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Agents used.
+    pub agents: usize,
+    /// Members and addresses that did not answer (placed around), as `address (id…)`.
+    pub agents_unreachable: Vec<String>,
+    /// k and m.
+    pub data_shards: u8,
+    /// m.
+    pub parity_shards: u8,
+    /// The snapshot whose stripes were reused (the previous one of the volume, or --changed-since).
+    pub base: Option<String>,
+    /// Where the base's manifest came from: `cache` or `agents`.
+    pub base_manifest_from: Option<String>,
+    /// Stripes not read at all thanks to --changed-map.
+    pub unread_stripes: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Size of the sealed (compressed, encrypted) manifest, bytes.
+    pub manifest_bytes: u64,
+    /// Agent losses the snapshot survives as stored (m, unless stored degraded).
+    pub margin: i64,
+    /// Stored with fewer than k + m agents (`--allow-degraded`).
+    pub degraded: bool,
+    /// Agents that failed during the run: their part went to the others, and the shards they
+    /// took before failing count as absent (the margin shows it; `repair` restores it).
+    pub agents_lost: Vec<String>,
+    /// Per agent used (address): the room it reported before the run (bytes; None: unknown)
+    /// and the shards it was given.
+    pub placement: Vec<AgentPlacement>,
+    /// Mount points where the source (a block device) is mounted read-write: a disk in use,
+    /// whose stripes were read at different moments.
+    pub source_mounted_rw: Vec<String>,
+}
+
+/// One agent's part in a snapshot (`snapshot --json`).
+#[derive(Serialize, Debug, Clone)]
+pub struct AgentPlacement {
+    /// Address.
+    pub addr: String,
+    /// Bytes it could take when the run started (`quota - used`, else the filesystem's free
+    /// space); None when it did not say.
+    pub room: Option<u64>,
+    /// New shards planned for it over the volume (if every stripe read were new and non-zero).
+    pub planned_shards: u64,
+}
