@@ -39,11 +39,12 @@ pub struct AgentRow {
     pub addr: String,
     /// Pinned identity key (hex).
     pub identity: String,
-    /// `active` or `retired`.
+    /// `active`, `retired`, or `unpinned` (it answered at an address given but is not in the
+    /// book yet: the next snapshot or `agents add` pins it).
     pub state: &'static str,
-    /// `first-contact` (pinned automatically) or `deliberate` (`agents add`/`accept`).
+    /// `first-contact` (pinned automatically), `deliberate` (`agents add`/`accept`), or `-`.
     pub pinned_by: &'static str,
-    /// When this key was pinned, RFC 3339.
+    /// When this key was pinned, RFC 3339 (empty when not pinned).
     pub pinned: String,
     /// Answers now with the pinned identity (always false for a retired agent: not asked).
     pub reachable: bool,
@@ -61,9 +62,29 @@ pub struct AgentRow {
 pub async fn list(fleet: &Fleet, agents: &[String]) -> Result<Vec<AgentRow>> {
     let reach = fleet.reach(agents, Access::Read).await;
     reach.live_or_none()?;
+    let book = fleet.book();
     let mut rows = Vec::new();
-    for m in fleet.book().members() {
+    for m in book.members() {
         rows.push(row(m, &reach).await);
+    }
+    for c in reach.live() {
+        if book.get(&c.agent_id()).is_some() {
+            continue;
+        }
+        let stat = c.stat().await.ok();
+        rows.push(AgentRow {
+            id: hex(&c.agent_id()),
+            addr: c.addr().to_string(),
+            identity: c.key().to_string(),
+            state: "unpinned",
+            pinned_by: "-",
+            pinned: String::new(),
+            reachable: true,
+            error: None,
+            used: stat.as_ref().map(|s| s.used),
+            quota: stat.as_ref().map(|s| s.quota),
+            shards: stat.as_ref().map(|s| s.shards),
+        });
     }
     Ok(rows)
 }

@@ -97,8 +97,11 @@ pub async fn read(fleet: &Fleet, live: &[AgentClient]) -> Result<Vec<Manifest>> 
     }
     if manifests.is_empty() && !unreadable.is_empty() {
         return Err(Error::failed(format!(
-            "the catalog holds {} snapshot(s) but none opens with this key: wrong key file? ({})",
+            "the catalog holds {} snapshot(s) but no copy on the {} agent(s) reached opens with this \
+             key ({}): either the key file is not the one these backups were made with, or those \
+             copies are damaged; give the address of another agent with --agents",
             unreadable.len(),
+            live.len(),
             unreadable[0].1
         )));
     }

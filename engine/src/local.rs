@@ -62,7 +62,10 @@ impl LocalAgent {
                     // Until told to stop (or the handle is gone).
                     let _ = stop_rx.recv();
                 }
-                rt.shutdown_background();
+                // Tasks are dropped at once (connections close, as when a PC is switched off);
+                // file operations already running on the blocking pool finish, so nothing
+                // writes into the directory after `kill` returns.
+                rt.shutdown_timeout(Duration::from_secs(10));
             })
             .map_err(|e| Error::io("cannot start an agent thread", e))?;
         let addr = ready_rx

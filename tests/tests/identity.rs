@@ -53,9 +53,20 @@ fn changed_identity_is_refused_until_accepted() {
     std::fs::remove_file(c.agents[0].dir().join("identity.key")).unwrap();
     c.agents[0].restart();
 
-    // Alone, it is refused: its own copy of the book pins the old key.
+    // Through it, it is refused (its own copy of the book pins the old key), and the book
+    // names the other members: list works through them and says what is wrong with it.
     let out = c.sa_agents(&["list"], &a0);
-    let msg = expect_fail(&out, Some(1), "list from the changed agent alone");
+    let text = expect_ok(&out, "list through the changed agent");
+    assert!(text.contains(&snap), "{}", shown(&out));
+    let msg = shown(&out);
+    for want in ["identity", &pinned[..16], "agents accept", &id] {
+        assert!(msg.contains(want), "the refusal must mention {want}:\n{msg}");
+    }
+    // With no other member answering, it is refused outright.
+    c.agents[1].kill();
+    c.agents[2].kill();
+    let out = c.sa_agents(&["list"], &a0);
+    let msg = expect_fail(&out, Some(1), "list with only the changed agent up");
     for want in ["identity", &pinned[..16], "agents accept", &id] {
         assert!(
             msg.contains(want),
@@ -63,6 +74,8 @@ fn changed_identity_is_refused_until_accepted() {
             shown(&out)
         );
     }
+    c.agents[1].restart();
+    c.agents[2].restart();
     // With the others, it is left out: the restore still comes back whole (m = 1), and verify
     // says the snapshot is degraded.
     let target = c.path("restored.img");

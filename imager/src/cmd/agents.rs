@@ -95,7 +95,7 @@ async fn list(args: AgentsArgs, cfg: Option<&Path>) -> Result<u8> {
 
 fn print_rows(rows: &[AgentRow]) {
     println!(
-        "{:<16}  {:<21}  {:<16}  {:<7}  {:<13}  {:<20}  status",
+        "{:<16}  {:<21}  {:<16}  {:<8}  {:<13}  {:<20}  status",
         "ID", "ADDRESS", "IDENTITY", "STATE", "PINNED BY", "PINNED"
     );
     for r in rows {
@@ -114,7 +114,7 @@ fn print_rows(rows: &[AgentRow]) {
             (_, None, None) => "up".into(),
         };
         println!(
-            "{:<16}  {:<21}  {:<16}  {:<7}  {:<13}  {:<20}  {status}",
+            "{:<16}  {:<21}  {:<16}  {:<8}  {:<13}  {:<20}  {status}",
             &r.id[..16],
             r.addr,
             &r.identity[..16],

@@ -159,9 +159,11 @@ pub async fn run(mut args: DemoArgs, cfg: Option<&Path>) -> Result<u8> {
         .prefix("sa-image-demo-")
         .tempdir()
         .context("cannot make a temp dir")?;
+    // Handlers first: a Ctrl-C at any point stops the agents and removes the files.
+    let stop = crate::signal::on_stop_signals();
     let result = tokio::select! {
         r = demo(dir.path(), size) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; agents stopped and files removed")),
+        () = stop.cancelled() => Err(anyhow::anyhow!("interrupted; agents stopped and files removed")),
     };
     if args.keep {
         let kept = dir.keep();
@@ -174,7 +176,10 @@ async fn demo(dir: &Path, size: u64) -> Result<u8> {
     let t0 = Instant::now();
     println!("sa-image demo in {}", dir.display());
     let image = dir.join("disk.img");
-    make_image(&image, size)?;
+    let path = image.clone();
+    tokio::task::spawn_blocking(move || make_image(&path, size))
+        .await
+        .context("the image maker failed")??;
     println!(
         "  made a {} sample disk image (random data, text, zero runs)",
         format_size(size)
