@@ -22,6 +22,9 @@
 //! - `handshake` (private): fixed-newstyle option haggling.
 //! - `transmission` (private): request parsing, concurrent execution, the reply writer.
 //! - [`proto`]: constants and wire types, with the spec's sentences beside them.
+//! - [`client`]: an NBD client (URIs, handshake, pipelined reads, block status
+//!   for `base:allocation` and `qemu:dirty-bitmap:NAME`), for reading other
+//!   servers' exports such as QEMU's.
 //!
 //! # Protocol coverage
 //!
@@ -54,6 +57,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod client;
 pub mod error;
 pub mod exports;
 #[cfg(test)]
