@@ -60,6 +60,7 @@
 //! ```
 
 mod conn;
+mod coverage;
 mod error;
 mod handshake;
 mod info;

@@ -8,11 +8,10 @@
 //! closes the connection: "For all other messages with unknown or unexpected
 //! type or inconsistent contents, the client MUST initiate a hard disconnect."
 
-use std::collections::BTreeMap;
-
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
+use super::coverage::Coverage;
 use super::error::{message, ClientError, ProtocolError};
 use super::info::StatusExtent;
 use crate::proto::*;
@@ -100,7 +99,7 @@ pub(crate) struct Pending {
     _slot: OwnedSemaphorePermit,
 }
 
-fn invalid(s: String) -> ClientError {
+pub(crate) fn invalid(s: String) -> ClientError {
     ProtocolError::Invalid(s).into()
 }
 
@@ -457,99 +456,9 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> Result<(), ClientE
     Ok(())
 }
 
-/// Which bytes of a read the content chunks have covered: merged, disjoint
-/// ranges (relative to the request), and a bound on their number.
-#[derive(Debug)]
-struct Coverage {
-    ranges: BTreeMap<u64, u64>,
-    covered: u64,
-    chunks: u64,
-    max_chunks: u64,
-}
-
-impl Coverage {
-    fn new(len: u64) -> Coverage {
-        Coverage {
-            ranges: BTreeMap::new(),
-            covered: 0,
-            chunks: 0,
-            // The server "SHOULD use chunks with lengths and offsets as an
-            // integer multiple of 512 bytes, where possible": a read touches at
-            // most len/512 + 2 such blocks. More chunks than that is a server
-            // flooding us with slivers; refusing keeps this map small.
-            max_chunks: len / 512 + 2,
-        }
-    }
-
-    /// Adds [start, end); fails on overlap or too many chunks.
-    fn add(&mut self, start: u64, end: u64) -> Result<(), ClientError> {
-        self.chunks += 1;
-        if self.chunks > self.max_chunks {
-            return Err(ProtocolError::TooLong {
-                what: "number of chunks in one read reply",
-                len: self.chunks,
-                max: self.max_chunks,
-            }
-            .into());
-        }
-        let before = self
-            .ranges
-            .range(..=start)
-            .next_back()
-            .map(|(&s, &e)| (s, e));
-        let after = self.ranges.range(start..).next().map(|(&s, &e)| (s, e));
-        let overlaps =
-            before.is_some_and(|(_, e)| e > start) || after.is_some_and(|(s, _)| s < end);
-        if overlaps {
-            return Err(invalid(format!(
-                "a chunk at +{start}..+{end} overlaps an earlier chunk of the same read"
-            )));
-        }
-        let (mut s, mut e) = (start, end);
-        if let Some((bs, be)) = before.filter(|&(_, be)| be == start) {
-            self.ranges.remove(&bs);
-            s = bs;
-            debug_assert_eq!(be, start);
-        }
-        if let Some((as_, ae)) = after.filter(|&(as_, _)| as_ == end) {
-            self.ranges.remove(&as_);
-            e = ae;
-        }
-        self.ranges.insert(s, e);
-        self.covered += end - start;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn coverage_merges_and_refuses_overlap() {
-        let mut c = Coverage::new(4096);
-        c.add(1024, 2048).unwrap();
-        c.add(0, 1024).unwrap();
-        c.add(3072, 4096).unwrap();
-        assert_eq!(c.ranges.len(), 2);
-        assert!(c.add(2000, 2100).is_err());
-        assert!(c.add(3000, 3073).is_err());
-        c.add(2048, 3072).unwrap();
-        assert_eq!(c.ranges.len(), 1);
-        assert_eq!(c.covered, 4096);
-    }
-
-    #[test]
-    fn coverage_bounds_the_number_of_chunks() {
-        let mut c = Coverage::new(1024);
-        for i in 0..4 {
-            c.add(i * 10, i * 10 + 1).unwrap();
-        }
-        assert!(matches!(
-            c.add(100, 101),
-            Err(ClientError::Protocol(ProtocolError::TooLong { .. }))
-        ));
-    }
 
     fn pending(job: Job) -> (Pending, oneshot::Receiver<Result<Output, ClientError>>) {
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
