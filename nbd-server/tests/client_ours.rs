@@ -35,10 +35,13 @@ async fn reads_are_byte_exact_across_the_maximum_payload() {
     // 80 MiB: a whole read is three requests of at most 32 MiB.
     let data = random(80 * MIB as usize, 1);
     let srv = TestServer::single("disk", Arc::new(MemorySource::from_bytes(&data)));
-    let c = Client::connect(&uri(&srv, "disk"), &ClientConfig::default())
-        .await
-        .unwrap();
+    let cfg = ClientConfig {
+        max_read_request: u32::MAX,
+        ..ClientConfig::default()
+    };
+    let c = Client::connect(&uri(&srv, "disk"), &cfg).await.unwrap();
     assert_eq!(c.size(), data.len() as u64);
+    // Lowered to the server's advertised maximum payload.
     assert_eq!(c.max_read(), MAX_PAYLOAD);
     assert!(c.info().block_size_advertised);
     let mut all = vec![0u8; data.len()];

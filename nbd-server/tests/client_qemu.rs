@@ -190,12 +190,17 @@ async fn a_raw_file_over_tcp_reads_byte_exact() {
     let size = 40 * MIB;
     let (path, image) = sparse_raw(dir.path(), size);
     let q = QemuNbd::tcp(dir.path(), &path, "raw");
-    let c = connect(&q.uri, &[]).await;
+    let cfg = ClientConfig {
+        max_read_request: u32::MAX,
+        ..ClientConfig::default()
+    };
+    let c = Client::connect(&q.uri, &cfg).await.unwrap();
     assert_eq!(c.size(), size);
     assert!(c.info().read_only());
     assert!(c.info().structured_replies);
-    // 40 MiB in one call: split at qemu-nbd's 32 MiB maximum payload.
-    assert!(c.max_read() <= 32 * MIB as u32);
+    // 40 MiB in one call: split at qemu-nbd's advertised 32 MiB maximum payload.
+    assert!(c.info().block_size_advertised);
+    assert_eq!(c.max_read(), 32 * MIB as u32);
     let mut all = vec![0u8; size as usize];
     c.read(0, &mut all).await.unwrap();
     assert!(all == image, "whole raw export differs from the file");
