@@ -3,6 +3,8 @@
 //! sa-image serves a backed-up disk to a rescue machine or a VM over NBD; this
 //! crate is that protocol, and knows nothing of shards or snapshots. The imager
 //! implements [`BlockSource`] over its stripe reader and hands it to a [`Server`].
+//! The crate also holds an NBD [`client`], for reading other servers' exports
+//! (a running VM's disk exported by QEMU) when taking a snapshot.
 //!
 //! # Tour
 //!
