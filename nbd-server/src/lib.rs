@@ -3,6 +3,8 @@
 //! sa-image serves a backed-up disk to a rescue machine or a VM over NBD; this
 //! crate is that protocol, and knows nothing of shards or snapshots. The imager
 //! implements [`BlockSource`] over its stripe reader and hands it to a [`Server`].
+//! The crate also holds an NBD [`client`], for reading other servers' exports
+//! (a running VM's disk exported by QEMU) when taking a snapshot.
 //!
 //! # Tour
 //!
@@ -22,6 +24,9 @@
 //! - `handshake` (private): fixed-newstyle option haggling.
 //! - `transmission` (private): request parsing, concurrent execution, the reply writer.
 //! - [`proto`]: constants and wire types, with the spec's sentences beside them.
+//! - [`client`]: an NBD client (URIs, handshake, pipelined reads, block status
+//!   for `base:allocation` and `qemu:dirty-bitmap:NAME`), for reading other
+//!   servers' exports such as QEMU's.
 //!
 //! # Protocol coverage
 //!
@@ -54,6 +59,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod client;
 pub mod error;
 pub mod exports;
 #[cfg(test)]

@@ -10,6 +10,12 @@
 
 /// "S: 64 bits, `0x4e42444d41474943` (ASCII '`NBDMAGIC`')".
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// The second magic of the oldstyle handshake: "S: 64 bits, `0x00420281861253`
+/// (`cliserv_magic`, a magic number)". Only a client needs it, to say why it stops.
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// "If the `port` field is not present then it MUST default to the NBD port
+/// number assigned by IANA (10809)" (doc/uri.md).
+pub const NBD_DEFAULT_PORT: u16 = 10809;
 /// "S: 64 bits, `0x49484156454F5054` (ASCII '`IHAVEOPT`')"; also the magic of
 /// every option the client sends.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -60,9 +66,15 @@ pub const NBD_REP_INFO: u32 = 3;
 pub const NBD_REP_META_CONTEXT: u32 = 4;
 /// "The option sent by the client is unknown by this server implementation".
 pub const NBD_REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+/// "The option sent by the client is known by this server and syntactically
+/// valid, but server-side policy forbids the server to allow the option".
+pub const NBD_REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// "The option sent by the client is known by this server, but was determined
 /// by the server to be syntactically or semantically invalid."
 pub const NBD_REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// "The option sent by the client is not supported on the platform on which
+/// the server is running".
+pub const NBD_REP_ERR_PLATFORM: u32 = (1 << 31) + 4;
 /// "The server requires the client to initiate TLS before any other option."
 pub const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// "The requested export is not available."
@@ -70,6 +82,10 @@ pub const NBD_REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// "The server is unwilling to continue negotiation as it is in the process
 /// of being shut down."
 pub const NBD_REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+/// "The server is unwilling to enter transmission phase for a given export
+/// unless the client first acknowledges (via `NBD_INFO_BLOCK_SIZE`) that it
+/// will obey non-default block sizing requirements."
+pub const NBD_REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 /// "The request or the reply is too large to process."
 pub const NBD_REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
@@ -162,6 +178,10 @@ pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` flag: "the block contents read as all zeroes".
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
+
+/// Flag of QEMU's `qemu:dirty-bitmap:NAME` contexts (QEMU's docs/interop/nbd):
+/// "bit 0: `NBD_STATE_DIRTY`, set when the extent is "dirty"".
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
 
 /// The one metadata context this server offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -297,6 +317,57 @@ pub fn structured_header(
     b[8..16].copy_from_slice(&handle.to_be_bytes());
     b[16..20].copy_from_slice(&len.to_be_bytes());
     b
+}
+
+/// Name of an option, for logs and errors.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        NBD_OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        NBD_OPT_ABORT => "NBD_OPT_ABORT",
+        NBD_OPT_LIST => "NBD_OPT_LIST",
+        NBD_OPT_STARTTLS => "NBD_OPT_STARTTLS",
+        NBD_OPT_INFO => "NBD_OPT_INFO",
+        NBD_OPT_GO => "NBD_OPT_GO",
+        NBD_OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        NBD_OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        NBD_OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        _ => "an unknown option",
+    }
+}
+
+/// Name of an option reply type, for logs and errors.
+pub fn reply_name(reply: u32) -> &'static str {
+    match reply {
+        NBD_REP_ACK => "NBD_REP_ACK",
+        NBD_REP_SERVER => "NBD_REP_SERVER",
+        NBD_REP_INFO => "NBD_REP_INFO",
+        NBD_REP_META_CONTEXT => "NBD_REP_META_CONTEXT",
+        NBD_REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+        NBD_REP_ERR_POLICY => "NBD_REP_ERR_POLICY",
+        NBD_REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
+        NBD_REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM",
+        NBD_REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+        NBD_REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+        NBD_REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
+        NBD_REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        NBD_REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        _ => "an unknown reply type",
+    }
+}
+
+/// Name of an NBD error value, for logs and errors.
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno {
+        NBD_EPERM => "NBD_EPERM",
+        NBD_EIO => "NBD_EIO",
+        NBD_ENOMEM => "NBD_ENOMEM",
+        NBD_EINVAL => "NBD_EINVAL",
+        NBD_ENOSPC => "NBD_ENOSPC",
+        NBD_EOVERFLOW => "NBD_EOVERFLOW",
+        NBD_ENOTSUP => "NBD_ENOTSUP",
+        NBD_ESHUTDOWN => "NBD_ESHUTDOWN",
+        _ => "an unknown error value",
+    }
 }
 
 /// Name of a command type, for logs.
