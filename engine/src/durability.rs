@@ -36,6 +36,8 @@ pub use plan::{plan, Candidate, Plan, PlanOptions};
 pub const DEFAULT_LOSS_RATE: f64 = 0.10;
 /// Default probability that a Wake-on-LAN packet wakes a sleeping PC, before any is measured.
 pub const DEFAULT_WAKE_SUCCESS: f64 = 0.8;
+/// Default time to replace a lost PC with a new agent: two weeks.
+pub const DEFAULT_REPLACEMENT: Duration = Duration::from_secs(14 * 86_400);
 /// Seconds in a (Julian) year.
 pub const SECS_PER_YEAR: f64 = 365.25 * 86_400.0;
 
@@ -67,6 +69,11 @@ pub struct Fleet {
     pub repair_throughput: f64,
     /// PCs lost for good per PC per year ([`DEFAULT_LOSS_RATE`]).
     pub loss_rate: f64,
+    /// How long until a lost PC is replaced by a new agent ([`DEFAULT_REPLACEMENT`]). Only
+    /// counts when the fleet has no agent to spare (`n = k + m`): a repair stores a shard on
+    /// an agent that holds none of the stripe, so it must wait for the replacement.
+    #[serde(serialize_with = "as_secs")]
+    pub replacement: Duration,
 }
 
 /// An erasure scheme and repair delay.
@@ -117,6 +124,9 @@ pub struct Loss {
     pub longest_rebuild: Duration,
     /// Whether every window is short against a PC's life (`λW < 0.1`), where the model holds.
     pub windows_short: bool,
+    /// The fleet has no agent beyond `k + m`: a lost PC's shards wait for its replacement, and
+    /// the windows include [`Fleet::replacement`].
+    pub waits_for_replacement: bool,
 }
 
 /// What [`assess`] says of a fleet under a scheme.
@@ -278,7 +288,14 @@ pub fn assess(fleet: &Fleet, scheme: &Scheme) -> Result<Report, ModelError> {
         .iter()
         .map(|a| a.bytes as f64 / fleet.repair_throughput / readable)
         .collect();
-    let detect = scheme.repair_after.as_secs_f64();
+    // Without an agent to spare, a rebuilt shard has nowhere to go until a new PC joins.
+    let waits = fleet.agents.len() == k + m;
+    let detect = scheme.repair_after.as_secs_f64()
+        + if waits {
+            fleet.replacement.as_secs_f64()
+        } else {
+            0.0
+        };
     let windows: Vec<f64> = rebuilds
         .iter()
         .map(|r| (detect + r) / SECS_PER_YEAR)
@@ -299,6 +316,7 @@ pub fn assess(fleet: &Fleet, scheme: &Scheme) -> Result<Report, ModelError> {
             longest_window: secs(longest_window),
             longest_rebuild: secs(longest_rebuild),
             windows_short: fleet.loss_rate * longest_window / SECS_PER_YEAR < 0.1,
+            waits_for_replacement: waits,
         },
     })
 }
@@ -342,6 +360,7 @@ mod tests {
                 .collect(),
             repair_throughput: 50e6,
             loss_rate: DEFAULT_LOSS_RATE,
+            replacement: DEFAULT_REPLACEMENT,
         }
     }
 
@@ -369,10 +388,15 @@ mod tests {
         let rebuild = r.loss.longest_rebuild.as_secs_f64();
         assert!((rebuild - 100e9 / 50e6 / 0.90112).abs() < 1.0, "{rebuild}");
         assert!(r.loss.windows_short);
-        // About 4e-6 a year (the textbook form with W = 3 days + 37 min).
-        let w = (72.0 * 3600.0 + rebuild) / SECS_PER_YEAR;
+        // Six agents for six shards: a lost PC's shards wait for its replacement (14 days).
+        assert!(r.loss.waits_for_replacement);
+        // About 1.3e-4 a year (the textbook form with W = 3 days + 14 days + 37 min).
+        let w = (72.0 * 3600.0 + 14.0 * 86400.0 + rebuild) / SECS_PER_YEAR;
         let textbook = 6.0 * 0.1 * 10.0 * (0.1 * w).powi(2);
-        assert!((r.loss.per_year / textbook - 1.0).abs() < 0.01);
+        // (The textbook form leaves out a factor (1 - λW)^(n-m), 0.98 here.)
+        let ratio = r.loss.per_year / textbook;
+        assert!(ratio > 0.97 && ratio < 1.0, "{ratio}");
+        assert!(r.loss.per_year > 1.2e-4 && r.loss.per_year < 1.3e-4);
         assert!((r.loss.mttdl_years * r.loss.rate_per_year - 1.0).abs() < 1e-12);
     }
 

@@ -15,6 +15,12 @@
 //!
 //! Bytes per agent change with the scheme: an agent holding `b` bytes under the current
 //! `(k, m)` holds `b · ((k'+m')/k') / ((k+m)/k)` under `(k', m')` (same data, same shares).
+//! Rebuilding a shard reads `k` shards, so the measured repair throughput (rebuilt bytes per
+//! second under the current `k`) is taken as `throughput · k / k'` under `k'` (reads bound it).
+//!
+//! Under the model's conservative placement assumption (any `m + 1` agents share a stripe) the
+//! loss depends on `m`, the windows and the fleet, hardly on `k`: for a given `m` the largest `k`
+//! that fits wins on efficiency, held back by the availability wanted and the longer rebuilds.
 
 use std::cmp::Ordering;
 use std::time::Duration;
@@ -161,11 +167,13 @@ fn rank(a: &Candidate, b: &Candidate) -> Ordering {
         .then(a.report.loss.per_year.total_cmp(&b.report.loss.per_year))
 }
 
-/// The fleet with each agent's bytes scaled from scheme `from` to scheme `to`.
+/// The fleet with each agent's bytes and the repair throughput scaled from scheme `from` to
+/// scheme `to`.
 fn rescale(fleet: &Fleet, from: (usize, usize), to: (usize, usize)) -> Fleet {
     let overhead = |(k, m): (usize, usize)| (k + m) as f64 / k as f64;
     let factor = overhead(to) / overhead(from);
     let mut f = fleet.clone();
+    f.repair_throughput *= from.0 as f64 / to.0 as f64;
     for a in &mut f.agents {
         a.bytes = (a.bytes as f64 * factor) as u64;
     }

@@ -97,6 +97,7 @@ fn availability_matches_simulation() {
             agents: fleet.clone(),
             repair_throughput: 1.0,
             loss_rate: 0.1,
+            replacement: Duration::from_secs(86_400),
         };
         let scheme = Scheme {
             k,
@@ -215,7 +216,12 @@ fn windows_of(f: &Fleet, r: &Report) -> Vec<f64> {
         .iter()
         .map(|a| {
             let rebuild = a.bytes as f64 / f.repair_throughput / r.awake.stripe_mean;
-            (r.scheme.repair_after.as_secs_f64() + rebuild) / SECS_PER_YEAR
+            let wait = if f.agents.len() == r.scheme.k + r.scheme.m {
+                f.replacement.as_secs_f64()
+            } else {
+                0.0
+            };
+            (r.scheme.repair_after.as_secs_f64() + wait + rebuild) / SECS_PER_YEAR
         })
         .collect()
 }
@@ -253,6 +259,7 @@ fn loss_rate_matches_simulation() {
             agents: agents(&avail, &[None], &bytes),
             repair_throughput: 1.0,
             loss_rate: rate,
+            replacement: Duration::from_secs(86_400),
         };
         let scheme = Scheme {
             k,
@@ -288,6 +295,7 @@ fn yearly_loss_matches_simulation() {
         agents: agents(&[0.9, 0.8, 0.95, 0.7, 0.85, 0.9], &[None], &[3600, 7200]),
         repair_throughput: 1.0,
         loss_rate: 30.0,
+        replacement: Duration::ZERO,
     };
     let scheme = Scheme {
         k: 4,
@@ -316,6 +324,7 @@ fn a_real_placement_loses_less_than_the_bound() {
         agents: agents(&[0.9; 10], &[None], &[86_400]),
         repair_throughput: 1.0,
         loss_rate: 4.0,
+        replacement: Duration::from_secs(86_400),
     };
     let scheme = Scheme {
         k: 4,
