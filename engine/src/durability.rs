@@ -11,6 +11,9 @@
 //!   agents), and a whole snapshot when its stripes use every placement (at most `m` agents of
 //!   the whole fleet down): a lower bound for any placement, exact when the fleet has `k + m`
 //!   agents. [`snapshot_availability_for_groups`] is exact for a given snapshot's placements.
+//!   Desk PCs are off *together* (nights, weekends): [`weekly_availability`] computes the same
+//!   figures hour by hour over the week from each agent's usual hours (independent given the
+//!   hour) and averages them; prefer it once the history covers a week.
 //! * **Loss.** PCs are lost for good at `λ` per PC-year (default 10%). A lost agent's shards are
 //!   rebuilt elsewhere once it has been missing `repair-after`, taking `bytes_i / throughput`
 //!   while its stripes are readable: window `W_i = repair-after + bytes_i / (throughput ·
@@ -265,6 +268,64 @@ pub fn availability(p: &[f64], k: usize, m: usize) -> Availability {
         stripe_mean: prob::mean_over_subsets(p, s, k).unwrap_or(0.0),
         stripe_worst: prob::at_least(&sorted[..s.min(sorted.len())], k),
     }
+}
+
+/// Hours in a week (the resolution of [`weekly_availability`]).
+pub const WEEK_HOURS: usize = 7 * 24;
+
+/// One agent's week: per hour of the week, the fraction of the time it is up then (from
+/// [`crate::availability::UsualHours::fractions_or`]), and its wake success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentWeek {
+    /// Fraction up per hour of the week (any fixed origin, the same for every agent).
+    pub fraction: [f64; WEEK_HOURS],
+    /// `Some(p)`: can be woken, with success `p`.
+    pub wake: Option<f64>,
+}
+
+/// Restore availability at a random hour of the week, without and with waking: the three
+/// [`Availability`] figures for each hour with the agents' fractions for that hour, averaged
+/// over the week. Agents are independent *given the hour*, so PCs that are all off at night
+/// and at weekends count as off together, which [`assess`] (independent at all times) cannot
+/// see. `None` when there are fewer than `k + m` agents or a fraction is outside 0..=1.
+pub fn weekly_availability(
+    week: &[AgentWeek],
+    k: usize,
+    m: usize,
+) -> Option<(Availability, Availability)> {
+    let fraction = |v: &f64| (0.0..=1.0).contains(v);
+    if k == 0 || week.len() < k + m {
+        return None;
+    }
+    if !week
+        .iter()
+        .all(|a| a.fraction.iter().all(fraction) && a.wake.is_none_or(|w| fraction(&w)))
+    {
+        return None;
+    }
+    let mut sums = [[0.0f64; 3]; 2];
+    for h in 0..WEEK_HOURS {
+        let awake: Vec<f64> = week.iter().map(|a| a.fraction[h]).collect();
+        let woken: Vec<f64> = week
+            .iter()
+            .map(|a| {
+                let f = a.fraction[h];
+                f + (1.0 - f) * a.wake.unwrap_or(0.0)
+            })
+            .collect();
+        for (sum, p) in sums.iter_mut().zip([awake, woken]) {
+            let a = availability(&p, k, m);
+            sum[0] += a.snapshot;
+            sum[1] += a.stripe_mean;
+            sum[2] += a.stripe_worst;
+        }
+    }
+    let avg = |s: [f64; 3]| Availability {
+        snapshot: s[0] / WEEK_HOURS as f64,
+        stripe_mean: s[1] / WEEK_HOURS as f64,
+        stripe_worst: s[2] / WEEK_HOURS as f64,
+    };
+    Some((avg(sums[0]), avg(sums[1])))
 }
 
 /// Assesses `fleet` under `scheme`: restore availability with and without waking, and the

@@ -46,6 +46,12 @@ fn availability_and_usual_hours_of_an_office_pc() {
     let usual = h.usual_hours(&A, now, CET).unwrap();
     assert_eq!(usual.summary(), "usually up Mon-Fri 08-18");
     assert_eq!(usual.observed(), 168);
+    let f = usual.fractions_or(0.5);
+    assert_eq!(
+        (f[9], f[20], f[5 * 24 + 9]),
+        (1.0, 0.0, 0.0),
+        "Mon 09, Mon 20, Sat 09"
+    );
     // Friday 18:00 to Monday 08:00.
     assert_eq!(
         usual.longest_usual_absence(),

@@ -48,6 +48,12 @@ impl UsualHours {
         UsualHours { fraction }
     }
 
+    /// The fractions, with `default` (e.g. the 30-day availability) for hours never observed:
+    /// what [`crate::durability::weekly_availability`] takes.
+    pub fn fractions_or(&self, default: f64) -> [f64; WEEK] {
+        self.fraction.map(|f| f.unwrap_or(default))
+    }
+
     /// Hours of the week observed at least once.
     pub fn observed(&self) -> usize {
         self.fraction.iter().filter(|f| f.is_some()).count()

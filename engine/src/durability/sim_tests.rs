@@ -351,3 +351,62 @@ fn a_real_placement_loses_less_than_the_bound() {
         "grouped {grouped} vs bound {model}"
     );
 }
+
+#[test]
+fn office_hours_are_correlated_and_the_weekly_model_sees_it() {
+    // Six desk PCs, each with its own habits: on during office hours (Mon-Fri 08-18) with one
+    // probability, left on at night and at weekends with another. The simulation draws a random
+    // hour of the week, then each PC on or off by its habit for that hour, then whether a
+    // sleeping one wakes; a restore needs four of the six.
+    let habits = [
+        (0.95, 0.10, None),
+        (0.90, 0.05, Some(0.9)),
+        (0.97, 0.30, Some(0.8)),
+        (0.85, 0.02, None),
+        (0.92, 0.15, Some(0.95)),
+        (0.99, 0.90, None),
+    ];
+    let office = |h: usize| h / 24 < 5 && (8..18).contains(&(h % 24));
+    let week: Vec<AgentWeek> = habits
+        .iter()
+        .map(|&(day, night, wake)| AgentWeek {
+            fraction: std::array::from_fn(|h| if office(h) { day } else { night }),
+            wake,
+        })
+        .collect();
+    let (awake, woken) = weekly_availability(&week, 4, 2).unwrap();
+    const TRIALS: usize = 100_000;
+    let mut rng = Rng(0x0ff1ce);
+    let (mut ok, mut ok_woken) = (0usize, 0usize);
+    for _ in 0..TRIALS {
+        let h = rng.below(WEEK_HOURS);
+        let (mut up, mut up_woken) = (0, 0);
+        for &(day, night, wake) in &habits {
+            let on = rng.unit() < if office(h) { day } else { night };
+            let woke = !on && wake.is_some_and(|w| rng.unit() < w);
+            up += usize::from(on);
+            up_woken += usize::from(on || woke);
+        }
+        ok += usize::from(up >= 4);
+        ok_woken += usize::from(up_woken >= 4);
+    }
+    let t = TRIALS as f64;
+    close("weekly, awake", awake.snapshot, ok as f64 / t, t);
+    close("weekly, woken", woken.snapshot, ok_woken as f64 / t, t);
+    // The same PCs taken as independent at all times, with their average availability, get the
+    // chance of a restore badly wrong: the PCs are off together.
+    let mean = |(day, night, _): (f64, f64, Option<f64>)| (50.0 * day + 118.0 * night) / 168.0;
+    let naive: Vec<f64> = habits.iter().map(|&x| mean(x)).collect();
+    let independent = prob::at_least(&naive, 4);
+    let sim = ok as f64 / t;
+    assert!(
+        (independent - sim).abs() > 0.05,
+        "independent {independent:.3} vs simulated {sim:.3}"
+    );
+    eprintln!("restore at a random hour: weekly model {:.4}, simulated {sim:.4}, independent model {independent:.4}", awake.snapshot);
+    assert_eq!(
+        weekly_availability(&week[..5], 4, 2),
+        None,
+        "five agents for six shards"
+    );
+}
