@@ -229,6 +229,8 @@ fn frame_seeds() -> Vec<Vec<u8>> {
             quota: 9,
             shards: 1,
             fs_free: Some(3),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            broadcast: Some(std::net::Ipv4Addr::new(10, 0, 0, 255)),
         }),
         Response::Shards(vec![ShardEntry {
             stripe: [3; 32],

@@ -28,11 +28,15 @@
 //! Version 2 is version 1 inside TLS, with the TLS exporter value of the session in the signed
 //! message (channel binding): a proof made for one TLS session cannot be relayed into another.
 //! `STAT` answers `agent id [16], used u64, quota u64, shards u64` and, since the placement
-//! change, `fs_free u64` (bytes free on the agent's filesystem) after them. The answer is
-//! extensible: a reader takes the fields it knows, treats absent trailing fields as unknown (an
-//! older agent) and skips trailing fields it does not know (a newer agent). Readers built before
-//! `fs_free` reject the longer answer ("trailing bytes"): upgrade `sa-image` before, or with, the
-//! agents.
+//! change, `fs_free u64` (bytes free on the agent's filesystem) after them, then, for
+//! Wake-on-LAN, `mac [6], broadcast [4]`: the MAC and IPv4 broadcast address of the interface
+//! the request came in on, all zeros for unknown (loopback, no IPv4 broadcast, an OS that would
+//! not tell). The answer is extensible: a reader takes the fields it knows, treats absent
+//! trailing fields as unknown (an older agent) and skips trailing fields it does not know (a
+//! newer agent). Fields are positional, so the Wake-on-LAN pair is sent only after `fs_free`
+//! (an agent that cannot read its free space sends neither) and only when one is known. Readers
+//! built before `fs_free` reject the longer answer ("trailing bytes"): upgrade `sa-image`
+//! before, or with, the agents; readers built since skip the Wake-on-LAN pair.
 //! `SCRUB` (kind 23, answer 107) was added to version 1 for health checks: with `start = 1` the
 //! agent begins a full pass over its shard files now (unless one is running) and answers with its
 //! scrub state at once; with `start = 0` it only reports. The answer lists the shards the scrub
@@ -47,6 +51,8 @@
 //! which refreshes its age) survives, whatever the clocks of the imager and agent say.
 //! A shard key is `volume id [16] | stripe id [32] | index u8`. The agent holds only the owner's
 //! public id: it can check a signature but cannot decrypt anything.
+
+use std::net::Ipv4Addr;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -172,6 +178,11 @@ pub struct StoreStat {
     /// user), as the agent saw it when answering; `None` from an agent older than this field.
     /// Placement uses `quota - used` when there is a quota, else this.
     pub fs_free: Option<u64>,
+    /// MAC of the agent's interface the request came in on (for Wake-on-LAN); `None` when
+    /// unknown (loopback, an older agent).
+    pub mac: Option<[u8; 6]>,
+    /// IPv4 broadcast address of that interface's subnet; `None` when unknown.
+    pub broadcast: Option<Ipv4Addr>,
 }
 
 impl StoreStat {
@@ -600,6 +611,10 @@ impl Response {
                 w.bytes(&s.agent_id).u64(s.used).u64(s.quota).u64(s.shards);
                 if let Some(free) = s.fs_free {
                     w.u64(free);
+                    if s.mac.is_some() || s.broadcast.is_some() {
+                        w.bytes(&s.mac.unwrap_or_default())
+                            .bytes(&s.broadcast.unwrap_or(Ipv4Addr::UNSPECIFIED).octets());
+                    }
                 }
                 (kind::STAT_REPLY, &[])
             }
@@ -666,11 +681,18 @@ impl Response {
                     quota: r.u64()?,
                     shards: r.u64()?,
                     fs_free: None,
+                    mac: None,
+                    broadcast: None,
                 };
                 // Extension fields, in order; an older agent stops before them, and fields a
                 // newer agent appends after the known ones are skipped.
                 if r.remaining() >= 8 {
                     s.fs_free = Some(r.u64()?);
+                }
+                if r.remaining() >= 10 {
+                    s.mac = Some(r.array()?).filter(|m: &[u8; 6]| *m != [0; 6]);
+                    s.broadcast =
+                        Some(Ipv4Addr::from(r.array::<4>()?)).filter(|b| !b.is_unspecified());
                 }
                 r.take(r.remaining())?;
                 Response::Stat(s)
@@ -883,6 +905,26 @@ mod tests {
                 quota: 20,
                 shards: 2,
                 fs_free: Some(1 << 40),
+                mac: None,
+                broadcast: None,
+            }),
+            Response::Stat(StoreStat {
+                agent_id: [5; 16],
+                used: 1,
+                quota: 0,
+                shards: 1,
+                fs_free: Some(7),
+                mac: Some([0x02, 0, 0, 0, 0, 9]),
+                broadcast: Some(Ipv4Addr::new(192, 168, 1, 255)),
+            }),
+            Response::Stat(StoreStat {
+                agent_id: [6; 16],
+                used: 1,
+                quota: 0,
+                shards: 1,
+                fs_free: Some(7),
+                mac: Some([0x02, 0, 0, 0, 0, 9]),
+                broadcast: None,
             }),
             Response::Stat(StoreStat {
                 agent_id: [4; 16],
@@ -890,6 +932,8 @@ mod tests {
                 quota: 0,
                 shards: 0,
                 fs_free: None,
+                mac: None,
+                broadcast: None,
             }),
             Response::Error {
                 code: ErrorCode::Full,
@@ -968,6 +1012,53 @@ mod tests {
         );
         let none = StoreStat::default();
         assert_eq!(none.room(), None, "no quota, no filesystem figure: unknown");
+    }
+
+    #[tokio::test]
+    async fn stat_answer_carries_wake_on_lan_fields() {
+        let old = StoreStat {
+            agent_id: [7; 16],
+            used: 100,
+            quota: 1000,
+            shards: 3,
+            fs_free: Some(5),
+            mac: None,
+            broadcast: None,
+        };
+        let new = StoreStat {
+            mac: Some([0x3c, 0x52, 0x82, 0x0a, 0x1b, 0x2c]),
+            broadcast: Some(Ipv4Addr::new(10, 1, 2, 255)),
+            ..old.clone()
+        };
+        let body = |s: &StoreStat| Response::Stat(s.clone()).frame().head;
+        // Without them the answer is exactly the previous one; with them it only grows at the
+        // end, by 10 bytes, which readers since `fs_free` skip as unknown trailing fields.
+        let (short, long) = (body(&old), body(&new));
+        assert_eq!(short.len(), 16 + 4 * 8);
+        assert_eq!(&long[..short.len()], &short[..]);
+        assert_eq!(long.len(), short.len() + 10);
+        for s in [&old, &new] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &Response::Stat(s.clone()).frame())
+                .await
+                .unwrap();
+            let (k, b) = read_frame(&mut &buf[..]).await.unwrap().unwrap();
+            assert_eq!(Response::parse(k, b).unwrap(), Response::Stat(s.clone()));
+        }
+        // Zeros mean unknown; fields after them (a newer agent) are skipped.
+        let mut zeros = short.clone();
+        zeros.extend_from_slice(&[0; 10]);
+        zeros.extend_from_slice(&[1; 4]);
+        let Response::Stat(s) = Response::parse(kind::STAT_REPLY, zeros).unwrap() else {
+            panic!("not a stat")
+        };
+        assert_eq!((s.mac, s.broadcast), (None, None));
+        // No fs_free: nothing else is sent either (the fields are positional).
+        let no_free = StoreStat {
+            fs_free: None,
+            ..new.clone()
+        };
+        assert_eq!(body(&no_free).len(), 16 + 3 * 8);
     }
 
     #[tokio::test]

@@ -8,22 +8,40 @@
 //!
 //! ## Tour
 //!
+//! The fleet and the catalog:
 //! * [`fleet`]: reaching the agents (the ones given and every member of the agent book in
 //!   service), judging each against the book (pins, strangers at a member's address, retired
 //!   agents), never writing the book from a read-only command; [`fleet::census`] (who is up,
 //!   what each holds, each snapshot's margin) and [`fleet::seen`] (when each agent last answered).
 //! * [`catalog`]: the live snapshots read from the whole fleet; `latest` of a volume; a
 //!   snapshot's agent table mapped to connections.
-//! * [`read`]: one stripe back from k shards (parity on failure, hedging when serving).
-//! * [`snapshot`]: a disk into stripes onto the agents, incremental, resumable, placed by room.
-//! * [`volume`], [`source`]: opening sources and restore targets safely.
+//! * [`agents`]: the agent book as the admin changes it: list, add, accept, retire.
 //!
-//! Supporting: [`error`], [`progress`], [`clock`], [`shutdown`], [`cache_dir`].
+//! The operations, one module each (options in, report out):
+//! * [`snapshot`]: a disk into stripes onto the agents, incremental, resumable, placed by room.
+//! * [`restore`], [`verify`], [`scrub`], [`status`], [`list`].
+//! * [`repair`] (+ [`repair::watch`]): rebuild absent and crowded shards, new manifest revisions.
+//! * [`retention`] (prune, forget) over [`gc`] (tombstones, leases, mark and sweep).
+//! * [`serve`]: a snapshot as a live NBD export, with an overlay or a live restore (hydrate).
+//!
+//! Underneath: [`read`] (one stripe back from k shards: parity on failure, hedging when serving),
+//! [`volume`] and [`source`] (sources and restore targets, opened safely), [`local`] (agents in
+//! this process, for the demo and tests).
+//!
+//! Models: [`durability`] (how safe the backup is: the chance a restore finds `k` agents per
+//! stripe, with and without waking sleeping PCs, the chance of losing a snapshot within a year,
+//! and a planner for `k`, `m` and `repair-after`; the model is in `docs/durability.md`),
+//! [`availability`] (each agent's up/down history, a sealed catalog record), [`wake`]
+//! (Wake-on-LAN magic packets).
+//!
+//! Supporting: [`error`], [`progress`], [`clock`], [`shutdown`], [`cache_dir`], [`time`].
 
 pub mod agents;
+pub mod availability;
 pub mod cache_dir;
 pub mod catalog;
 pub mod clock;
+pub mod durability;
 pub mod error;
 pub mod fleet;
 pub mod gc;
@@ -43,6 +61,7 @@ pub mod status;
 pub mod time;
 pub mod verify;
 pub mod volume;
+pub mod wake;
 
 pub use error::{Error, Result};
 

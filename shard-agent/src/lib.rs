@@ -12,8 +12,12 @@
 //! * [`scrub::Scrubber`] checks every shard file's crc32c in the background at a bounded rate
 //!   and moves bad ones to a quarantine directory; `SCRUB` requests ask for a pass now and report.
 //!
+//! * [`netinfo`] finds the MAC and broadcast address of the interface a client reached the agent
+//!   on, for the `STAT` answer (sa-image wakes the PC by Wake-on-LAN with them).
+//!
 //! Portable `std` + tokio only: agents run on Windows and macOS desk PCs too.
 
+pub mod netinfo;
 pub mod scrub;
 mod server;
 

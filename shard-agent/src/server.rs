@@ -88,6 +88,7 @@ impl Server {
 
     async fn handle(&self, tcp: TcpStream) -> Result<()> {
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
         let start = async {
             let mut s = self.tls.accept(tcp).await.map_err(|e| {
                 Error::Protocol(format!("TLS handshake failed (not a TLS 1.3 client?): {e}"))
@@ -108,7 +109,10 @@ impl Server {
                 return Ok(());
             };
             let req = Request::parse(kind, body)?;
-            let resp = self.apply(req).await;
+            let mut resp = self.apply(req).await;
+            if let (Response::Stat(stat), Some(local)) = (&mut resp, local) {
+                crate::netinfo::fill(stat, local.ip()).await;
+            }
             write_frame(&mut s, &resp.frame())
                 .await
                 .map_err(|e| Error::io("send", e))?;

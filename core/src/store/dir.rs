@@ -585,6 +585,9 @@ impl DirStore {
             quota: self.inner.quota,
             shards: self.inner.shards.load(Ordering::Relaxed),
             fs_free: fs4::available_space(&self.inner.root).ok(),
+            // Known only to the server, which sees the connection (shard-agent's netinfo).
+            mac: None,
+            broadcast: None,
         }
     }
 }
