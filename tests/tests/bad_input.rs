@@ -153,9 +153,9 @@ fn one_of_seven_agents_down_at_snapshot_time() {
     let v = json(&out, "snapshot around a down agent");
     let down = c.agents[2].addr_str();
     assert!(
-        v["agents_unreachable"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|x| x.contains(&down)))),
+        v["agents_unreachable"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|x| x.contains(&down)))),
         "the report names the agent that is down ({down}): {v}"
     );
     assert!(
@@ -446,13 +446,21 @@ fn restore_over_a_larger_file() {
     ];
     let before = target.sha256();
     let out = c.sa(&args);
-    let msg = expect_fail(&out, Some(1), "restore over an existing file without --force");
+    let msg = expect_fail(
+        &out,
+        Some(1),
+        "restore over an existing file without --force",
+    );
     assert!(
         msg.contains("big-target.img") && msg.contains("--force"),
         "the error must name the target and the flag:\n{}",
         shown(&out)
     );
-    assert_eq!(sha256(&target.path), before, "the existing file is untouched");
+    assert_eq!(
+        sha256(&target.path),
+        before,
+        "the existing file is untouched"
+    );
     let mut forced = args.to_vec();
     forced.push(OsStr::new("--force"));
     let out = c.sa(&forced);

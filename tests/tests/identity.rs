@@ -60,7 +60,10 @@ fn changed_identity_is_refused_until_accepted() {
     assert!(text.contains(&snap), "{}", shown(&out));
     let msg = shown(&out);
     for want in ["identity", &pinned[..16], "agents accept", &id] {
-        assert!(msg.contains(want), "the refusal must mention {want}:\n{msg}");
+        assert!(
+            msg.contains(want),
+            "the refusal must mention {want}:\n{msg}"
+        );
     }
     // With no other member answering, it is refused outright.
     c.agents[1].kill();

@@ -479,7 +479,13 @@ fn agent_cut_off_mid_snapshot() {
         &small.sha256(),
         "first with the far agent cut",
     );
-    restore_matches(&c, &big_id, &all, &big.sha256(), "big with the far agent cut");
+    restore_matches(
+        &c,
+        &big_id,
+        &all,
+        &big.sha256(),
+        "big with the far agent cut",
+    );
 
     // The link back: the far agent's files are whole shards or nothing.
     ns.join();

@@ -190,9 +190,11 @@ async fn send(
                 r.map_err(|e| Error::failed(format!("upload task failed: {e}")))?;
             match r {
                 Ok(sent) => sent_total += sent,
-                Err(e @ sa_core::Error::ShardCorrupt(_)) => return Err(Error::failed(format!(
+                Err(e @ sa_core::Error::ShardCorrupt(_)) => {
+                    return Err(Error::failed(format!(
                     "agent {addr} rejected shard {idx} of stripe {i}: {e}; nothing was committed"
-                ))),
+                )))
+                }
                 Err(e) => failed.push((idx, slot, addr, e)),
             }
         }
