@@ -13,6 +13,11 @@ pub trait Clock: Send + Sync {
     fn now_secs(&self) -> u64 {
         self.now_ms() / 1000
     }
+    /// Now, Unix seconds and nanoseconds (creation times of snapshots).
+    fn now_precise(&self) -> (u64, u32) {
+        let ms = self.now_ms();
+        (ms / 1000, (ms % 1000) as u32 * 1_000_000)
+    }
 }
 
 /// The system's clock.
@@ -25,6 +30,12 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
+    }
+    fn now_precise(&self) -> (u64, u32) {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| (d.as_secs(), d.subsec_nanos()))
+            .unwrap_or((0, 0))
     }
 }
 
@@ -47,12 +58,4 @@ impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
     }
-}
-
-/// Now by the system clock, Unix seconds and nanoseconds (creation times of snapshots).
-pub fn system_now() -> (u64, u32) {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| (d.as_secs(), d.subsec_nanos()))
-        .unwrap_or((0, 0))
 }

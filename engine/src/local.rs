@@ -19,6 +19,7 @@ const SCRUB_RATE: u64 = 0;
 /// An agent served from this process.
 pub struct LocalAgent {
     addr: String,
+    id: [u8; 16],
     dir: PathBuf,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -38,9 +39,23 @@ impl LocalAgent {
         owner: OwnerId,
         quota: u64,
     ) -> Result<LocalAgent> {
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String>>();
+        Self::start_at(dir, &format!("{ip}:0"), owner, quota)
+    }
+
+    /// Starts it again after [`LocalAgent::kill`], on the same address (a PC back on).
+    pub fn restart(&mut self, owner: OwnerId) -> Result<()> {
+        self.kill();
+        let (dir, addr) = (self.dir.clone(), self.addr.clone());
+        *self = Self::start_at(&dir, &addr, owner, 0)?;
+        Ok(())
+    }
+
+    /// An agent over `dir` listening on `listen` (`IP:PORT`, port 0: any).
+    pub fn start_at(dir: &Path, listen: &str, owner: OwnerId, quota: u64) -> Result<LocalAgent> {
+        let ip = listen.to_string();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, [u8; 16])>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let (dir2, listen) = (dir.to_path_buf(), format!("{ip}:0"));
+        let (dir2, listen) = (dir.to_path_buf(), listen.to_string());
         let thread = std::thread::Builder::new()
             .name(format!("agent {ip}"))
             .spawn(move || {
@@ -68,11 +83,12 @@ impl LocalAgent {
                 rt.shutdown_timeout(Duration::from_secs(10));
             })
             .map_err(|e| Error::io("cannot start an agent thread", e))?;
-        let addr = ready_rx
+        let (addr, id) = ready_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| Error::failed(format!("the agent on {ip} did not start within 30s")))??;
         Ok(LocalAgent {
             addr,
+            id,
             dir: dir.to_path_buf(),
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -82,6 +98,11 @@ impl LocalAgent {
     /// Where it listens, `IP:PORT`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Its stable agent id.
+    pub fn id(&self) -> [u8; 16] {
+        self.id
     }
 
     /// Its shard directory.
@@ -111,9 +132,11 @@ impl Drop for LocalAgent {
     }
 }
 
-/// Opens the store and identity, binds, and spawns the server; returns the bound address.
-async fn serve(dir: &Path, listen: &str, owner: OwnerId, quota: u64) -> Result<String> {
+/// Opens the store and identity, binds, and spawns the server; returns the bound address and
+/// the agent's id.
+async fn serve(dir: &Path, listen: &str, owner: OwnerId, quota: u64) -> Result<(String, [u8; 16])> {
     let store = DirStore::open(dir, quota)?;
+    let id = store.agent_id();
     let identity = sa_core::tls::AgentIdentity::load_or_create(dir)?;
     let tls = identity.server_config()?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -131,5 +154,5 @@ async fn serve(dir: &Path, listen: &str, owner: OwnerId, quota: u64) -> Result<S
             tracing::warn!("local agent stopped: {e}");
         }
     });
-    Ok(addr)
+    Ok((addr, id))
 }

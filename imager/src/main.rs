@@ -6,7 +6,7 @@
 //! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
 //!
 //! Files: [`cmd`] (one per command), [`config`] (the config file, the flags every command
-//! shares, and the one duration and size grammar), [`exit`], [`progress`] (indicatif),
+//! shares, and the one duration and size grammar), [`exit`], [`keyfile`], [`progress`] (indicatif),
 //! [`signal`] (SIGINT/SIGTERM to the engine's shutdown token), [`passphrase`], [`text`].
 
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod config;
 mod exit;
+mod keyfile;
 mod passphrase;
 mod progress;
 mod signal;

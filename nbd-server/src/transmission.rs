@@ -729,7 +729,6 @@ where
 mod tests {
     use super::*;
     use crate::{Export, Extent, MemorySource};
-    use std::time::Instant;
     use tokio::io::{duplex, split};
 
     /// A session on a 64 MiB memory export with short timeouts, over an
@@ -775,35 +774,45 @@ mod tests {
         .encode()
     }
 
-    #[tokio::test]
+    // The timeout tests run on tokio's paused clock: the timeouts are the real defaults (10
+    // minutes idle, a minute of reply stall) and the tests take no time; the clock advances
+    // only when every task waits.
+
+    #[tokio::test(start_paused = true)]
     async fn a_client_that_sends_nothing_is_dropped_after_the_idle_timeout() {
-        let (_client, task, _stop) = session(Duration::from_millis(200), Duration::from_secs(60));
-        let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let idle = Duration::from_secs(600);
+        let (_client, task, _stop) = session(idle, Duration::from_secs(60));
+        let started = tokio::time::Instant::now();
+        let r = tokio::time::timeout(idle * 2, task).await;
         let r = r.expect("transmit must end").expect("no panic");
         assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
-        assert!(started.elapsed() >= Duration::from_millis(200));
+        let waited = started.elapsed();
+        assert!(
+            waited >= idle && waited < idle + Duration::from_secs(1),
+            "dropped after {waited:?}"
+        );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn half_a_request_header_times_out_too() {
-        let (mut client, task, _stop) =
-            session(Duration::from_millis(200), Duration::from_secs(60));
+        let idle = Duration::from_secs(600);
+        let (mut client, task, _stop) = session(idle, Duration::from_secs(60));
         client.write_all(&read_request(1, 512)[..10]).await.unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = tokio::time::timeout(idle * 2, task).await;
         let r = r.expect("transmit must end").expect("no panic");
         assert!(matches!(r, Err(ServeError::IdleTimeout)), "{r:?}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_client_waiting_for_replies_is_not_idle() {
         // Replies are in flight (the client does not read them yet): the idle
         // timer must not fire while the reply timeout is long.
-        let (mut client, task, stop) = session(Duration::from_millis(100), Duration::from_secs(60));
+        let idle = Duration::from_secs(600);
+        let (mut client, task, stop) = session(idle, Duration::from_secs(3600));
         for h in 0..4 {
             client.write_all(&read_request(h, 1 << 20)).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(idle * 3).await;
         assert!(!task.is_finished(), "ended while replies were pending");
         // Now read everything: 4 simple replies of 16 + 1 MiB bytes.
         let mut buf = vec![0u8; 4 * (16 + (1 << 20))];
@@ -813,14 +822,14 @@ mod tests {
         assert!(r.expect("ends on shutdown").expect("no panic").is_ok());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_read_is_dropped_after_the_reply_timeout() {
         let (mut client, task, _stop) =
-            session(Duration::from_secs(60), Duration::from_millis(300));
+            session(Duration::from_secs(600), Duration::from_secs(60));
         for h in 0..8 {
             client.write_all(&read_request(h, 8 << 20)).await.unwrap();
         }
-        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let r = tokio::time::timeout(Duration::from_secs(120), task).await;
         let r = r.expect("transmit must end").expect("no panic");
         assert!(matches!(r, Err(ServeError::ReplyStalled)), "{r:?}");
     }

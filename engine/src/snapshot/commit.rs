@@ -79,7 +79,7 @@ pub(super) async fn commit(
         )));
     }
     let margin = margins.into_iter().min().unwrap_or(ctx.opts.m as i64);
-    let (created, created_nanos) = crate::clock::system_now();
+    let (created, created_nanos) = ctx.fleet.clock().now_precise();
     let manifest = Manifest {
         snapshot: ctx.snapshot_id.clone(),
         volume_name: ctx.opts.volume.clone(),

@@ -185,7 +185,7 @@ async fn demo(dir: &Path, size: u64) -> Result<u8> {
         format_size(size)
     );
     let key = MasterKey::generate()?;
-    crate::cmd::keygen::write_key_file(&dir.join("master.key"), &key, false)?;
+    crate::keyfile::write_key_file(&dir.join("master.key"), &key, false)?;
     let keys: Keys = key.derive();
     let owner = keys.owner_id();
     let fleet = Fleet::new(Arc::new(keys), FleetOptions::default());

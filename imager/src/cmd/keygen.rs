@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::config::{self, KeyArgs};
 use crate::exit::usage;
+use crate::keyfile::{write_key_file, write_key_text};
 use crate::merge;
 use crate::passphrase;
 
@@ -76,33 +77,6 @@ pub struct OwnerIdArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub keyfile: KeyArgs,
-}
-
-/// Writes a plain key file: created new with mode 0600, never following a symlink to an old key.
-pub fn write_key_file(path: &Path, key: &MasterKey, force: bool) -> Result<()> {
-    write_key_text(path, &KeyFile::Plain(key.clone()).to_text(), force)
-}
-
-/// Writes a key file's text durably with mode 0600; an existing file only with `force`.
-fn write_key_text(path: &Path, text: &str, force: bool) -> Result<()> {
-    if path.exists() && !force {
-        bail!(
-            "{} exists already; keep it (it may be the only way to your backups) or pass --force",
-            path.display()
-        );
-    }
-    let replace = if force {
-        sa_core::durable::Replace::Yes
-    } else {
-        sa_core::durable::Replace::No
-    };
-    sa_core::durable::write(
-        path,
-        text.as_bytes(),
-        sa_core::durable::Access::Private,
-        replace,
-    )?;
-    Ok(())
 }
 
 /// `sa-image keygen`.
