@@ -75,10 +75,10 @@ pub fn format_span(secs: u64) -> String {
     }
 }
 
-/// When something happened `secs` seconds ago, in words: `just now` under 5 seconds, else
+/// When something happened `secs` seconds ago, in words: `just now`, `5 seconds ago`,
 /// `3 weeks ago`.
 pub fn format_age(secs: u64) -> String {
-    if secs < 5 {
+    if secs == 0 {
         "just now".into()
     } else {
         format!("{} ago", format_span(secs))
@@ -113,6 +113,7 @@ mod tests {
     #[test]
     fn ages_in_words() {
         assert_eq!(format_age(0), "just now");
+        assert_eq!(format_age(1), "1 second ago");
         assert_eq!(format_age(45), "45 seconds ago");
         assert_eq!(format_age(60), "1 minute ago");
         assert_eq!(format_age(3 * 3600 + 5), "3 hours ago");

@@ -20,12 +20,15 @@
 //!   read-only command never changes the book.
 //!
 //! The book lives in the [`Fleet`] value (one per command run, or per daemon job), never in a
-//! process-wide static.
+//! process-wide static. With [`Fleet::with_book_cache`] this machine also keeps a sealed copy
+//! in its cache directory, merged like any agent's copy: given only the address of a PC that was
+//! reinstalled, a command still knows the other members and that the PC is a stranger.
 
 pub mod census;
 pub mod seen;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use sa_core::keys::{hex, Keys};
@@ -154,6 +157,8 @@ pub struct Fleet {
     book: Mutex<Book>,
     /// Per agent id reached, the copy of the book it holds (None: none, or unreadable).
     copies: Mutex<HashMap<[u8; 16], Option<Book>>>,
+    /// This machine's copy of the book: where, and the book as last read or written there.
+    cache: Option<(PathBuf, Mutex<Option<Book>>)>,
 }
 
 impl Fleet {
@@ -165,6 +170,53 @@ impl Fleet {
             clock: Arc::new(SystemClock),
             book: Mutex::new(Book::default()),
             copies: Mutex::new(HashMap::new()),
+            cache: None,
+        }
+    }
+
+    /// Keeps a sealed copy of the book at `path` (this machine's cache), read before the first
+    /// connection and written whenever the merged book changes. A copy that does not open is
+    /// ignored with a warning.
+    pub fn with_book_cache(mut self, path: Option<PathBuf>) -> Fleet {
+        let Some(path) = path else { return self };
+        let cached = match std::fs::read(&path) {
+            Ok(sealed) => match Book::open(&self.keys, &sealed) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!("{}: the cached agent book is unusable: {e}", path.display());
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        if let Some(b) = &cached {
+            self.with_book(|mine| mine.merge(b));
+        }
+        self.cache = Some((path, Mutex::new(cached)));
+        self
+    }
+
+    /// Writes the merged book to this machine's cache when it differs from what is there.
+    fn save_cache(&self) {
+        let Some((path, last)) = &self.cache else {
+            return;
+        };
+        let book = self.book();
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&book) || book == Book::default() {
+            return;
+        }
+        let written = book.seal(&self.keys).and_then(|sealed| {
+            sa_core::durable::write(
+                path,
+                &sealed,
+                sa_core::durable::Access::Private,
+                sa_core::durable::Replace::Yes,
+            )
+        });
+        match written {
+            Ok(()) => *last = Some(book),
+            Err(e) => tracing::warn!("cannot keep the agent book in this machine's cache: {e}"),
         }
     }
 
@@ -256,6 +308,7 @@ impl Fleet {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(c.agent_id(), copy);
         }
+        self.save_cache();
     }
 
     /// Connects to `addrs` and judges each agent (see the module docs); results in order.
@@ -337,6 +390,7 @@ impl Fleet {
                 let targets = if changed { live(attempts) } else { stale };
                 self.store_book(&targets).await;
             }
+            self.save_cache();
         }
     }
 
@@ -453,6 +507,7 @@ impl Fleet {
         let changed = self.with_book(f);
         if changed {
             self.store_book(clients).await;
+            self.save_cache();
         }
         changed
     }

@@ -186,6 +186,9 @@ impl StripeReader {
     }
 
     /// Reads stripe `i` (a zero stripe is returned as zeros without any fetch).
+    ///
+    /// Long by design: the launch, hedge and collect steps share the in-flight state of one
+    /// `select!` loop, and splitting them would scatter that state over several structs.
     pub async fn read(&self, i: u64) -> Result<StripeData, StripeLost> {
         let layout = *self.codec.layout();
         let plain_len = layout.stripe_len(i);

@@ -39,7 +39,13 @@ async fn verify_and_restore_agree_with_the_model_for_every_loss_pattern() {
     let rig = Rig::new(6);
     let (k, m) = (4u8, 2u8);
     let stripes = 12u64;
-    let img = rig.image("disk.img", stripes * STRIPE as u64, 7, STRIPE as u64, &[3, 8]);
+    let img = rig.image(
+        "disk.img",
+        stripes * STRIPE as u64,
+        7,
+        STRIPE as u64,
+        &[3, 8],
+    );
     let fleet = rig.fleet();
     let snap = rig.snapshot(&fleet, &img, "v", k, m, STRIPE).await;
     let man = rig.manifest(&fleet, &snap.snapshot).await;
@@ -122,7 +128,10 @@ async fn verify_and_restore_agree_with_the_model_for_every_loss_pattern() {
                 assert!(lost.is_empty(), "{ctx}: restored although stripes are lost");
                 assert_eq!(digest(&target), want, "{ctx}");
                 // A restore reads k shards per stripe (data first): it meets at most the harms.
-                assert!(r.missing_shards <= missing && r.corrupt_shards <= corrupt, "{ctx}: {r:?}");
+                assert!(
+                    r.missing_shards <= missing && r.corrupt_shards <= corrupt,
+                    "{ctx}: {r:?}"
+                );
                 std::fs::remove_file(&target).unwrap();
             }
             Err(Error::StripesLost(l)) => {

@@ -71,7 +71,11 @@ async fn repair_puts_back_deleted_shards_and_rebuilds_a_lost_agent_elsewhere() {
     let r = repair_pass(&rig.fleet(), &pass(&rig, 0), &mut |_| HashSet::new())
         .await
         .expect("repair");
-    assert_eq!((r.shards_rebuilt, r.shards_failed, r.exit_code()), (2, 0, 0), "{r:?}");
+    assert_eq!(
+        (r.shards_rebuilt, r.shards_failed, r.exit_code()),
+        (2, 0, 0),
+        "{r:?}"
+    );
     assert!(f1.exists() && f2.exists(), "put back in place");
     assert_eq!(verify_code(&rig, &snap, 3).await, 0);
 
@@ -91,7 +95,11 @@ async fn repair_puts_back_deleted_shards_and_rebuilds_a_lost_agent_elsewhere() {
     assert_eq!(r.shards_rebuilt, held_before, "{r:?}");
     assert_eq!(r.exit_code(), 0, "{r:?}");
     assert_eq!(r.snapshots[0].revision_after, 1, "a new manifest revision");
-    assert_eq!(verify_code(&rig, &snap, via).await, 0, "full redundancy without it");
+    assert_eq!(
+        verify_code(&rig, &snap, via).await,
+        0,
+        "full redundancy without it"
+    );
     restores_exactly(&rig, &snap, via, &digest(&img), "after-repair.img").await;
 }
 
@@ -162,7 +170,10 @@ async fn forget_collects_what_only_it_used_and_reaches_an_agent_that_was_down() 
     let b = rig.path("b.img");
     std::fs::write(&b, &bytes).unwrap();
     rig.clock.advance(1000);
-    let second = rig.snapshot(&rig.fleet(), &b, "v", 2, 1, STRIPE).await.snapshot;
+    let second = rig
+        .snapshot(&rig.fleet(), &b, "v", 2, 1, STRIPE)
+        .await
+        .snapshot;
     let before = rig.all_shard_files().len();
     assert_eq!(before, 9 * 3, "9 distinct stripes of 3 shards");
     // Agent 5 is down while the first snapshot is forgotten through agent 0.
@@ -188,7 +199,11 @@ async fn forget_collects_what_only_it_used_and_reaches_an_agent_that_was_down() 
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
     };
-    assert!(blobs5().iter().any(|n| n.contains(&first)), "{:?}", blobs5());
+    assert!(
+        blobs5().iter().any(|n| n.contains(&first)),
+        "{:?}",
+        blobs5()
+    );
     let listed = sa_engine::list::list(
         &rig.fleet(),
         &sa_engine::list::ListOptions {
@@ -213,10 +228,7 @@ async fn forget_collects_what_only_it_used_and_reaches_an_agent_that_was_down() 
     )
     .await
     .expect("gc");
-    assert!(
-        g.agents.iter().any(|a| a.tombstones_copied == 1),
-        "{g:?}"
-    );
+    assert!(g.agents.iter().any(|a| a.tombstones_copied == 1), "{g:?}");
     let names = blobs5();
     assert!(
         names.iter().any(|n| n == &format!("forgotten-{first}"))

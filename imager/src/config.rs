@@ -150,12 +150,16 @@ pub struct FleetArgs {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub request_timeout: Option<String>,
+    /// Where this machine keeps its manifest cache, a copy of the agent book, agent sightings
+    /// and the repair watcher's clock [default: $XDG_CACHE_HOME/sa-image or ~/.cache/sa-image].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl FleetArgs {
     /// Fills the settings not given as flags from the config file's.
     pub fn merge(&mut self, file: &mut FleetArgs) {
-        merge!(self, file; agents, connect_timeout, request_timeout);
+        merge!(self, file; agents, connect_timeout, request_timeout, cache_dir);
     }
 
     /// The agent addresses (required), with the default port added where missing.
@@ -168,8 +172,10 @@ impl FleetArgs {
         }
     }
 
-    /// The fleet of `keys`' owner with these timeouts.
+    /// The fleet of `keys`' owner with these timeouts, keeping a copy of the agent book in this
+    /// machine's cache directory.
     pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
+        let cache_dir = self.cache_dir.as_deref();
         let mut client = ClientOptions::default();
         if let Some(t) = &self.connect_timeout {
             client.connect_timeout =
@@ -179,7 +185,8 @@ impl FleetArgs {
             client.request_timeout =
                 nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
         }
-        Ok(Fleet::new(Arc::new(keys), FleetOptions { client }))
+        let cache = sa_engine::cache_dir::owner_dir(cache_dir, &keys).map(|d| d.join("agent-book"));
+        Ok(Fleet::new(Arc::new(keys), FleetOptions { client }).with_book_cache(cache))
     }
 }
 

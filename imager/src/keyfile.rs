@@ -33,4 +33,3 @@ pub fn write_key_text(path: &Path, text: &str, force: bool) -> Result<()> {
     )?;
     Ok(())
 }
-

@@ -824,8 +824,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_read_is_dropped_after_the_reply_timeout() {
-        let (mut client, task, _stop) =
-            session(Duration::from_secs(600), Duration::from_secs(60));
+        let (mut client, task, _stop) = session(Duration::from_secs(600), Duration::from_secs(60));
         for h in 0..8 {
             client.write_all(&read_request(h, 8 << 20)).await.unwrap();
         }

@@ -56,6 +56,22 @@ impl Agent {
         a
     }
 
+    /// Starts an agent like [`Agent::start`], but on `addr` (e.g. where another agent was: a
+    /// PC reinstalled with a fresh shard directory at a known address).
+    pub fn start_on(base: &Path, name: &str, owner: &str, addr: SocketAddr) -> Agent {
+        let mut a = Agent {
+            name: name.to_string(),
+            addr,
+            dir: base.join(name),
+            log: base.join(format!("{name}.log")),
+            owner: owner.to_string(),
+            extra: Vec::new(),
+            proc: None,
+        };
+        a.launch(START_TIMEOUT);
+        a
+    }
+
     /// Address `IP:PORT` it listens on (kept while killed, reused by [`Agent::restart`]).
     pub fn addr(&self) -> SocketAddr {
         self.addr

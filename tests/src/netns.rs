@@ -240,6 +240,16 @@ impl NsAgent {
         self.addr.to_string()
     }
 
+    /// Waits (up to `timeout`) until the agent accepts a TCP connection: after
+    /// [`NetNs::join`] the link takes a moment to carry again (carrier, neighbour entry).
+    pub fn wait_reachable(&self, timeout: Duration) {
+        crate::wait::until_true(
+            timeout,
+            "the agent in the namespace to be reachable",
+            || std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok(),
+        );
+    }
+
     /// Its directory.
     pub fn dir(&self) -> &Path {
         &self.dir

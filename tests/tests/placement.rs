@@ -489,6 +489,7 @@ fn agent_cut_off_mid_snapshot() {
 
     // The link back: the far agent's files are whole shards or nothing.
     ns.join();
+    far.wait_reachable(Duration::from_secs(30));
     let shards_dir_files = scan::files(&far.dir().join("shards"));
     let named = scan::shard_files(far.dir());
     assert_eq!(

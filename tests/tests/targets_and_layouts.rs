@@ -224,8 +224,12 @@ fn damaged_catalog_copy_on_one_agent() {
         OsStr::new("--to"),
         target.as_os_str(),
     ];
-    // Through a0 alone (its copy of the agent book is damaged too, so it names no other
-    // member): a clear failure that says what to do, and no target, not a wrong restore.
+    // Through a0 alone, from a machine that never saw this fleet (an empty cache directory;
+    // a0's copy of the agent book is damaged too, so nothing names another member): a clear
+    // failure that says what to do, and no target, not a wrong restore.
+    let fresh = c.path("fresh-cache");
+    let mut args = args.to_vec();
+    args.extend([OsStr::new("--cache-dir"), fresh.as_os_str()]);
     let out = c.sa_agents(&args, &c.agents[0].addr_str());
     let msg = sa_tests::cluster::expect_fail(&out, Some(1), "restore through a0 alone");
     assert!(

@@ -174,6 +174,9 @@ impl Hydrate {
 
     /// Opens (or starts) the live restore of `snapshot` onto `target`, with its state at
     /// `state_path` (default: [`default_state_path`]; required for a block device).
+    ///
+    /// Long by design: each refusal below guards one way a target could be overwritten by
+    /// mistake, and they read best in the order they are checked.
     pub fn open(
         target: &Path,
         state_path: Option<&Path>,

@@ -107,48 +107,9 @@ pub async fn find_base(
         .iter()
         .filter(|(id, _)| holders.contains_key(*id))
         .collect();
-    let newest = |vol: &str, extra: &dyn Fn(&Entry) -> bool| {
-        live.iter()
-            .filter(|(_, e)| e.volume == vol && extra(e))
-            .max_by_key(|(id, e)| (e.created, (*id).clone()))
-            .map(|(id, _)| (*id).clone())
+    let Some(id) = choose(&live, pick)? else {
+        return Ok(None);
     };
-    let chosen = match pick {
-        Pick::Latest {
-            volume,
-            k,
-            m,
-            stripe_size,
-        } => newest(&hex(&volume), &|e: &Entry| {
-            e.k == k && e.m == m && e.stripe_size == stripe_size
-        }),
-        Pick::Named("latest", volume) => match newest(&hex(&volume), &|_| true) {
-            Some(id) => Some(id),
-            None => {
-                return Err(Error::invalid(
-                    "--changed-since latest: the catalog holds no snapshot of this volume yet",
-                ))
-            }
-        },
-        Pick::Named(prefix, _) => {
-            let hits: Vec<&String> = live
-                .iter()
-                .map(|(id, _)| *id)
-                .filter(|id| id.starts_with(prefix))
-                .collect();
-            match hits.len() {
-                1 => Some(hits[0].clone()),
-                0 => return Err(Error::NoSuchSnapshot(prefix.to_string())),
-                count => {
-                    return Err(Error::AmbiguousSnapshot {
-                        prefix: prefix.to_string(),
-                        count,
-                    })
-                }
-            }
-        }
-    };
-    let Some(id) = chosen else { return Ok(None) };
     if let Some(m) = fetched.remove(&id) {
         return Ok(Some(Base {
             manifest: m,
@@ -175,5 +136,46 @@ pub async fn find_base(
         None => Err(Error::failed(format!(
             "snapshot {id} is listed but no agent's copy of it opens"
         ))),
+    }
+}
+
+/// The snapshot `pick` names among the live index entries (None: no base for this run).
+fn choose(live: &[(&String, &Entry)], pick: Pick<'_>) -> Result<Option<String>> {
+    let newest = |vol: &str, extra: &dyn Fn(&Entry) -> bool| {
+        live.iter()
+            .filter(|(_, e)| e.volume == vol && extra(e))
+            .max_by_key(|(id, e)| (e.created, (*id).clone()))
+            .map(|(id, _)| (*id).clone())
+    };
+    match pick {
+        Pick::Latest {
+            volume,
+            k,
+            m,
+            stripe_size,
+        } => Ok(newest(&hex(&volume), &|e: &Entry| {
+            e.k == k && e.m == m && e.stripe_size == stripe_size
+        })),
+        Pick::Named("latest", volume) => match newest(&hex(&volume), &|_| true) {
+            Some(id) => Ok(Some(id)),
+            None => Err(Error::invalid(
+                "--changed-since latest: the catalog holds no snapshot of this volume yet",
+            )),
+        },
+        Pick::Named(prefix, _) => {
+            let hits: Vec<&String> = live
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| id.starts_with(prefix))
+                .collect();
+            match hits.len() {
+                1 => Ok(Some(hits[0].clone())),
+                0 => Err(Error::NoSuchSnapshot(prefix.to_string())),
+                count => Err(Error::AmbiguousSnapshot {
+                    prefix: prefix.to_string(),
+                    count,
+                }),
+            }
+        }
     }
 }

@@ -41,8 +41,12 @@ impl Rig {
         let keys = Arc::new(MasterKey::generate().expect("key").derive());
         let agents = (0..n)
             .map(|i| {
-                LocalAgent::start(&dir.path().join(format!("a{i}")), "127.0.0.1", keys.owner_id())
-                    .expect("agent")
+                LocalAgent::start(
+                    &dir.path().join(format!("a{i}")),
+                    "127.0.0.1",
+                    keys.owner_id(),
+                )
+                .expect("agent")
             })
             .collect();
         Rig {

@@ -1,6 +1,6 @@
 //! `sa-image agents list|add|accept|retire` (see [`sa_engine::agents`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use sa_core::size::format_size;
@@ -35,9 +35,6 @@ pub struct AgentsArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
-    /// Where this machine keeps its manifest cache and agent sightings (`retire`).
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -75,7 +72,7 @@ fn load(mut args: AgentsArgs, cfg: Option<&Path>) -> Result<(AgentsArgs, sa_engi
     let mut file: AgentsArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; cache_dir; bools json);
+    merge!(args, file; ; bools json);
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     Ok((args, fleet))
 }
@@ -174,7 +171,13 @@ async fn accept(a: IdArgs, cfg: Option<&Path>) -> Result<u8> {
 
 async fn retire(a: IdArgs, cfg: Option<&Path>) -> Result<u8> {
     let (args, fleet) = load(a.common, cfg)?;
-    let r = agents::retire(&fleet, &a.id, &args.fleet.addrs()?, args.cache_dir.clone()).await?;
+    let r = agents::retire(
+        &fleet,
+        &a.id,
+        &args.fleet.addrs()?,
+        args.fleet.cache_dir.clone(),
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(0);

@@ -29,10 +29,6 @@ pub struct RepairArgs {
     /// Report what would be rebuilt and where, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Where this machine keeps its manifest cache and agent sightings [default:
-    /// $XDG_CACHE_HOME/sa-image or ~/.cache/sa-image].
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
     /// Keep running: look every --interval, rebuild bad or quarantined shards at once, and
     /// rebuild around a missing agent once it has been missing for --repair-after. Stops on
     /// SIGINT or SIGTERM.
@@ -56,12 +52,12 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RepairArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; cache_dir, repair_after, interval, state;
+    merge!(args, file; repair_after, interval, state;
         bools json, dry_run, watch);
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let pass = PassOptions {
         dry_run: args.dry_run,
-        cache_dir: args.cache_dir.clone(),
+        cache_dir: args.fleet.cache_dir.clone(),
         agents: args.fleet.addrs()?,
     };
     if args.watch {

@@ -41,9 +41,6 @@ pub struct SnapshotArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Local manifest cache [default: $XDG_CACHE_HOME/sa-image or ~/.cache/sa-image].
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
     /// With --changed-map: the snapshot (id, prefix or `latest`) the map's changes are relative to.
     #[arg(long, requires = "changed_map")]
     pub changed_since: Option<String>,
@@ -63,7 +60,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; data_shards, parity_shards, stripe_size, volume, cache_dir, changed_since,
+    merge!(args, file; data_shards, parity_shards, stripe_size, volume, changed_since,
         changed_map; bools json, allow_degraded);
     if args.changed_since.is_some() != args.changed_map.is_some() {
         return Err(usage("--changed-since and --changed-map go together: the map lists what changed since that snapshot"));
@@ -87,7 +84,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     opts.m = args.parity_shards.unwrap_or(sa_engine::DEFAULT_M);
     opts.stripe_size = stripe_size;
     opts.allow_degraded = args.allow_degraded;
-    opts.cache_dir = args.cache_dir.clone();
+    opts.cache_dir = args.fleet.cache_dir.clone();
     opts.changed = args.changed_since.clone().zip(args.changed_map.clone());
     let shutdown = crate::signal::on_stop_signals();
     let report = snapshot(&fleet, &opts, &Bar::new(args.json), &shutdown).await?;

@@ -1,6 +1,6 @@
 //! `sa-image status`: agents and each snapshot's margin (see [`sa_engine::status`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use sa_core::duration::format_age;
@@ -25,10 +25,6 @@ pub struct StatusArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Where this machine keeps its manifest cache and agent sightings [default:
-    /// $XDG_CACHE_HOME/sa-image or ~/.cache/sa-image].
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
 }
 
 /// `sa-image status`.
@@ -36,11 +32,11 @@ pub async fn run(mut args: StatusArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: StatusArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; cache_dir; bools json);
+    merge!(args, file; ; bools json);
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let opts = StatusOptions {
         agents: args.fleet.addrs()?,
-        cache_dir: args.cache_dir.clone(),
+        cache_dir: args.fleet.cache_dir.clone(),
     };
     let report = status(&fleet, &opts).await?;
     if args.json {
