@@ -166,7 +166,7 @@ pub(crate) type Placed = Vec<(usize, Result<[u8; 16], String>)>;
 pub async fn repair_pass(
     fleet: &Fleet,
     opts: &PassOptions,
-    hold: &mut dyn FnMut(&Census) -> HashSet<[u8; 16]>,
+    hold: &mut (dyn FnMut(&Census) -> HashSet<[u8; 16]> + Send),
 ) -> Result<RepairReport> {
     let started = Instant::now();
     let cat = catalog::open(fleet, &opts.agents, Access::Write).await?;
