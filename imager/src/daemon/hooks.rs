@@ -70,7 +70,11 @@ pub async fn run(
             }
             return Err(format!(
                 "{which} `{cmd}` did not finish within {}; it was killed{}",
-                sa_core::duration::format_span(timeout.as_secs()),
+                if timeout < Duration::from_secs(1) {
+                    format!("{} ms", timeout.as_millis())
+                } else {
+                    sa_core::duration::format_span(timeout.as_secs())
+                },
                 shown(&out)
             ));
         }

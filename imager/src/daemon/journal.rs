@@ -152,6 +152,10 @@ impl Journal {
         };
         let open_jobs = j.replay()?;
         for id in open_jobs {
+            tracing::warn!(
+                "job {id} was running when the daemon stopped (killed or crashed): recorded as \
+                 interrupted"
+            );
             j.end(
                 id,
                 now_ms,
