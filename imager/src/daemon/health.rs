@@ -1,6 +1,6 @@
 //! The status check: every `check_interval` (and after every job) the daemon asks the engine for
-//! the status ([`sa_engine::status`]) and for what the agents' scrubs found, keeps it for the
-//! page and `/metrics`, notes agents that go down or come back, and judges the alert conditions
+//! the status ([`sa_engine::status`]) and, hourly or after a scrub job, for what the agents'
+//! scrubs found; it keeps them for the page and `/metrics`, notes agents that go down or come back, and judges the alert conditions
 //! ([`super::alerts`]).
 
 use std::collections::BTreeSet;
@@ -38,6 +38,7 @@ pub async fn check_loop(shared: Arc<Shared>, interval: Duration, stop: Shutdown)
 pub async fn check(shared: &Shared) {
     let s = shared.settings();
     let now = now_ms();
+    let scrub_due = scrub_due(shared, now);
     let got = async {
         let fleet = shared.fleet()?;
         let agents = s.fleet.addrs()?;
@@ -46,6 +47,9 @@ pub async fn check(shared: &Shared) {
             cache_dir: s.cache_dir.clone(),
         };
         let report = status(&fleet, &opts).await?;
+        if !scrub_due {
+            return anyhow::Ok((report, None));
+        }
         let scrub_opts = ScrubOptions {
             agents,
             start: false,
@@ -70,6 +74,7 @@ pub async fn check(shared: &Shared) {
                 v.check_error = None;
                 if bad.is_some() {
                     v.scrub_bad = bad;
+                    v.scrub_ms = Some(now);
                 }
             });
         }
@@ -82,6 +87,27 @@ pub async fn check(shared: &Shared) {
     }
     evaluate(shared, &s, now).await;
 }
+
+/// Whether to gather what the agents' scrubs found: at the first check, after a scrub job, and
+/// otherwise every [`SCRUB_GATHER`] (each gathering reaches every agent once more; the agents'
+/// background scrubs find little between two, and the repair passes rebuild what they find).
+fn scrub_due(shared: &Shared, now: u64) -> bool {
+    let last = shared.with_view(|v| v.scrub_ms);
+    let scrubbed = lock(&shared.journal)
+        .last_done
+        .get(&(JobKind::Scrub, None))
+        .and_then(|j| j.ended_ms);
+    match last {
+        None => true,
+        Some(t) => {
+            now.saturating_sub(t) >= SCRUB_GATHER.as_millis() as u64
+                || scrubbed.is_some_and(|s| s > t)
+        }
+    }
+}
+
+/// How often the scrub results are gathered when no scrub job ran.
+const SCRUB_GATHER: Duration = Duration::from_secs(3600);
 
 /// Keeps since when each unreachable agent is missing (the absence of an agent this machine
 /// never saw answer counts from there), and notes agents going and coming back.

@@ -52,8 +52,10 @@ pub struct View {
     pub checked_ms: Option<u64>,
     /// Why the last check failed (the report shown is then older).
     pub check_error: Option<String>,
-    /// Quarantined shards not restored yet, all agents (last check).
+    /// Quarantined shards not restored yet, all agents (last gathered).
     pub scrub_bad: Option<u64>,
+    /// When that was gathered (Unix ms).
+    pub scrub_ms: Option<u64>,
     /// The last repair pass.
     pub repair: Option<RepairSeen>,
     /// The job running now.
