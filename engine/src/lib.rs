@@ -19,7 +19,9 @@
 //!
 //! The operations, one module each (options in, report out):
 //! * [`snapshot`]: a disk into stripes onto the agents, incremental, resumable, placed by room.
-//! * [`restore`], [`verify`], [`scrub`], [`status`], [`list`].
+//! * [`restore`], [`verify`], [`scrub`], [`status`], [`list`]; [`limits`] judges a status report
+//!   (snapshot too old, agent absent too long, margin below target) for `status --max-age` and
+//!   the daemon's alerts.
 //! * [`repair`] (+ [`repair::watch`]): rebuild absent and crowded shards, new manifest revisions.
 //! * [`retention`] (prune, forget) over [`gc`] (tombstones, leases, mark and sweep).
 //! * [`serve`]: a snapshot as a live NBD export, with an overlay or a live restore (hydrate).
@@ -45,6 +47,7 @@ pub mod durability;
 pub mod error;
 pub mod fleet;
 pub mod gc;
+pub mod limits;
 pub mod list;
 pub mod local;
 pub mod progress;

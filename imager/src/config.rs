@@ -2,7 +2,9 @@
 //!
 //! The file is flat: keys are the long flag names with `_` for `-` (`key`, `agents`,
 //! `data_shards`, `stripe_size`, `listen`, ...). Flags given on the command line win over the file.
-//! A key that no command knows is an error, so a typo does not pass silently.
+//! A key that no command knows is an error, so a typo does not pass silently. The daemon's
+//! tables (`[daemon]`, `[web]`, `[alerts]`, `[volume.NAME]`) may share the file: commands pass
+//! over them, so `/etc/sa-image/config.toml` serves `sa-image status` as well as the daemon.
 //!
 //! Durations (`--request-timeout 5s`, `--gc-grace 1.5h`) and sizes (`--cache 256MiB`) have one
 //! grammar each, [`sa_core::duration`] and [`sa_core::size`], for flags and keys alike.
@@ -62,7 +64,13 @@ pub const KNOWN_KEYS: &[&str] = &[
     "repair_after",
     "interval",
     "state",
+    "max_age",
+    "max_absence",
 ];
+
+/// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other
+/// commands reading the same file pass over them.
+pub const DAEMON_TABLES: &[&str] = &["daemon", "web", "alerts", "volume"];
 
 /// Reads a config file into `T` (whose fields are all optional).
 pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -77,6 +85,8 @@ pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
             path.display()
         ))
     })?;
+    let mut table = table;
+    table.retain(|k, _| !DAEMON_TABLES.contains(&k));
     for k in table.keys() {
         if !KNOWN_KEYS.contains(&k.as_str()) {
             return Err(usage(format!(
@@ -176,6 +186,18 @@ impl FleetArgs {
     /// machine's cache directory.
     pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
         let cache_dir = self.cache_dir.as_deref();
+        let cache = sa_engine::cache_dir::owner_dir(cache_dir, &keys).map(|d| d.join("agent-book"));
+        Ok(Fleet::new(
+            Arc::new(keys),
+            FleetOptions {
+                client: self.client_options()?,
+            },
+        )
+        .with_book_cache(cache))
+    }
+
+    /// The connect and request timeouts of every agent connection.
+    pub fn client_options(&self) -> Result<ClientOptions> {
         let mut client = ClientOptions::default();
         if let Some(t) = &self.connect_timeout {
             client.connect_timeout =
@@ -185,8 +207,7 @@ impl FleetArgs {
             client.request_timeout =
                 nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
         }
-        let cache = sa_engine::cache_dir::owner_dir(cache_dir, &keys).map(|d| d.join("agent-book"));
-        Ok(Fleet::new(Arc::new(keys), FleetOptions { client }).with_book_cache(cache))
+        Ok(client)
     }
 }
 

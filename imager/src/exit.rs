@@ -6,6 +6,7 @@
 //! | 1 | error: the operation failed (message on stderr) |
 //! | 2 | degraded: shards missing or corrupt but every stripe recoverable (`verify`, `status`, `scrub`, `repair`) |
 //! | 3 | data lost: some stripe cannot be rebuilt now (`verify`, `status`, `repair`, `restore`) |
+//! | 4 | stale: `status --max-age` or `--max-absence` exceeded (a newest snapshot too old, an agent absent too long), and no data lost |
 //! | 64 | usage: a wrong flag, a missing setting, a bad value (sysexits `EX_USAGE`) |
 
 use std::fmt;
@@ -16,12 +17,16 @@ pub const OK: u8 = 0;
 pub const ERROR: u8 = 1;
 /// Data is lost (stripes cannot be rebuilt now).
 pub const DATA_LOST: u8 = 3;
+/// `status --max-age`/`--max-absence` exceeded (3 wins when data is lost too).
+pub const STALE: u8 = 4;
 /// The command was used wrongly.
 pub const USAGE: u8 = 64;
 
 /// The exit codes as `--help` shows them.
-pub const HELP: &str = "Exit codes: 0 success; 1 error; 2 degraded but recoverable (verify, status, \
-scrub, repair); 3 data lost (verify, status, repair, restore); 64 usage error (a wrong flag, a missing \
+pub const HELP: &str =
+    "Exit codes: 0 success; 1 error; 2 degraded but recoverable (verify, status, \
+scrub, repair); 3 data lost (verify, status, repair, restore); 4 status --max-age or --max-absence \
+exceeded (and no data lost); 64 usage error (a wrong flag, a missing \
 setting, a bad value).";
 
 /// A usage error: the command, a flag or a config key was wrong. Exits with [`USAGE`].

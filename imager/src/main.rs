@@ -3,9 +3,11 @@
 //! reports as text or JSON, and gives exit codes ([`exit`]).
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
-//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
+//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`,
+//! `daemon`.
 //!
-//! Files: [`cmd`] (one per command), [`config`] (the config file, the flags every command
+//! Files: [`cmd`] (one per command), [`daemon`] (`sa-image daemon`: schedules, alerts, metrics
+//! and the status page), [`config`] (the config file, the flags every command
 //! shares, and the one duration and size grammar), [`exit`], [`keyfile`], [`progress`] (indicatif),
 //! [`signal`] (SIGINT/SIGTERM to the engine's shutdown token), [`passphrase`], [`text`].
 
@@ -16,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod config;
+mod daemon;
 mod exit;
 mod keyfile;
 mod passphrase;
@@ -64,7 +67,8 @@ enum Command {
     /// List the snapshots in the catalog (any one reachable agent is enough).
     List(cmd::list::ListArgs),
     /// Agents (reachable, last seen, usage) and each snapshot's margin: how many more agent
-    /// losses it survives now. Exit 0 full redundancy, 2 below it, 3 data lost.
+    /// losses it survives now. Exit 0 full redundancy, 2 below it, 3 data lost, 4 --max-age or
+    /// --max-absence exceeded.
     Status(cmd::status::StatusArgs),
     /// Read and check every shard of a snapshot. Exit 0 sound, 2 degraded but recoverable, 3
     /// data lost.
@@ -91,6 +95,10 @@ enum Command {
     /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`.
     #[command(subcommand)]
     Agents(cmd::agents::AgentsCommand),
+    /// Run by itself: snapshots on schedules with retention, the repair watcher, weekly scrubs,
+    /// alerts (webhook, e-mail, healthchecks pings), a status page and /metrics [default config:
+    /// /etc/sa-image/config.toml]. SIGHUP reloads the settings, SIGTERM stops between stripes.
+    Daemon(cmd::daemon::DaemonArgs),
     /// Run everything locally: agents in this process, a snapshot, lost agents, a verified
     /// restore and a copy through NBD [default size: 256MiB].
     Demo(cmd::demo::DemoArgs),
@@ -109,7 +117,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let daemon = matches!(cli.command, Command::Daemon(_));
     let default = match cli.verbose {
+        0 if daemon => "sa_image=info,sa_engine=warn,sa_core=warn",
         0 => "sa_image=warn,sa_engine=warn,sa_core=warn",
         1 => "sa_image=info,sa_engine=info,sa_core=info",
         _ => "debug",
@@ -152,6 +162,7 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(a, cfg).await,
             Command::Agents(a) => cmd::agents::run(a, cfg).await,
             Command::Demo(a) => cmd::demo::run(a, cfg).await,
+            Command::Daemon(a) => cmd::daemon::run(a, cfg).await,
         }
     });
     // Background tasks (a signal watcher) must not hold the process.

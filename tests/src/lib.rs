@@ -25,6 +25,9 @@
 //! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
 //! - [`pki`] makes a test CA and server and client certificates for NBD over TLS.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
+//! - [`daemon`] runs `sa-image daemon` and the real programs around it: Python helpers in
+//!   `tests/py` (an HTTP receiver for webhooks, an aiosmtpd SMTP server requiring STARTTLS,
+//!   prometheus_client's parser, urllib), and headless Chromium (screenshot and DOM).
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
 //!
@@ -53,6 +56,11 @@
 //!   nearly full one little, a fleet too small is refused up front), an agent cut off the
 //!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
 //!   `repair --watch` waiting `--repair-after` before rebuilding around a missing agent.
+//! - `tests/daemon.rs`: `sa-image daemon` over 6 agents: scheduled snapshots, prune, hooks,
+//!   healthchecks pings, alerts by webhook and e-mail (STARTTLS) and their resolution around an
+//!   agent kill, kill -9 and restart with an exact job journal; `/metrics` read by
+//!   prometheus_client, the page in headless Chromium, the login token over HTTPS, systemd
+//!   readiness and SIGHUP; `status --max-age/--max-absence`.
 //!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
@@ -66,6 +74,7 @@
 pub mod agent;
 pub mod bins;
 pub mod cluster;
+pub mod daemon;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;

@@ -3,6 +3,7 @@
 //! [`crate::text`], shared settings in [`crate::config`].
 
 pub mod agents;
+pub mod daemon;
 pub mod demo;
 pub mod forget;
 pub mod gc;

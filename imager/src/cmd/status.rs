@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use sa_core::duration::format_age;
 use sa_core::size::format_size;
+use sa_engine::limits::{check, Breach, Kind, Limits, VolumeLimits};
 use sa_engine::status::{status, StatusOptions, StatusReport};
 use sa_engine::time::rfc3339;
 use serde::Deserialize;
@@ -25,6 +26,13 @@ pub struct StatusArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Exit 4 when the newest snapshot of some volume is older than this, e.g. 26h (for cron).
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
+    /// Exit 4 when some agent has not answered for longer than this, e.g. 7d (an agent this
+    /// machine never saw answer counts as absent).
+    #[arg(long, value_name = "DURATION")]
+    pub max_absence: Option<String>,
 }
 
 /// `sa-image status`.
@@ -32,19 +40,50 @@ pub async fn run(mut args: StatusArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: StatusArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; ; bools json);
+    merge!(args, file; max_age, max_absence; bools json);
+    let limits = Limits {
+        default: VolumeLimits {
+            max_age: args
+                .max_age
+                .as_deref()
+                .map(|t| config::duration(t, "--max-age"))
+                .transpose()?,
+            // Margins already set exits 2 and 3.
+            min_margin: Some(i64::MIN),
+        },
+        max_absence: args
+            .max_absence
+            .as_deref()
+            .map(|t| config::duration(t, "--max-absence"))
+            .transpose()?,
+        ..Default::default()
+    };
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let opts = StatusOptions {
         agents: args.fleet.addrs()?,
         cache_dir: args.fleet.cache_dir.clone(),
     };
     let report = status(&fleet, &opts).await?;
+    // Data lost (a negative margin) is exit 3 already; only age and absence are judged here.
+    let exceeded: Vec<Breach> = check(&report, &limits)
+        .into_iter()
+        .filter(|b| b.kind != Kind::DataLost)
+        .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["limits_exceeded"] = serde_json::to_value(&exceeded)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_text(&report);
+        for b in &exceeded {
+            println!("LIMIT EXCEEDED: {}", b.message);
+        }
     }
-    Ok(report.exit)
+    Ok(match report.exit {
+        crate::exit::DATA_LOST => crate::exit::DATA_LOST,
+        _ if !exceeded.is_empty() => crate::exit::STALE,
+        code => code,
+    })
 }
 
 fn print_text(r: &StatusReport) {
