@@ -3,6 +3,7 @@
 //! Layout under the root:
 //! ```text
 //! agent-id          16 random bytes (hex), made on first start: the agent's stable id
+//! lock              locked while a process has the store open (empty)
 //! shards/VOL/SS/ID.N  shard files (see crate::shard), names made here from the key, never from the wire
 //! blobs/NAME        catalog blobs (names checked: [A-Za-z0-9._-], no leading dot)
 //! tmp/              files being written; emptied at start
@@ -11,7 +12,13 @@
 //! Crash safety: a file is written under `tmp/`, `fsync`ed, then renamed into place, so it is
 //! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
 //! `fsync` of every directory touched since the last sync); blobs are made durable at once.
-//! Uses only portable `std` (agents run on Windows and macOS desk PCs too).
+//! Uses only portable `std` (agents run on Windows and macOS desk PCs too); where the OSes
+//! differ is in one place, [`files`].
+//!
+//! Limits ([`Limits`], [`space`]): a quota of stored bytes, and a floor of free space on the
+//! filesystem ([`MinFree`]) that a write never crosses, so an agent cannot fill a desk PC's disk.
+//! One process per directory: `lock` is held while the store is open ([`lock`]; a second one gets
+//! [`Error::InUse`]).
 //!
 //! Garbage collection support: a shard file's modification time is its "age" ([`ShardEntry`]).
 //! Storing a shard that is already stored byte for byte keeps the file but refreshes its time,
@@ -27,8 +34,8 @@
 //! for the PC's owner (or a forensic look) to delete. The agent's scrub task drives these.
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -41,6 +48,17 @@ use crate::keys::{hex, random_bytes, unhex};
 use crate::shard::{check_shard, ShardKey};
 use crate::store::{ShardRead, ShardWrite, StoreStat};
 use crate::wire::{ShardEntry, SweepStats};
+
+mod files;
+mod lock;
+pub mod space;
+
+use files::{
+    dir_usage, full_if_no_space, io, read_file, read_or_missing, sync_dir, touch, write_durable,
+    write_synced,
+};
+pub use lock::LOCK_FILE;
+pub use space::{Limits, MinFree};
 
 /// What a scrub found in one stored shard file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +80,7 @@ pub struct DirStore {
 struct Inner {
     root: PathBuf,
     quota: u64,
+    floor: space::Floor,
     agent_id: [u8; 16],
     used: AtomicU64,
     shards: AtomicU64,
@@ -69,11 +88,8 @@ struct Inner {
     dirty_dirs: Mutex<HashSet<PathBuf>>,
     /// Read by every shard store, written by each sweep delete (see the module docs).
     sweep_lock: RwLock<()>,
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let what = what.into();
-    move |e| Error::io(what, e)
+    /// Held while the store is open (one process per directory).
+    _lock: lock::DirLock,
 }
 
 /// Checks a blob name from the wire: no separators, no `..`, no hidden files.
@@ -92,12 +108,20 @@ pub fn check_blob_name(name: &str) -> Result<()> {
 }
 
 impl DirStore {
-    /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none.
+    /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none; no floor.
     pub fn open(root: &Path, quota: u64) -> Result<Self> {
+        Self::open_with(root, Limits::quota_only(quota))
+    }
+
+    /// Opens (creating if needed) a store at `root` within `limits`; fails with
+    /// [`Error::InUse`] while another process has it open.
+    pub fn open_with(root: &Path, limits: Limits) -> Result<Self> {
         for sub in ["shards", "blobs", "tmp"] {
             fs::create_dir_all(root.join(sub))
                 .map_err(io(format!("cannot create {}", root.join(sub).display())))?;
         }
+        let lock = lock::DirLock::take(root)?;
+        let floor = space::Floor::new(limits.min_free.resolve(root)?, limits.min_free);
         let id_path = root.join("agent-id");
         let agent_id = match fs::read_to_string(&id_path) {
             Ok(text) => {
@@ -136,13 +160,15 @@ impl DirStore {
         Ok(DirStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
-                quota,
+                quota: limits.quota,
+                floor,
                 agent_id,
                 used: AtomicU64::new(used_shards + used_blobs),
                 shards: AtomicU64::new(count),
                 tmp_seq: AtomicU64::new(0),
                 dirty_dirs: Mutex::new(HashSet::new()),
                 sweep_lock: RwLock::new(()),
+                _lock: lock,
             }),
         })
     }
@@ -150,6 +176,11 @@ impl DirStore {
     /// The agent's stable id.
     pub fn agent_id(&self) -> [u8; 16] {
         self.inner.agent_id
+    }
+
+    /// Free bytes this store leaves on its filesystem (its floor; 0 for none).
+    pub fn floor(&self) -> u64 {
+        self.inner.floor.bytes
     }
 
     /// The root directory.
@@ -197,8 +228,11 @@ impl DirStore {
         }
     }
 
-    /// Reserves `len` bytes of quota, or fails with [`Error::Full`].
-    fn reserve(&self, len: u64) -> Result<()> {
+    /// Before a write of `write` bytes that grows the store by `len`: checks the floor of free
+    /// space (the ticket counts the write as in flight until dropped) and reserves `len` bytes
+    /// of quota, or fails with [`Error::Full`].
+    fn reserve(&self, len: u64, write: u64) -> Result<space::InFlight<'_>> {
+        let ticket = self.inner.floor.admit(&self.inner.root, write)?;
         let prev = self.inner.used.fetch_add(len, Ordering::SeqCst);
         if self.inner.quota > 0 && prev + len > self.inner.quota {
             self.inner.used.fetch_sub(len, Ordering::SeqCst);
@@ -207,7 +241,7 @@ impl DirStore {
                 self.inner.quota, prev
             )));
         }
-        Ok(())
+        Ok(ticket)
     }
 
     fn release(&self, len: u64) {
@@ -238,7 +272,7 @@ impl DirStore {
         }
         let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
         // Only growth counts against the quota: re-sending a shard replaces it.
-        self.reserve(len.saturating_sub(old_len))?;
+        let _writing = self.reserve(len.saturating_sub(old_len), len)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let result = (|| {
             fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
@@ -304,7 +338,7 @@ impl DirStore {
         let path = self.inner.root.join("blobs").join(name);
         let old = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let len = data.len() as u64;
-        self.reserve(len.saturating_sub(old))?;
+        let _writing = self.reserve(len.saturating_sub(old), len)?;
         match write_durable(
             &self.inner.root.join("blobs"),
             &self.tmp_path(),
@@ -576,15 +610,16 @@ impl DirStore {
         Ok(out)
     }
 
-    /// Usage figures, and the free space of the filesystem holding the directory (`statvfs` /
-    /// `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call fails).
+    /// Usage figures, and the free space above the floor on the filesystem holding the
+    /// directory (`statvfs` / `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call
+    /// fails).
     pub fn stat_blocking(&self) -> StoreStat {
         StoreStat {
             agent_id: self.inner.agent_id,
             used: self.inner.used.load(Ordering::SeqCst),
             quota: self.inner.quota,
             shards: self.inner.shards.load(Ordering::Relaxed),
-            fs_free: fs4::available_space(&self.inner.root).ok(),
+            fs_free: self.inner.floor.room(&self.inner.root),
         }
     }
 }
@@ -596,108 +631,6 @@ fn judge(key: &ShardKey, file: &[u8]) -> Checked {
         Ok(h) => Checked::Bad(format!("holds shard {} instead", h.key.short())),
         Err(e) => Checked::Bad(e.to_string()),
     }
-}
-
-/// Sets a file's modification time to now (a re-stored shard is young again).
-fn touch(path: &Path) -> Result<()> {
-    let f = no_follow(OpenOptions::new().write(true))
-        .open(path)
-        .map_err(io(format!("cannot open {}", path.display())))?;
-    f.set_modified(SystemTime::now())
-        .map_err(io(format!("cannot touch {}", path.display())))
-}
-
-fn full_if_no_space(e: Error) -> Error {
-    match &e {
-        Error::Io { err, what } if err.raw_os_error() == Some(28) => Error::Full(format!(
-            "disk full: {what}; free space or move the agent's directory"
-        )),
-        _ => e,
-    }
-}
-
-/// Opening flags that refuse a symbolic link as the last path component: every path the agent
-/// opens is one it built itself under its directory, and a link planted there (by anyone) must
-/// not lead a read or a touch outside it.
-fn no_follow(opts: &mut OpenOptions) -> &mut OpenOptions {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW);
-    }
-    opts
-}
-
-/// `fs::read` that does not follow a symbolic link (see [`no_follow`]).
-fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = no_follow(OpenOptions::new().read(true)).open(path)?;
-    let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-fn read_or_missing(path: &Path) -> Result<Vec<u8>> {
-    match read_file(path) {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::ShardMissing),
-        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
-    }
-}
-
-fn write_synced(tmp: &Path, data: &[u8]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io(format!("cannot create {}", tmp.display())))?;
-    let r = f.write_all(data).and_then(|_| f.sync_data());
-    if let Err(e) = r {
-        drop(f);
-        let _ = fs::remove_file(tmp);
-        return Err(Error::io(format!("cannot write {}", tmp.display()), e));
-    }
-    Ok(())
-}
-
-fn write_durable(dir: &Path, tmp: &Path, path: &Path, data: &[u8]) -> Result<()> {
-    write_synced(tmp, data)?;
-    fs::rename(tmp, path).map_err(io(format!("cannot rename into {}", path.display())))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Opening a directory to fsync it works on Unix; on Windows renames are durable once
-    // the call returns and directories cannot be opened this way, so skip it there.
-    if cfg!(unix) {
-        let f = File::open(dir).map_err(io(format!("cannot open {}", dir.display())))?;
-        f.sync_all()
-            .map_err(io(format!("cannot fsync {}", dir.display())))?;
-    }
-    Ok(())
-}
-
-fn dir_usage(dir: &Path) -> Result<(u64, u64)> {
-    let mut bytes = 0;
-    let mut files = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = match fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(format!("cannot list {}", d.display()), e)),
-        };
-        for e in entries.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                files += 1;
-            }
-        }
-    }
-    Ok((bytes, files))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -770,209 +703,4 @@ impl ShardWrite for DirStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shard::encode_shard;
-
-    fn key(i: u8) -> ShardKey {
-        ShardKey {
-            volume: [1; 16],
-            stripe: [i; 32],
-            index: 0,
-        }
-    }
-
-    #[tokio::test]
-    async fn put_get_delete_and_persisted_usage() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let f = encode_shard(&key(1), 4, 2, &[5; 100]);
-        s.put_shard(&key(1), f.clone()).await.unwrap();
-        s.sync().await.unwrap();
-        assert_eq!(s.get_shard(&key(1)).await.unwrap(), f);
-        assert!(matches!(
-            s.get_shard(&key(2)).await,
-            Err(Error::ShardMissing)
-        ));
-        s.put_blob("snap-a", vec![1, 2, 3]).await.unwrap();
-        assert_eq!(
-            s.list_blobs("snap-").await.unwrap(),
-            vec!["snap-a".to_string()]
-        );
-        let id = s.agent_id();
-        let st = s.stat().await.unwrap();
-        let used = st.used;
-        assert_eq!(used, f.len() as u64 + 3);
-        assert!(
-            st.fs_free.is_some_and(|f| f > 0),
-            "filesystem free space: {st:?}"
-        );
-        assert_eq!(
-            st.room(),
-            st.fs_free,
-            "no quota: the filesystem is the limit"
-        );
-        drop(s);
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        assert_eq!(s.agent_id(), id, "stable id");
-        assert_eq!(s.stat().await.unwrap().used, used, "usage rescanned");
-        s.delete_shard(&key(1)).await.unwrap();
-        assert_eq!(s.stat().await.unwrap().shards, 0);
-    }
-
-    #[tokio::test]
-    async fn quota_is_enforced_and_bad_input_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 1000).unwrap();
-        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
-        s.put_shard(&key(1), f).await.unwrap();
-        let g = encode_shard(&key(2), 4, 2, &[5; 600]);
-        assert!(matches!(
-            s.put_shard(&key(2), g.clone()).await,
-            Err(Error::Full(_))
-        ));
-        // Overwriting the same shard does not double-count.
-        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
-        s.put_shard(&key(1), f).await.unwrap();
-        // A shard sent under another key, or corrupt, is refused.
-        assert!(s.put_shard(&key(3), g.clone()).await.is_err());
-        let mut bad = g;
-        bad[200] ^= 1;
-        assert!(s.put_shard(&key(2), bad).await.is_err());
-        for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
-            assert!(s.put_blob(name, vec![1]).await.is_err(), "{name:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn wire_names_never_leave_the_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let outside = dir.path().join("outside");
-        std::fs::write(&outside, b"secret").unwrap();
-        for name in [
-            "../outside",
-            "..",
-            "/etc/passwd",
-            "blobs/../../outside",
-            ".agent-id",
-            "a\\b",
-            &"x".repeat(200),
-        ] {
-            assert!(s.get_blob(name).await.is_err(), "get {name:?}");
-            assert!(s.put_blob(name, vec![1]).await.is_err(), "put {name:?}");
-            assert!(s.delete_blob(name).await.is_err(), "delete {name:?}");
-        }
-        assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
-        // A symbolic link planted where a blob or a shard would be is not followed.
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::symlink(&outside, dir.path().join("blobs").join("snap-x")).unwrap();
-            assert!(
-                s.get_blob("snap-x").await.is_err(),
-                "a link is not read through"
-            );
-            let k = key(9);
-            let p = s.shard_path(&k);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::os::unix::fs::symlink(&outside, &p).unwrap();
-            assert!(s.get_shard(&k).await.is_err(), "a link is not read through");
-            assert!(matches!(
-                s.check_stored_blocking(&k),
-                Err(_) | Ok(Checked::Missing)
-            ));
-            assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
-        }
-    }
-
-    fn set_age(s: &DirStore, k: &ShardKey, secs: u64) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(s.shard_path(k))
-            .unwrap();
-        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs))
-            .unwrap();
-    }
-
-    #[test]
-    fn scrub_checks_quarantines_and_sees_restores() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let (a, b) = (key(1), key(2));
-        let fa = encode_shard(&a, 4, 2, &[5; 100]);
-        s.put_shard_blocking(&a, &fa).unwrap();
-        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
-            .unwrap();
-        assert_eq!(
-            s.check_stored_blocking(&a).unwrap(),
-            Checked::Sound(fa.len() as u64)
-        );
-        assert_eq!(s.check_stored_blocking(&key(3)).unwrap(), Checked::Missing);
-        // A sound file is never quarantined.
-        assert!(!s.quarantine_blocking(&a).unwrap());
-        // Bit rot: one payload byte flipped on disk.
-        let mut rotten = fa.clone();
-        rotten[fa.len() - 7] ^= 0x40;
-        fs::write(s.shard_path(&a), &rotten).unwrap();
-        assert!(matches!(
-            s.check_stored_blocking(&a).unwrap(),
-            Checked::Bad(_)
-        ));
-        let before = s.stat_blocking();
-        assert!(s.quarantine_blocking(&a).unwrap());
-        let after = s.stat_blocking();
-        assert_eq!(after.shards, before.shards - 1);
-        assert_eq!(after.used, before.used - fa.len() as u64);
-        assert_eq!(s.check_stored_blocking(&a).unwrap(), Checked::Missing);
-        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, false)]);
-        // The rotten bytes are kept, not deleted.
-        let q: Vec<_> = fs::read_dir(dir.path().join("quarantine"))
-            .unwrap()
-            .collect();
-        assert_eq!(q.len(), 1);
-        // A repair stores it again: reported as restored.
-        s.put_shard_blocking(&a, &fa).unwrap();
-        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, true)]);
-        // A file that holds another shard is bad too.
-        fs::write(s.shard_path(&b), &fa).unwrap();
-        assert!(matches!(
-            s.check_stored_blocking(&b).unwrap(),
-            Checked::Bad(_)
-        ));
-    }
-
-    #[test]
-    fn list_and_sweep_honour_age_and_restore_refreshes() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let (a, b) = (key(1), key(2));
-        let fa = encode_shard(&a, 4, 2, &[5; 100]);
-        s.put_shard_blocking(&a, &fa).unwrap();
-        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
-            .unwrap();
-        assert_eq!(s.list_volumes_blocking().unwrap(), vec![hex(&[1; 16])]);
-        assert!(s.list_shards_blocking(&[1; 16], 3).unwrap().is_empty());
-        assert!(
-            s.list_shards_blocking(&[9; 16], 1).unwrap().is_empty(),
-            "unknown volume"
-        );
-        set_age(&s, &a, 7200);
-        set_age(&s, &b, 7200);
-        let l = s.list_shards_blocking(&[1; 16], 1).unwrap();
-        assert_eq!(l.len(), 1);
-        assert_eq!((l[0].stripe, l[0].index), (a.stripe, 0));
-        assert!(l[0].age >= 7199, "age {}", l[0].age);
-        // Re-storing the same shard makes it young: a sweep with a 1h grace keeps it.
-        s.put_shard_blocking(&a, &fa).unwrap();
-        assert!(s.list_shards_blocking(&[1; 16], 1).unwrap()[0].age < 60);
-        let st = s.sweep_blocking(3600, &[a, b, key(3)]).unwrap();
-        assert_eq!((st.deleted, st.young), (1, 1));
-        assert!(st.bytes > 100);
-        assert!(matches!(s.get_shard_blocking(&b), Err(Error::ShardMissing)));
-        assert_eq!(s.stat_blocking().shards, 1);
-        let st = s.sweep_blocking(0, &[a]).unwrap();
-        assert_eq!(st.deleted, 1);
-        assert_eq!(s.stat_blocking().shards, 0);
-        assert_eq!(s.stat_blocking().used, 0);
-    }
-}
+mod tests;
