@@ -12,8 +12,18 @@
 //! * [`scrub::Scrubber`] checks every shard file's crc32c in the background at a bounded rate
 //!   and moves bad ones to a quarantine directory; `SCRUB` requests ask for a pass now and report.
 //!
-//! Portable `std` + tokio only: agents run on Windows and macOS desk PCs too.
+//! * A good citizen on a desk PC: [`priority`] lowers its CPU and I/O priority (the default),
+//!   [`rate::RateLimit`] caps its shard traffic (`--max-rate`), and the store's floor
+//!   (`sa_core::store::MinFree`, `--min-free`) keeps the user's disk from filling.
+//! * [`listen`] reads `--listen` (a bare host means port 7710).
+//!
+//! Portable `std` + tokio: agents run on Windows and macOS desk PCs too. What differs per OS
+//! is cfg-gated in [`priority`] and in `sa_core::store::dir::files`; the binary adds a Windows
+//! service (`shard-agent service install`).
 
+pub mod listen;
+pub mod priority;
+pub mod rate;
 pub mod scrub;
 mod server;
 
