@@ -86,6 +86,7 @@ async fn serve(cfg: AgentConfig, shutdown: Shutdown, priority: Option<&'static s
     let stat = store.stat_blocking();
     tracing::info!(
         dir = %dir.display(),
+        addr = %local,
         agent_id = %sa_core::keys::hex(&store.agent_id()),
         identity = %identity.public(),
         used = stat.used,

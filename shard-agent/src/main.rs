@@ -59,13 +59,12 @@ pub fn usage(e: anyhow::Error) -> ExitCode {
     ExitCode::from(EX_USAGE)
 }
 
-/// The exit code of a run: 0, or 1 with the error printed.
+/// The exit code of a run: 0, or 1 with the error printed (a service logs it too).
 pub fn exit(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            tracing::error!("{e:#}");
             ExitCode::from(1)
         }
     }

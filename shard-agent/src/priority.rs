@@ -2,8 +2,8 @@
 //!
 //! | OS | CPU | disk |
 //! |---|---|---|
-//! | Linux | nice 10 | idle I/O class (`ioprio_set`; honoured by the BFQ scheduler, ignored by `none`/`mq-deadline`) |
-//! | macOS | nice 10 | the launchd job's `LowPriorityIO` and `ProcessType` `Background` (packaging/macos) |
+//! | Linux | nice 10 (or more if started nicer) | idle I/O class (`ioprio_set`; honoured by the BFQ scheduler, ignored by `none`/`mq-deadline`) |
+//! | macOS | nice 10 (or more) | the launchd job's `LowPriorityIO` and `ProcessType` `Background` (packaging/macos) |
 //! | Windows | background mode (`THREAD_MODE_BACKGROUND_BEGIN`: low CPU, I/O and memory priority) | same |
 //!
 //! Linux's nice and I/O class belong to each thread and are inherited by threads created later,
@@ -52,20 +52,23 @@ pub const LOW_NICE: i32 = 10;
 pub fn lower_process() -> Result<&'static str, String> {
     #[cfg(unix)]
     {
-        // Raises the nice value only: it never needs a privilege.
-        rustix::process::setpriority_process(None, LOW_NICE)
-            .map_err(|e| format!("cannot lower the CPU priority (nice {LOW_NICE}): {e}"))?;
+        // Only ever raises the nice value (started nicer still, it stays so): no privilege needed.
+        let now = rustix::process::getpriority_process(None).unwrap_or(0);
+        if now < LOW_NICE {
+            rustix::process::setpriority_process(None, LOW_NICE)
+                .map_err(|e| format!("cannot lower the CPU priority (nice {LOW_NICE}): {e}"))?;
+        }
     }
     #[cfg(target_os = "linux")]
     {
         use ioprio::{Class, Pid, Priority as Io, Target};
         ioprio::set_priority(Target::Process(Pid::from_raw(0)), Io::new(Class::Idle))
             .map_err(|e| format!("cannot set the idle I/O class: {e}"))?;
-        Ok("nice 10, idle I/O class")
+        Ok("nice 10 or more, idle I/O class")
     }
     #[cfg(all(unix, not(target_os = "linux")))]
     {
-        Ok("nice 10")
+        Ok("nice 10 or more")
     }
     #[cfg(windows)]
     {

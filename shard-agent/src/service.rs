@@ -65,12 +65,33 @@ pub fn main(cmd: ServiceCommand) -> ExitCode {
     }
 }
 
+/// Windows' ERROR_ACCESS_DENIED and ERROR_SERVICE_DOES_NOT_EXIST.
+const ACCESS_DENIED: i32 = 5;
+const NO_SUCH_SERVICE: i32 = 1060;
+/// ERROR_SERVICE_DATABASE_LOCKED: the manager is busy (starting services at boot, say).
+const DATABASE_LOCKED: i32 = 1055;
+/// ERROR_SERVICE_REQUEST_TIMEOUT: the service did not report running within the manager's wait.
+const REQUEST_TIMEOUT: i32 = 1053;
+
 fn manager_error(e: windows_service::Error, what: &str) -> anyhow::Error {
-    anyhow!("{what}: {e:#} (run this from an administrator prompt)")
+    match &e {
+        windows_service::Error::Winapi(io) => match io.raw_os_error() {
+            Some(ACCESS_DENIED) => {
+                anyhow!("{what}: access denied: run this from an administrator prompt")
+            }
+            Some(NO_SUCH_SERVICE) => anyhow!("{what}: no service {SERVICE_NAME} is installed"),
+            _ => anyhow!("{what}: {io}"),
+        },
+        _ => anyhow!("{what}: {e}"),
+    }
 }
 
 fn install(mut args: AgentArgs, cfg: &AgentConfig) -> Result<()> {
     let base = program_data().join("sa-image");
+    // Settled now: the service's environment may differ from this prompt's.
+    if args.dir.is_none() {
+        args.dir = Some(cfg.dir.clone());
+    }
     if args.log_file.is_none() {
         args.log_file = Some(base.join("shard-agent.log"));
     }
@@ -131,15 +152,49 @@ fn install(mut args: AgentArgs, cfg: &AgentConfig) -> Result<()> {
     }) {
         eprintln!("warning: the service will not be restarted after a failure: {e:#}");
     }
-    service
-        .start::<&str>(&[])
-        .map_err(|e| manager_error(e, "installed, but the service did not start"))?;
+    start(&service).map_err(|e| manager_error(e, "installed, but the service did not start"))?;
     println!(
         "installed and started the service {SERVICE_NAME}: shards in {}, log in {}",
         cfg.dir.display(),
         args.log_file.as_deref().unwrap_or(Path::new("?")).display()
     );
     Ok(())
+}
+
+/// Starts the service and waits until it runs: up to 60 s while the manager's database is
+/// locked (it is while the manager starts services, as at boot or right after Wine makes a
+/// prefix), and up to 120 s more when the manager gave up waiting (its own limit is 30 s; a
+/// first start under Wine takes about 40) but the service may still come up.
+fn start(service: &windows_service::service::Service) -> windows_service::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = loop {
+        match service.start::<&str>(&[]) {
+            Err(windows_service::Error::Winapi(e))
+                if e.raw_os_error() == Some(DATABASE_LOCKED) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            r => break r,
+        }
+    };
+    let Err(windows_service::Error::Winapi(e)) = &started else {
+        return started;
+    };
+    if e.raw_os_error() != Some(REQUEST_TIMEOUT) {
+        return started;
+    }
+    eprintln!("the service is slow to start; waiting for it");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if service
+            .query_status()
+            .is_ok_and(|s| s.current_state == ServiceState::Running)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    started
 }
 
 /// Gives only SYSTEM (S-1-5-18) and Administrators (S-1-5-32-544) access to `dir` and what it
@@ -173,7 +228,7 @@ fn uninstall() -> Result<()> {
             SERVICE_NAME,
             ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
         )
-        .map_err(|e| manager_error(e, &format!("no service {SERVICE_NAME} to remove")))?;
+        .map_err(|e| manager_error(e, "cannot remove the service"))?;
     let status = service
         .query_status()
         .map_err(|e| manager_error(e, "cannot query the service"))?;

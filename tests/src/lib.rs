@@ -27,6 +27,10 @@
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
+//! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
+//!   test process) and started under Wine in a prefix of the test's own
+//!   ([`agent::Agent::start_with`] a [`agent::Launcher`]); `bcryptprimitives.dll` from
+//!   `tests/wine/bcryptprimitives.c` makes Rust's std run on Wine 8.
 //!
 //! # The tests
 //!
@@ -75,6 +79,7 @@ pub mod proc;
 pub mod scan;
 pub mod serve;
 pub mod wait;
+pub mod wine;
 
 pub use agent::Agent;
 pub use cluster::{json, Cluster, Key};

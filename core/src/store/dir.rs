@@ -16,7 +16,10 @@
 //! differ is in one place, [`files`].
 //!
 //! Limits ([`Limits`], [`space`]): a quota of stored bytes, and a floor of free space on the
-//! filesystem ([`MinFree`]) that a write never crosses, so an agent cannot fill a desk PC's disk.
+//! filesystem ([`MinFree`]) that a shard write never crosses, so an agent cannot fill a desk PC's
+//! disk. Catalog blobs count against the quota but not the floor: every agent must hold the
+//! catalog (a snapshot's lease and records, kilobytes to a few MiB), or no snapshot could run
+//! while one agent sits at its floor.
 //! One process per directory: `lock` is held while the store is open ([`lock`]; a second one gets
 //! [`Error::InUse`]).
 //!
@@ -228,11 +231,8 @@ impl DirStore {
         }
     }
 
-    /// Before a write of `write` bytes that grows the store by `len`: checks the floor of free
-    /// space (the ticket counts the write as in flight until dropped) and reserves `len` bytes
-    /// of quota, or fails with [`Error::Full`].
-    fn reserve(&self, len: u64, write: u64) -> Result<space::InFlight<'_>> {
-        let ticket = self.inner.floor.admit(&self.inner.root, write)?;
+    /// Reserves `len` bytes of quota, or fails with [`Error::Full`].
+    fn reserve(&self, len: u64) -> Result<()> {
         let prev = self.inner.used.fetch_add(len, Ordering::SeqCst);
         if self.inner.quota > 0 && prev + len > self.inner.quota {
             self.inner.used.fetch_sub(len, Ordering::SeqCst);
@@ -241,7 +241,7 @@ impl DirStore {
                 self.inner.quota, prev
             )));
         }
-        Ok(ticket)
+        Ok(())
     }
 
     fn release(&self, len: u64) {
@@ -272,7 +272,9 @@ impl DirStore {
         }
         let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
         // Only growth counts against the quota: re-sending a shard replaces it.
-        let _writing = self.reserve(len.saturating_sub(old_len), len)?;
+        // The floor of free space: the ticket counts this write as in flight until dropped.
+        let _writing = self.inner.floor.admit(&self.inner.root, len)?;
+        self.reserve(len.saturating_sub(old_len))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let result = (|| {
             fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
@@ -338,7 +340,8 @@ impl DirStore {
         let path = self.inner.root.join("blobs").join(name);
         let old = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let len = data.len() as u64;
-        let _writing = self.reserve(len.saturating_sub(old), len)?;
+        // No floor for catalog blobs: every agent must hold the catalog, and it is small.
+        self.reserve(len.saturating_sub(old))?;
         match write_durable(
             &self.inner.root.join("blobs"),
             &self.tmp_path(),

@@ -2,7 +2,7 @@
 //!
 //! An agent lives on somebody's desk PC: whatever its quota, it must not fill the user's disk.
 //! [`MinFree`] is the free space it leaves on its filesystem (a share of the filesystem's size,
-//! e.g. `10%`, or a size); a store refuses a write ([`Error::Full`]) that would take the free
+//! e.g. `10%`, or a size); a store refuses a shard ([`Error::Full`]) that would take the free
 //! space below that floor, counting the writes in flight, and reports only the free space above
 //! the floor ([`crate::wire::StoreStat::fs_free`]), so servers place less on it. The floor is
 //! checked against the filesystem's free space at each write (the user's own files come and
