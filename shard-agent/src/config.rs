@@ -296,6 +296,21 @@ mod tests {
     }
 
     #[test]
+    fn the_macos_sample_config_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shard-agent.toml");
+        let text = include_str!("../../packaging/macos/shard-agent.toml")
+            .replace("REPLACE-WITH-THE-OWNER-ID", OWNER);
+        std::fs::write(&file, text).unwrap();
+        let c = args(&["--config", file.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7710");
+        assert_eq!(c.priority, Priority::Low);
+        assert_eq!(c.limits.min_free, MinFree::Percent(10.0));
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         for (flags, says) in [
             (vec!["--owner", OWNER, "--min-free", "150%"], "min-free"),

@@ -178,7 +178,7 @@ pub struct Wine {
 
 impl Wine {
     /// A fresh prefix (initialised with `wineboot`, a few seconds) and the Windows agent.
-    pub fn new() -> Wine {
+    pub fn start() -> Wine {
         let exe = agent_exe();
         let dir = tempfile::Builder::new()
             .prefix("sa-wine-")

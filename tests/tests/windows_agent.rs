@@ -23,7 +23,7 @@ fn windows_agents_serve_snapshot_and_restore_with_two_linux_agents_gone() {
     if skip_reason("windows_agents_serve_snapshot_and_restore").is_some() {
         return;
     }
-    let wine = Wine::new();
+    let wine = Wine::start();
     let mut c = Cluster::start(4);
     for i in 0..2 {
         let a = Agent::start_with(
@@ -78,7 +78,7 @@ fn windows_agent_refuses_a_directory_in_use() {
     if skip_reason("windows_agent_refuses_a_directory_in_use").is_some() {
         return;
     }
-    let wine = Wine::new();
+    let wine = Wine::start();
     let base = tempfile::tempdir().unwrap();
     let owner = "ab".repeat(32);
     let first = Agent::start_with(base.path(), "w", &owner, &[], wine.launcher());
@@ -115,7 +115,7 @@ fn windows_service_install_runs_the_agent_and_uninstall_removes_it() {
     if skip_reason("windows_service_install").is_some() {
         return;
     }
-    let wine = Wine::new();
+    let wine = Wine::start();
     let c = Cluster::start(0);
     let addr = free_addr();
     let dir = c.path("svc-shards");

@@ -61,7 +61,7 @@ impl MinFree {
     pub fn resolve(self, dir: &Path) -> Result<u64> {
         match self {
             MinFree::Bytes(b) => Ok(b),
-            MinFree::Percent(p) if p == 0.0 => Ok(0),
+            MinFree::Percent(0.0) => Ok(0),
             MinFree::Percent(_) => {
                 let total = fs4::total_space(dir).map_err(|e| {
                     Error::io(
