@@ -193,6 +193,11 @@ impl Wine {
             "wineboot --init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The server and its service manager linger a few seconds after wineboot; a service
+        // started while they wind down hangs for minutes. Wait for them to be gone.
+        let mut settle = Command::new("timeout");
+        settle.arg("60").arg(wineserver()).arg("-w").envs(w.env());
+        crate::proc::run(settle, w.dir.path(), Duration::from_secs(90));
         w
     }
 
