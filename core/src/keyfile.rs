@@ -280,7 +280,13 @@ impl KeyFile {
 /// Mode bits a key file must not have: any access for group or others.
 pub const INSECURE_MODE_BITS: u32 = 0o077;
 
-/// Refuses a key file that group or others may access (Unix; elsewhere a no-op).
+/// Refuses a key file that group or others may access (Unix).
+///
+/// Elsewhere a no-op, by design: Windows has no mode bits, and reading a file's ACL needs the
+/// Win32 security API, which only `unsafe` bindings offer (forbidden here). The key file of
+/// the owner lives on the Linux server; the agent's `identity.key` on a Windows PC is protected
+/// by its directory, which `shard-agent service install` closes to everyone but SYSTEM and
+/// Administrators.
 pub fn check_key_file_mode(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
@@ -300,8 +306,9 @@ pub fn check_key_file_mode(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a new file readable by its owner only (mode 0600), durably; refuses to replace an
-/// existing one.
+/// Writes a new file readable by its owner only (mode 0600 on Unix; on Windows it takes the
+/// ACL of its directory, see [`check_key_file_mode`]), durably; refuses to replace an existing
+/// one.
 pub fn write_new_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();

@@ -58,6 +58,13 @@
 //!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
 //!   `repair --watch` waiting `--repair-after` before rebuilding around a missing agent.
 //!
+//! - `tests/agent_cli.rs`: `--listen HOST` means port 7710; a second agent on a directory in use
+//!   is refused; the agent's errors (`error: ...`, exit 1) and usage errors (exit 64).
+//! - `tests/good_citizen.rs`: low CPU and I/O priority by default, `--max-rate`, and the floor of
+//!   free space (`--min-free`) on a small tmpfs (root): less placed near it, shards refused at it.
+//! - `tests/windows_agent.rs`: Windows builds of the agent under Wine serving a snapshot and a
+//!   restore beside Linux agents, their directory lock, and `service install`/`uninstall`.
+//!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
 //!

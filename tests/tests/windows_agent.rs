@@ -107,9 +107,9 @@ fn free_addr() -> SocketAddr {
 }
 
 /// `service install` under Wine registers and starts the agent as a service: Wine's `sc`
-/// shows it running, it answers sa-image's TLS and owner handshake, and its data goes where
-/// it was told; `service uninstall` stops and removes it, and a second uninstall says there is
-/// none (exit 1).
+/// shows it running, it answers sa-image's TLS and owner handshake, its shards go to
+/// `%ProgramData%\sa-image\shards` and its log beside them; `service uninstall` stops and
+/// removes it, and a second uninstall says there is none (exit 1).
 #[test]
 fn windows_service_install_runs_the_agent_and_uninstall_removes_it() {
     if skip_reason("windows_service_install").is_some() {
@@ -118,13 +118,12 @@ fn windows_service_install_runs_the_agent_and_uninstall_removes_it() {
     let wine = Wine::start();
     let c = Cluster::start(0);
     let addr = free_addr();
-    let dir = c.path("svc-shards");
+    // No --dir: the default, %ProgramData%\sa-image\shards.
+    let dir = wine.drive_c().join("ProgramData/sa-image/shards");
     let mut install = wine.agent_command();
     install
         .args(["service", "install", "--owner", &c.key.owner, "--listen"])
         .arg(addr.to_string())
-        .arg("--dir")
-        .arg(windows_path(&dir))
         .args(["--quota", "1G"]);
     let out = run(install, c.dir(), Duration::from_secs(120));
     let said = expect_ok(&out, "service install");

@@ -44,17 +44,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use async_trait::async_trait;
-
 use crate::error::{Error, Result};
 use crate::keys::{hex, random_bytes, unhex};
 use crate::shard::{check_shard, ShardKey};
-use crate::store::{ShardRead, ShardWrite, StoreStat};
+use crate::store::StoreStat;
 use crate::wire::{ShardEntry, SweepStats};
 
 mod files;
 mod lock;
+mod scrub;
 pub mod space;
+mod traits;
 
 use files::{
     dir_usage, full_if_no_space, io, read_file, read_or_missing, sync_dir, touch, write_durable,
@@ -519,100 +519,6 @@ impl DirStore {
         Ok(stats)
     }
 
-    /// Checks one stored shard file (header, payload crc32c, and that it is the shard its name
-    /// says) without any key: what a scrub does per file.
-    pub fn check_stored_blocking(&self, key: &ShardKey) -> Result<Checked> {
-        let path = self.shard_path(key);
-        let file = match read_file(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Checked::Missing),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
-        };
-        Ok(judge(key, &file))
-    }
-
-    /// Moves a bad shard file to `quarantine/` after checking it again under the lock that
-    /// excludes stores; true when it moved (false: missing, or sound now).
-    pub fn quarantine_blocking(&self, key: &ShardKey) -> Result<bool> {
-        let path = self.shard_path(key);
-        let _excl = self.sweep_exclusive();
-        let file = match read_or_missing(&path) {
-            Ok(b) => b,
-            Err(Error::ShardMissing) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        if !matches!(judge(key, &file), Checked::Bad(_)) {
-            return Ok(false);
-        }
-        let qdir = self.inner.root.join("quarantine");
-        fs::create_dir_all(&qdir).map_err(io(format!("cannot create {}", qdir.display())))?;
-        let when = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dest = qdir.join(format!(
-            "{}.{}.{}.{when}",
-            hex(&key.volume),
-            hex(&key.stripe),
-            key.index
-        ));
-        fs::rename(&path, &dest).map_err(io(format!(
-            "cannot move {} into quarantine",
-            path.display()
-        )))?;
-        sync_dir(&qdir)?;
-        if let Some(parent) = path.parent() {
-            sync_dir(parent)?;
-        }
-        self.release(file.len() as u64);
-        self.inner.shards.fetch_sub(1, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// The shards in quarantine, oldest first, each with whether a sound copy is stored again.
-    pub fn quarantined_blocking(&self) -> Result<Vec<(ShardKey, bool)>> {
-        let qdir = self.inner.root.join("quarantine");
-        let entries = match fs::read_dir(&qdir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("cannot list {}", qdir.display()), e)),
-        };
-        let mut found: Vec<(u128, ShardKey)> = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let parts: Vec<&str> = name.split('.').collect();
-            let [vol, stripe, index, when] = parts[..] else {
-                continue;
-            };
-            let (Some(vol), Some(stripe), Ok(index), Ok(when)) = (
-                unhex(vol).filter(|v| v.len() == 16),
-                unhex(stripe).filter(|s| s.len() == 32),
-                index.parse::<u8>(),
-                when.parse::<u128>(),
-            ) else {
-                continue;
-            };
-            let mut key = ShardKey {
-                volume: [0; 16],
-                stripe: [0; 32],
-                index,
-            };
-            key.volume.copy_from_slice(&vol);
-            key.stripe.copy_from_slice(&stripe);
-            found.push((when, key));
-        }
-        found.sort();
-        let mut out: Vec<(ShardKey, bool)> = Vec::new();
-        for (_, key) in found {
-            if out.iter().any(|(k, _)| *k == key) {
-                continue;
-            }
-            let restored = matches!(self.check_stored_blocking(&key)?, Checked::Sound(_));
-            out.push((key, restored));
-        }
-        Ok(out)
-    }
-
     /// Usage figures, and the free space above the floor on the filesystem holding the
     /// directory (`statvfs` / `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call
     /// fails).
@@ -624,84 +530,6 @@ impl DirStore {
             shards: self.inner.shards.load(Ordering::Relaxed),
             fs_free: self.inner.floor.room(&self.inner.root),
         }
-    }
-}
-
-/// A stored file's verdict: sound for `key`, or why not.
-fn judge(key: &ShardKey, file: &[u8]) -> Checked {
-    match check_shard(file) {
-        Ok(h) if h.key == *key => Checked::Sound(file.len() as u64),
-        Ok(h) => Checked::Bad(format!("holds shard {} instead", h.key.short())),
-        Err(e) => Checked::Bad(e.to_string()),
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io("store task", std::io::Error::other(e.to_string())))?
-}
-
-#[async_trait]
-impl ShardRead for DirStore {
-    async fn get_shard(&self, key: &ShardKey) -> Result<Vec<u8>> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.get_shard_blocking(&k)).await
-    }
-    async fn get_blob(&self, name: &str) -> Result<Vec<u8>> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.get_blob_blocking(&n)).await
-    }
-    async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>> {
-        let (s, p) = (self.clone(), prefix.to_string());
-        blocking(move || s.list_blobs_blocking(&p)).await
-    }
-    async fn stat(&self) -> Result<StoreStat> {
-        Ok(self.stat_blocking())
-    }
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        let s = self.clone();
-        blocking(move || s.list_volumes_blocking()).await
-    }
-    async fn list_shards(
-        &self,
-        volume: &crate::shard::VolumeId,
-        bucket: u8,
-    ) -> Result<Vec<ShardEntry>> {
-        let (s, v) = (self.clone(), *volume);
-        blocking(move || s.list_shards_blocking(&v, bucket)).await
-    }
-}
-
-#[async_trait]
-impl ShardWrite for DirStore {
-    async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.put_shard_blocking(&k, &file)).await
-    }
-    async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
-        let (s, k, h) = (self.clone(), *key, header.to_vec());
-        blocking(move || s.confirm_shard_blocking(&k, &h)).await
-    }
-    async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.delete_shard_blocking(&k)).await
-    }
-    async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.put_blob_blocking(&n, &data)).await
-    }
-    async fn delete_blob(&self, name: &str) -> Result<()> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.delete_blob_blocking(&n)).await
-    }
-    async fn sync(&self) -> Result<()> {
-        let s = self.clone();
-        blocking(move || s.sync_blocking()).await
-    }
-    async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats> {
-        let s = self.clone();
-        blocking(move || s.sweep_blocking(min_age, &keys)).await
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::shard::encode_shard;
+use crate::store::{ShardRead, ShardWrite};
 use std::fs::OpenOptions;
 
 fn key(i: u8) -> ShardKey {
