@@ -13,14 +13,14 @@
 //! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
 //! `fsync` of every directory touched since the last sync); blobs are made durable at once.
 //! Uses only portable `std` (agents run on Windows and macOS desk PCs too); where the OSes
-//! differ is in one place, [`files`].
+//! differ is in one place, `dir/files.rs`.
 //!
 //! Limits ([`Limits`], [`space`]): a quota of stored bytes, and a floor of free space on the
 //! filesystem ([`MinFree`]) that a shard write never crosses, so an agent cannot fill a desk PC's
 //! disk. Catalog blobs count against the quota but not the floor: every agent must hold the
 //! catalog (a snapshot's lease and records, kilobytes to a few MiB), or no snapshot could run
 //! while one agent sits at its floor.
-//! One process per directory: `lock` is held while the store is open ([`lock`]; a second one gets
+//! One process per directory: `lock` is held while the store is open (`dir/lock.rs`; a second one gets
 //! [`Error::InUse`]).
 //!
 //! Garbage collection support: a shard file's modification time is its "age" ([`ShardEntry`]).
