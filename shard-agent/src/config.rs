@@ -71,8 +71,8 @@ pub struct AgentArgs {
     /// (10%) or a size (20G); 0 for none [default: 10%].
     #[arg(long)]
     pub min_free: Option<String>,
-    /// Most bytes per second of shard traffic, in and out together, e.g. 20MiB (default: no
-    /// limit).
+    /// Most bytes per second of shard traffic, in and out together, e.g. 20MiB; at least 1MiB
+    /// (default: no limit).
     #[arg(long)]
     pub max_rate: Option<String>,
     /// CPU and disk priority: low (yield to the PC's user) or normal [default: low].
@@ -123,6 +123,10 @@ pub struct AgentConfig {
     pub scrub_rate: u64,
     pub log_file: Option<PathBuf>,
 }
+
+/// The lowest `--max-rate`: slower, a server's requests (60 s each, several 1 MiB shards in
+/// flight per agent) would time out and the agent be taken for lost.
+const MIN_MAX_RATE: u64 = 1 << 20;
 
 /// A rate such as `20MiB` or `20MiB/s`.
 fn parse_rate(text: &str, what: &str) -> Result<u64> {
@@ -181,6 +185,12 @@ impl AgentArgs {
             Some(r) => Some(parse_rate(&r, "max-rate")?).filter(|&r| r > 0),
             None => None,
         };
+        if let Some(r) = max_rate.filter(|&r| r < MIN_MAX_RATE) {
+            bail!(
+                "--max-rate {r} bytes/s is too low: at least 1MiB (a server gives each request \
+                 60 s, and a snapshot has several shards of 1 MiB in flight per agent)"
+            );
+        }
         let priority = match self.priority.clone().or(file.priority) {
             Some(p) => p.parse().map_err(|e| anyhow!("--priority: {e}"))?,
             None => Priority::Low,
@@ -315,6 +325,7 @@ mod tests {
         for (flags, says) in [
             (vec!["--owner", OWNER, "--min-free", "150%"], "min-free"),
             (vec!["--owner", OWNER, "--max-rate", "fast"], "max-rate"),
+            (vec!["--owner", OWNER, "--max-rate", "512K"], "too low"),
             (vec!["--owner", OWNER, "--priority", "high"], "priority"),
             (vec!["--owner", OWNER, "--listen", "0.0.0.0:x"], "listen"),
             (vec!["--owner", "nothex"], "owner"),

@@ -126,6 +126,7 @@ fn errors_read_like_sa_image_and_usage_errors_exit_64() {
         (&["--owner", OWNER, "--listen", "127.0.0.1:x"], "--listen"),
         (&["--owner", OWNER, "--min-free", "150%"], "--min-free"),
         (&["--owner", OWNER, "--max-rate", "fast"], "--max-rate"),
+        (&["--owner", OWNER, "--max-rate", "100K"], "too low"),
         (&["--owner", OWNER, "--priority", "high"], "--priority"),
         (&["--owner", OWNER, "--quota", "lots"], "--quota"),
         (&["--owner", "not-an-owner-id"], "--owner"),
