@@ -135,6 +135,17 @@ pub enum Error {
     /// Invalid parameters (layout, sizes, key text).
     #[error("{0}")]
     Invalid(String),
+    /// A store directory is held by another process (another agent on the same directory).
+    #[error(
+        "{path} is in use by another process (it holds {lock}): stop the shard-agent that uses \
+         it, or give this one another directory"
+    )]
+    InUse {
+        /// The directory.
+        path: String,
+        /// Its lock file.
+        lock: String,
+    },
     /// A key file that group or others may read: the key decrypts every backup.
     #[error(
         "key file {path} may be read by other users (mode {mode:03o}); refusing to use it: run `chmod 600 {path}`"
@@ -178,6 +189,7 @@ impl Error {
             Error::Invalid(_)
                 | Error::UnsupportedVersion { .. }
                 | Error::InsecureKeyFile { .. }
+                | Error::InUse { .. }
                 | Error::PassphraseNeeded(_)
                 | Error::WrongPassphrase
         )

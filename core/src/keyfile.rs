@@ -280,7 +280,13 @@ impl KeyFile {
 /// Mode bits a key file must not have: any access for group or others.
 pub const INSECURE_MODE_BITS: u32 = 0o077;
 
-/// Refuses a key file that group or others may access (Unix; elsewhere a no-op).
+/// Refuses a key file that group or others may access (Unix).
+///
+/// Elsewhere a no-op, by design: Windows has no mode bits, and reading a file's ACL needs the
+/// Win32 security API, which only `unsafe` bindings offer (forbidden here). The key file of
+/// the owner lives on the Linux server; the agent's `identity.key` on a Windows PC is protected
+/// by its directory, which `shard-agent service install` closes to everyone but SYSTEM and
+/// Administrators.
 pub fn check_key_file_mode(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {

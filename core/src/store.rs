@@ -12,7 +12,7 @@ pub use crate::wire::{ScrubFinding, ScrubStatus, ShardEntry, StoreStat, SweepSta
 pub mod dir;
 pub mod remote;
 
-pub use dir::{Checked, DirStore};
+pub use dir::{Checked, DirStore, Limits, MinFree};
 pub use remote::{AgentClient, ClientOptions};
 
 /// The read side of a store.

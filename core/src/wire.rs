@@ -174,9 +174,11 @@ pub struct StoreStat {
     pub quota: u64,
     /// Number of shard files.
     pub shards: u64,
-    /// Bytes free on the filesystem that holds the agent's directory (for an unprivileged
-    /// user), as the agent saw it when answering; `None` from an agent older than this field.
-    /// Placement uses `quota - used` when there is a quota, else this.
+    /// Bytes the agent may still write on the filesystem that holds its directory: the free
+    /// space (for an unprivileged user) above the floor the agent leaves free for the PC's user
+    /// (`--min-free`, see `store::dir::space`), as the agent saw it when answering; `None` from
+    /// an agent older than this field. Placement uses `quota - used` when there is a quota
+    /// (never more than this), else this.
     pub fs_free: Option<u64>,
     /// MAC of the agent's interface the request came in on (for Wake-on-LAN); `None` when
     /// unknown (loopback, an older agent).

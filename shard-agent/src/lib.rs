@@ -14,10 +14,19 @@
 //!
 //! * [`netinfo`] finds the MAC and broadcast address of the interface a client reached the agent
 //!   on, for the `STAT` answer (sa-image wakes the PC by Wake-on-LAN with them).
+//! * A good citizen on a desk PC: [`priority`] lowers its CPU and I/O priority (the default),
+//!   [`rate::RateLimit`] caps its shard traffic (`--max-rate`), and the store's floor
+//!   (`sa_core::store::MinFree`, `--min-free`) keeps the user's disk from filling.
+//! * [`listen`] reads `--listen` (a bare host means port 7710).
 //!
-//! Portable `std` + tokio only: agents run on Windows and macOS desk PCs too.
+//! Portable `std` + tokio: agents run on Windows and macOS desk PCs too. What differs per OS
+//! is cfg-gated in [`priority`] and in `sa_core::store::dir::files`; the binary adds a Windows
+//! service (`shard-agent service install`).
 
+pub mod listen;
 pub mod netinfo;
+pub mod priority;
+pub mod rate;
 pub mod scrub;
 mod server;
 

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::rate::RateLimit;
 use crate::scrub::Scrubber;
 
 /// How long a client has to finish the handshake.
@@ -32,6 +33,7 @@ pub struct Server {
     tls: TlsAcceptor,
     conns: Arc<Semaphore>,
     scrub: Option<Scrubber>,
+    rate: Option<Arc<RateLimit>>,
 }
 
 impl Server {
@@ -49,6 +51,7 @@ impl Server {
             tls: TlsAcceptor::from(tls),
             conns: Arc::new(Semaphore::new(max_connections.max(1))),
             scrub: None,
+            rate: None,
         }
     }
 
@@ -56,6 +59,19 @@ impl Server {
     pub fn with_scrub(mut self, scrub: Scrubber) -> Self {
         self.scrub = Some(scrub);
         self
+    }
+
+    /// Holds the shard traffic of all connections together (requests read and data sent) to
+    /// `rate` ([`RateLimit`]).
+    pub fn with_rate_limit(mut self, rate: RateLimit) -> Self {
+        self.rate = Some(Arc::new(rate));
+        self
+    }
+
+    async fn throttle(&self, bytes: usize) {
+        if let Some(r) = &self.rate {
+            r.take(bytes as u64).await;
+        }
     }
 
     /// Accepts connections until the listener fails.
@@ -108,10 +124,14 @@ impl Server {
             let Some((kind, body)) = frame else {
                 return Ok(());
             };
+            self.throttle(body.len()).await;
             let req = Request::parse(kind, body)?;
             let mut resp = self.apply(req).await;
             if let (Response::Stat(stat), Some(local)) = (&mut resp, local) {
                 crate::netinfo::fill(stat, local.ip()).await;
+            }
+            if let Response::Data(data) = &resp {
+                self.throttle(data.len()).await;
             }
             write_frame(&mut s, &resp.frame())
                 .await

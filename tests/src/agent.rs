@@ -1,5 +1,6 @@
 //! One `shard-agent` daemon, started and stopped by a test.
 
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,7 +14,7 @@ use crate::bins::bin;
 use crate::proc::Proc;
 
 /// How long an agent may take to print `listening on`.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A fresh loopback address for one agent: `127.A.B.C`, `A` from the process id (tests in other
 /// processes get other ranges), `B.C` from a counter (tests in this process get other hosts).
@@ -26,6 +27,48 @@ pub fn fresh_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, a, b, c)
 }
 
+/// How an agent process is started: the native `shard-agent`, or another program that runs it
+/// (Wine with the Windows build, see [`crate::wine`]).
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    /// The program to run.
+    pub program: PathBuf,
+    /// Its arguments before the agent's own.
+    pub args: Vec<OsString>,
+    /// Extra environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Whether the agent wants its directory as a Windows path ([`crate::wine::windows_path`]).
+    pub windows_paths: bool,
+}
+
+impl Launcher {
+    /// The native `shard-agent` binary.
+    pub fn native() -> Launcher {
+        Launcher {
+            program: bin("shard-agent"),
+            args: Vec::new(),
+            env: Vec::new(),
+            windows_paths: false,
+        }
+    }
+
+    /// The command, without the agent's own arguments.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).envs(self.env.iter().cloned());
+        cmd
+    }
+
+    /// A local path as the agent must be given it.
+    pub fn path_arg(&self, p: &Path) -> OsString {
+        if self.windows_paths {
+            crate::wine::windows_path(p).into()
+        } else {
+            p.as_os_str().to_owned()
+        }
+    }
+}
+
 /// A running (or killed) `shard-agent`; killed when dropped.
 #[derive(Debug)]
 pub struct Agent {
@@ -35,6 +78,7 @@ pub struct Agent {
     log: PathBuf,
     owner: String,
     extra: Vec<String>,
+    launcher: Launcher,
     proc: Option<Proc>,
 }
 
@@ -43,6 +87,17 @@ impl Agent {
     /// `base/name.log`, on a fresh loopback address and port 0. `extra` flags are passed on
     /// (e.g. `["--quota", "1M"]`).
     pub fn start(base: &Path, name: &str, owner: &str, extra: &[&str]) -> Agent {
+        Agent::start_with(base, name, owner, extra, Launcher::native())
+    }
+
+    /// [`Agent::start`] with another [`Launcher`] (a Windows agent under Wine).
+    pub fn start_with(
+        base: &Path,
+        name: &str,
+        owner: &str,
+        extra: &[&str],
+        launcher: Launcher,
+    ) -> Agent {
         let mut a = Agent {
             name: name.to_string(),
             addr: SocketAddr::from((fresh_ip(), 0)),
@@ -50,6 +105,7 @@ impl Agent {
             log: base.join(format!("{name}.log")),
             owner: owner.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            launcher,
             proc: None,
         };
         a.launch(START_TIMEOUT);
@@ -66,6 +122,7 @@ impl Agent {
             log: base.join(format!("{name}.log")),
             owner: owner.to_string(),
             extra: Vec::new(),
+            launcher: Launcher::native(),
             proc: None,
         };
         a.launch(START_TIMEOUT);
@@ -165,9 +222,9 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
-        let mut cmd = Command::new(bin("shard-agent"));
+        let mut cmd = self.launcher.command();
         cmd.arg("--dir")
-            .arg(&self.dir)
+            .arg(self.launcher.path_arg(&self.dir))
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--owner")

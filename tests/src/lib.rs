@@ -30,6 +30,10 @@
 //!   prometheus_client's parser, urllib), and headless Chromium (screenshot and DOM).
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
+//! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
+//!   test process) and started under Wine in a prefix of the test's own
+//!   ([`agent::Agent::start_with`] a [`agent::Launcher`]); `bcryptprimitives.dll` from
+//!   `tests/wine/bcryptprimitives.c` makes Rust's std run on Wine 8.
 //!
 //! # The tests
 //!
@@ -62,6 +66,13 @@
 //!   prometheus_client, the page in headless Chromium, the login token over HTTPS, systemd
 //!   readiness and SIGHUP; `status --max-age/--max-absence`.
 //!
+//! - `tests/agent_cli.rs`: `--listen HOST` means port 7710; a second agent on a directory in use
+//!   is refused; the agent's errors (`error: ...`, exit 1) and usage errors (exit 64).
+//! - `tests/good_citizen.rs`: low CPU and I/O priority by default, `--max-rate`, and the floor of
+//!   free space (`--min-free`) on a small tmpfs (root): less placed near it, shards refused at it.
+//! - `tests/windows_agent.rs`: Windows builds of the agent under Wine serving a snapshot and a
+//!   restore beside Linux agents, their directory lock, and `service install`/`uninstall`.
+//!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
 //!
@@ -84,6 +95,7 @@ pub mod proc;
 pub mod scan;
 pub mod serve;
 pub mod wait;
+pub mod wine;
 
 pub use agent::Agent;
 pub use cluster::{json, Cluster, Key};

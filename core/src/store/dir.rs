@@ -3,6 +3,7 @@
 //! Layout under the root:
 //! ```text
 //! agent-id          16 random bytes (hex), made on first start: the agent's stable id
+//! lock              locked while a process has the store open (empty)
 //! shards/VOL/SS/ID.N  shard files (see crate::shard), names made here from the key, never from the wire
 //! blobs/NAME        catalog blobs (names checked: [A-Za-z0-9._-], no leading dot)
 //! tmp/              files being written; emptied at start
@@ -11,7 +12,16 @@
 //! Crash safety: a file is written under `tmp/`, `fsync`ed, then renamed into place, so it is
 //! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
 //! `fsync` of every directory touched since the last sync); blobs are made durable at once.
-//! Uses only portable `std` (agents run on Windows and macOS desk PCs too).
+//! Uses only portable `std` (agents run on Windows and macOS desk PCs too); where the OSes
+//! differ is in one place, `dir/files.rs`.
+//!
+//! Limits ([`Limits`], [`space`]): a quota of stored bytes, and a floor of free space on the
+//! filesystem ([`MinFree`]) that a shard write never crosses, so an agent cannot fill a desk PC's
+//! disk. Catalog blobs count against the quota but not the floor: every agent must hold the
+//! catalog (a snapshot's lease and records, kilobytes to a few MiB), or no snapshot could run
+//! while one agent sits at its floor.
+//! One process per directory: `lock` is held while the store is open (`dir/lock.rs`; a second one gets
+//! [`Error::InUse`]).
 //!
 //! Garbage collection support: a shard file's modification time is its "age" ([`ShardEntry`]).
 //! Storing a shard that is already stored byte for byte keeps the file but refreshes its time,
@@ -27,20 +37,31 @@
 //! for the PC's owner (or a forensic look) to delete. The agent's scrub task drives these.
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use async_trait::async_trait;
-
 use crate::error::{Error, Result};
 use crate::keys::{hex, random_bytes, unhex};
 use crate::shard::{check_shard, ShardKey};
-use crate::store::{ShardRead, ShardWrite, StoreStat};
+use crate::store::StoreStat;
 use crate::wire::{ShardEntry, SweepStats};
+
+mod files;
+mod lock;
+mod scrub;
+pub mod space;
+mod traits;
+
+use files::{
+    dir_usage, full_if_no_space, io, read_file, read_or_missing, sync_dir, touch, write_durable,
+    write_synced,
+};
+pub use lock::LOCK_FILE;
+pub use space::{Limits, MinFree};
 
 /// What a scrub found in one stored shard file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +83,7 @@ pub struct DirStore {
 struct Inner {
     root: PathBuf,
     quota: u64,
+    floor: space::Floor,
     agent_id: [u8; 16],
     used: AtomicU64,
     shards: AtomicU64,
@@ -69,11 +91,8 @@ struct Inner {
     dirty_dirs: Mutex<HashSet<PathBuf>>,
     /// Read by every shard store, written by each sweep delete (see the module docs).
     sweep_lock: RwLock<()>,
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let what = what.into();
-    move |e| Error::io(what, e)
+    /// Held while the store is open (one process per directory).
+    _lock: lock::DirLock,
 }
 
 /// Checks a blob name from the wire: no separators, no `..`, no hidden files.
@@ -92,12 +111,20 @@ pub fn check_blob_name(name: &str) -> Result<()> {
 }
 
 impl DirStore {
-    /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none.
+    /// Opens (creating if needed) a store at `root`; `quota` in bytes, 0 for none; no floor.
     pub fn open(root: &Path, quota: u64) -> Result<Self> {
+        Self::open_with(root, Limits::quota_only(quota))
+    }
+
+    /// Opens (creating if needed) a store at `root` within `limits`; fails with
+    /// [`Error::InUse`] while another process has it open.
+    pub fn open_with(root: &Path, limits: Limits) -> Result<Self> {
         for sub in ["shards", "blobs", "tmp"] {
             fs::create_dir_all(root.join(sub))
                 .map_err(io(format!("cannot create {}", root.join(sub).display())))?;
         }
+        let lock = lock::DirLock::take(root)?;
+        let floor = space::Floor::new(limits.min_free.resolve(root)?, limits.min_free);
         let id_path = root.join("agent-id");
         let agent_id = match fs::read_to_string(&id_path) {
             Ok(text) => {
@@ -136,13 +163,15 @@ impl DirStore {
         Ok(DirStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
-                quota,
+                quota: limits.quota,
+                floor,
                 agent_id,
                 used: AtomicU64::new(used_shards + used_blobs),
                 shards: AtomicU64::new(count),
                 tmp_seq: AtomicU64::new(0),
                 dirty_dirs: Mutex::new(HashSet::new()),
                 sweep_lock: RwLock::new(()),
+                _lock: lock,
             }),
         })
     }
@@ -150,6 +179,11 @@ impl DirStore {
     /// The agent's stable id.
     pub fn agent_id(&self) -> [u8; 16] {
         self.inner.agent_id
+    }
+
+    /// Free bytes this store leaves on its filesystem (its floor; 0 for none).
+    pub fn floor(&self) -> u64 {
+        self.inner.floor.bytes
     }
 
     /// The root directory.
@@ -238,6 +272,8 @@ impl DirStore {
         }
         let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
         // Only growth counts against the quota: re-sending a shard replaces it.
+        // The floor of free space: the ticket counts this write as in flight until dropped.
+        let _writing = self.inner.floor.admit(&self.inner.root, len)?;
         self.reserve(len.saturating_sub(old_len))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let result = (|| {
@@ -304,6 +340,7 @@ impl DirStore {
         let path = self.inner.root.join("blobs").join(name);
         let old = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let len = data.len() as u64;
+        // No floor for catalog blobs: every agent must hold the catalog, and it is small.
         self.reserve(len.saturating_sub(old))?;
         match write_durable(
             &self.inner.root.join("blobs"),
@@ -482,109 +519,16 @@ impl DirStore {
         Ok(stats)
     }
 
-    /// Checks one stored shard file (header, payload crc32c, and that it is the shard its name
-    /// says) without any key: what a scrub does per file.
-    pub fn check_stored_blocking(&self, key: &ShardKey) -> Result<Checked> {
-        let path = self.shard_path(key);
-        let file = match read_file(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Checked::Missing),
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
-        };
-        Ok(judge(key, &file))
-    }
-
-    /// Moves a bad shard file to `quarantine/` after checking it again under the lock that
-    /// excludes stores; true when it moved (false: missing, or sound now).
-    pub fn quarantine_blocking(&self, key: &ShardKey) -> Result<bool> {
-        let path = self.shard_path(key);
-        let _excl = self.sweep_exclusive();
-        let file = match read_or_missing(&path) {
-            Ok(b) => b,
-            Err(Error::ShardMissing) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        if !matches!(judge(key, &file), Checked::Bad(_)) {
-            return Ok(false);
-        }
-        let qdir = self.inner.root.join("quarantine");
-        fs::create_dir_all(&qdir).map_err(io(format!("cannot create {}", qdir.display())))?;
-        let when = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dest = qdir.join(format!(
-            "{}.{}.{}.{when}",
-            hex(&key.volume),
-            hex(&key.stripe),
-            key.index
-        ));
-        fs::rename(&path, &dest).map_err(io(format!(
-            "cannot move {} into quarantine",
-            path.display()
-        )))?;
-        sync_dir(&qdir)?;
-        if let Some(parent) = path.parent() {
-            sync_dir(parent)?;
-        }
-        self.release(file.len() as u64);
-        self.inner.shards.fetch_sub(1, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// The shards in quarantine, oldest first, each with whether a sound copy is stored again.
-    pub fn quarantined_blocking(&self) -> Result<Vec<(ShardKey, bool)>> {
-        let qdir = self.inner.root.join("quarantine");
-        let entries = match fs::read_dir(&qdir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("cannot list {}", qdir.display()), e)),
-        };
-        let mut found: Vec<(u128, ShardKey)> = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let parts: Vec<&str> = name.split('.').collect();
-            let [vol, stripe, index, when] = parts[..] else {
-                continue;
-            };
-            let (Some(vol), Some(stripe), Ok(index), Ok(when)) = (
-                unhex(vol).filter(|v| v.len() == 16),
-                unhex(stripe).filter(|s| s.len() == 32),
-                index.parse::<u8>(),
-                when.parse::<u128>(),
-            ) else {
-                continue;
-            };
-            let mut key = ShardKey {
-                volume: [0; 16],
-                stripe: [0; 32],
-                index,
-            };
-            key.volume.copy_from_slice(&vol);
-            key.stripe.copy_from_slice(&stripe);
-            found.push((when, key));
-        }
-        found.sort();
-        let mut out: Vec<(ShardKey, bool)> = Vec::new();
-        for (_, key) in found {
-            if out.iter().any(|(k, _)| *k == key) {
-                continue;
-            }
-            let restored = matches!(self.check_stored_blocking(&key)?, Checked::Sound(_));
-            out.push((key, restored));
-        }
-        Ok(out)
-    }
-
-    /// Usage figures, and the free space of the filesystem holding the directory (`statvfs` /
-    /// `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call fails).
+    /// Usage figures, and the free space above the floor on the filesystem holding the
+    /// directory (`statvfs` / `GetDiskFreeSpaceEx` through `fs4`, portable; `None` when the call
+    /// fails).
     pub fn stat_blocking(&self) -> StoreStat {
         StoreStat {
             agent_id: self.inner.agent_id,
             used: self.inner.used.load(Ordering::SeqCst),
             quota: self.inner.quota,
             shards: self.inner.shards.load(Ordering::Relaxed),
-            fs_free: fs4::available_space(&self.inner.root).ok(),
+            fs_free: self.inner.floor.room(&self.inner.root),
             // Known only to the server, which sees the connection (shard-agent's netinfo).
             mac: None,
             broadcast: None,
@@ -592,390 +536,5 @@ impl DirStore {
     }
 }
 
-/// A stored file's verdict: sound for `key`, or why not.
-fn judge(key: &ShardKey, file: &[u8]) -> Checked {
-    match check_shard(file) {
-        Ok(h) if h.key == *key => Checked::Sound(file.len() as u64),
-        Ok(h) => Checked::Bad(format!("holds shard {} instead", h.key.short())),
-        Err(e) => Checked::Bad(e.to_string()),
-    }
-}
-
-/// Sets a file's modification time to now (a re-stored shard is young again).
-fn touch(path: &Path) -> Result<()> {
-    let f = no_follow(OpenOptions::new().write(true))
-        .open(path)
-        .map_err(io(format!("cannot open {}", path.display())))?;
-    f.set_modified(SystemTime::now())
-        .map_err(io(format!("cannot touch {}", path.display())))
-}
-
-fn full_if_no_space(e: Error) -> Error {
-    match &e {
-        Error::Io { err, what } if err.raw_os_error() == Some(28) => Error::Full(format!(
-            "disk full: {what}; free space or move the agent's directory"
-        )),
-        _ => e,
-    }
-}
-
-/// Opening flags that refuse a symbolic link as the last path component: every path the agent
-/// opens is one it built itself under its directory, and a link planted there (by anyone) must
-/// not lead a read or a touch outside it.
-fn no_follow(opts: &mut OpenOptions) -> &mut OpenOptions {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NOFOLLOW);
-    }
-    opts
-}
-
-/// `fs::read` that does not follow a symbolic link (see [`no_follow`]).
-fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = no_follow(OpenOptions::new().read(true)).open(path)?;
-    let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-fn read_or_missing(path: &Path) -> Result<Vec<u8>> {
-    match read_file(path) {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::ShardMissing),
-        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
-    }
-}
-
-fn write_synced(tmp: &Path, data: &[u8]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io(format!("cannot create {}", tmp.display())))?;
-    let r = f.write_all(data).and_then(|_| f.sync_data());
-    if let Err(e) = r {
-        drop(f);
-        let _ = fs::remove_file(tmp);
-        return Err(Error::io(format!("cannot write {}", tmp.display()), e));
-    }
-    Ok(())
-}
-
-fn write_durable(dir: &Path, tmp: &Path, path: &Path, data: &[u8]) -> Result<()> {
-    write_synced(tmp, data)?;
-    fs::rename(tmp, path).map_err(io(format!("cannot rename into {}", path.display())))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Opening a directory to fsync it works on Unix; on Windows renames are durable once
-    // the call returns and directories cannot be opened this way, so skip it there.
-    if cfg!(unix) {
-        let f = File::open(dir).map_err(io(format!("cannot open {}", dir.display())))?;
-        f.sync_all()
-            .map_err(io(format!("cannot fsync {}", dir.display())))?;
-    }
-    Ok(())
-}
-
-fn dir_usage(dir: &Path) -> Result<(u64, u64)> {
-    let mut bytes = 0;
-    let mut files = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = match fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(format!("cannot list {}", d.display()), e)),
-        };
-        for e in entries.flatten() {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                files += 1;
-            }
-        }
-    }
-    Ok((bytes, files))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io("store task", std::io::Error::other(e.to_string())))?
-}
-
-#[async_trait]
-impl ShardRead for DirStore {
-    async fn get_shard(&self, key: &ShardKey) -> Result<Vec<u8>> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.get_shard_blocking(&k)).await
-    }
-    async fn get_blob(&self, name: &str) -> Result<Vec<u8>> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.get_blob_blocking(&n)).await
-    }
-    async fn list_blobs(&self, prefix: &str) -> Result<Vec<String>> {
-        let (s, p) = (self.clone(), prefix.to_string());
-        blocking(move || s.list_blobs_blocking(&p)).await
-    }
-    async fn stat(&self) -> Result<StoreStat> {
-        Ok(self.stat_blocking())
-    }
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        let s = self.clone();
-        blocking(move || s.list_volumes_blocking()).await
-    }
-    async fn list_shards(
-        &self,
-        volume: &crate::shard::VolumeId,
-        bucket: u8,
-    ) -> Result<Vec<ShardEntry>> {
-        let (s, v) = (self.clone(), *volume);
-        blocking(move || s.list_shards_blocking(&v, bucket)).await
-    }
-}
-
-#[async_trait]
-impl ShardWrite for DirStore {
-    async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.put_shard_blocking(&k, &file)).await
-    }
-    async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
-        let (s, k, h) = (self.clone(), *key, header.to_vec());
-        blocking(move || s.confirm_shard_blocking(&k, &h)).await
-    }
-    async fn delete_shard(&self, key: &ShardKey) -> Result<()> {
-        let (s, k) = (self.clone(), *key);
-        blocking(move || s.delete_shard_blocking(&k)).await
-    }
-    async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.put_blob_blocking(&n, &data)).await
-    }
-    async fn delete_blob(&self, name: &str) -> Result<()> {
-        let (s, n) = (self.clone(), name.to_string());
-        blocking(move || s.delete_blob_blocking(&n)).await
-    }
-    async fn sync(&self) -> Result<()> {
-        let s = self.clone();
-        blocking(move || s.sync_blocking()).await
-    }
-    async fn sweep(&self, min_age: u64, keys: Vec<ShardKey>) -> Result<SweepStats> {
-        let s = self.clone();
-        blocking(move || s.sweep_blocking(min_age, &keys)).await
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shard::encode_shard;
-
-    fn key(i: u8) -> ShardKey {
-        ShardKey {
-            volume: [1; 16],
-            stripe: [i; 32],
-            index: 0,
-        }
-    }
-
-    #[tokio::test]
-    async fn put_get_delete_and_persisted_usage() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let f = encode_shard(&key(1), 4, 2, &[5; 100]);
-        s.put_shard(&key(1), f.clone()).await.unwrap();
-        s.sync().await.unwrap();
-        assert_eq!(s.get_shard(&key(1)).await.unwrap(), f);
-        assert!(matches!(
-            s.get_shard(&key(2)).await,
-            Err(Error::ShardMissing)
-        ));
-        s.put_blob("snap-a", vec![1, 2, 3]).await.unwrap();
-        assert_eq!(
-            s.list_blobs("snap-").await.unwrap(),
-            vec!["snap-a".to_string()]
-        );
-        let id = s.agent_id();
-        let st = s.stat().await.unwrap();
-        let used = st.used;
-        assert_eq!(used, f.len() as u64 + 3);
-        assert!(
-            st.fs_free.is_some_and(|f| f > 0),
-            "filesystem free space: {st:?}"
-        );
-        assert_eq!(
-            st.room(),
-            st.fs_free,
-            "no quota: the filesystem is the limit"
-        );
-        drop(s);
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        assert_eq!(s.agent_id(), id, "stable id");
-        assert_eq!(s.stat().await.unwrap().used, used, "usage rescanned");
-        s.delete_shard(&key(1)).await.unwrap();
-        assert_eq!(s.stat().await.unwrap().shards, 0);
-    }
-
-    #[tokio::test]
-    async fn quota_is_enforced_and_bad_input_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 1000).unwrap();
-        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
-        s.put_shard(&key(1), f).await.unwrap();
-        let g = encode_shard(&key(2), 4, 2, &[5; 600]);
-        assert!(matches!(
-            s.put_shard(&key(2), g.clone()).await,
-            Err(Error::Full(_))
-        ));
-        // Overwriting the same shard does not double-count.
-        let f = encode_shard(&key(1), 4, 2, &[5; 600]);
-        s.put_shard(&key(1), f).await.unwrap();
-        // A shard sent under another key, or corrupt, is refused.
-        assert!(s.put_shard(&key(3), g.clone()).await.is_err());
-        let mut bad = g;
-        bad[200] ^= 1;
-        assert!(s.put_shard(&key(2), bad).await.is_err());
-        for name in ["../x", "a/b", ".hidden", "", "x\0y"] {
-            assert!(s.put_blob(name, vec![1]).await.is_err(), "{name:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn wire_names_never_leave_the_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let outside = dir.path().join("outside");
-        std::fs::write(&outside, b"secret").unwrap();
-        for name in [
-            "../outside",
-            "..",
-            "/etc/passwd",
-            "blobs/../../outside",
-            ".agent-id",
-            "a\\b",
-            &"x".repeat(200),
-        ] {
-            assert!(s.get_blob(name).await.is_err(), "get {name:?}");
-            assert!(s.put_blob(name, vec![1]).await.is_err(), "put {name:?}");
-            assert!(s.delete_blob(name).await.is_err(), "delete {name:?}");
-        }
-        assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
-        // A symbolic link planted where a blob or a shard would be is not followed.
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::symlink(&outside, dir.path().join("blobs").join("snap-x")).unwrap();
-            assert!(
-                s.get_blob("snap-x").await.is_err(),
-                "a link is not read through"
-            );
-            let k = key(9);
-            let p = s.shard_path(&k);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::os::unix::fs::symlink(&outside, &p).unwrap();
-            assert!(s.get_shard(&k).await.is_err(), "a link is not read through");
-            assert!(matches!(
-                s.check_stored_blocking(&k),
-                Err(_) | Ok(Checked::Missing)
-            ));
-            assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
-        }
-    }
-
-    fn set_age(s: &DirStore, k: &ShardKey, secs: u64) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(s.shard_path(k))
-            .unwrap();
-        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs))
-            .unwrap();
-    }
-
-    #[test]
-    fn scrub_checks_quarantines_and_sees_restores() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let (a, b) = (key(1), key(2));
-        let fa = encode_shard(&a, 4, 2, &[5; 100]);
-        s.put_shard_blocking(&a, &fa).unwrap();
-        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
-            .unwrap();
-        assert_eq!(
-            s.check_stored_blocking(&a).unwrap(),
-            Checked::Sound(fa.len() as u64)
-        );
-        assert_eq!(s.check_stored_blocking(&key(3)).unwrap(), Checked::Missing);
-        // A sound file is never quarantined.
-        assert!(!s.quarantine_blocking(&a).unwrap());
-        // Bit rot: one payload byte flipped on disk.
-        let mut rotten = fa.clone();
-        rotten[fa.len() - 7] ^= 0x40;
-        fs::write(s.shard_path(&a), &rotten).unwrap();
-        assert!(matches!(
-            s.check_stored_blocking(&a).unwrap(),
-            Checked::Bad(_)
-        ));
-        let before = s.stat_blocking();
-        assert!(s.quarantine_blocking(&a).unwrap());
-        let after = s.stat_blocking();
-        assert_eq!(after.shards, before.shards - 1);
-        assert_eq!(after.used, before.used - fa.len() as u64);
-        assert_eq!(s.check_stored_blocking(&a).unwrap(), Checked::Missing);
-        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, false)]);
-        // The rotten bytes are kept, not deleted.
-        let q: Vec<_> = fs::read_dir(dir.path().join("quarantine"))
-            .unwrap()
-            .collect();
-        assert_eq!(q.len(), 1);
-        // A repair stores it again: reported as restored.
-        s.put_shard_blocking(&a, &fa).unwrap();
-        assert_eq!(s.quarantined_blocking().unwrap(), vec![(a, true)]);
-        // A file that holds another shard is bad too.
-        fs::write(s.shard_path(&b), &fa).unwrap();
-        assert!(matches!(
-            s.check_stored_blocking(&b).unwrap(),
-            Checked::Bad(_)
-        ));
-    }
-
-    #[test]
-    fn list_and_sweep_honour_age_and_restore_refreshes() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DirStore::open(dir.path(), 0).unwrap();
-        let (a, b) = (key(1), key(2));
-        let fa = encode_shard(&a, 4, 2, &[5; 100]);
-        s.put_shard_blocking(&a, &fa).unwrap();
-        s.put_shard_blocking(&b, &encode_shard(&b, 4, 2, &[6; 100]))
-            .unwrap();
-        assert_eq!(s.list_volumes_blocking().unwrap(), vec![hex(&[1; 16])]);
-        assert!(s.list_shards_blocking(&[1; 16], 3).unwrap().is_empty());
-        assert!(
-            s.list_shards_blocking(&[9; 16], 1).unwrap().is_empty(),
-            "unknown volume"
-        );
-        set_age(&s, &a, 7200);
-        set_age(&s, &b, 7200);
-        let l = s.list_shards_blocking(&[1; 16], 1).unwrap();
-        assert_eq!(l.len(), 1);
-        assert_eq!((l[0].stripe, l[0].index), (a.stripe, 0));
-        assert!(l[0].age >= 7199, "age {}", l[0].age);
-        // Re-storing the same shard makes it young: a sweep with a 1h grace keeps it.
-        s.put_shard_blocking(&a, &fa).unwrap();
-        assert!(s.list_shards_blocking(&[1; 16], 1).unwrap()[0].age < 60);
-        let st = s.sweep_blocking(3600, &[a, b, key(3)]).unwrap();
-        assert_eq!((st.deleted, st.young), (1, 1));
-        assert!(st.bytes > 100);
-        assert!(matches!(s.get_shard_blocking(&b), Err(Error::ShardMissing)));
-        assert_eq!(s.stat_blocking().shards, 1);
-        let st = s.sweep_blocking(0, &[a]).unwrap();
-        assert_eq!(st.deleted, 1);
-        assert_eq!(s.stat_blocking().shards, 0);
-        assert_eq!(s.stat_blocking().used, 0);
-    }
-}
+mod tests;
