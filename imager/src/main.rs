@@ -3,7 +3,8 @@
 //! reports as text or JSON, and gives exit codes ([`exit`]).
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
-//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`.
+//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`;
+//! hidden, for packaging: `completions SHELL` and `manpages DIR` ([`sa_clidocs`]).
 //!
 //! Files: [`cmd`] (one per command), [`config`] (the config file, the flags every command
 //! shares, and the one duration and size grammar), [`exit`], [`progress`] (indicatif),
@@ -93,6 +94,8 @@ enum Command {
     /// Run everything locally: agents in this process, a snapshot, lost agents, a verified
     /// restore and a copy through NBD [default size: 256MiB].
     Demo(cmd::demo::DemoArgs),
+    #[command(flatten)]
+    Docs(sa_clidocs::DocsCommand),
 }
 
 fn main() -> ExitCode {
@@ -151,6 +154,10 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(a, cfg).await,
             Command::Agents(a) => cmd::agents::run(a, cfg).await,
             Command::Demo(a) => cmd::demo::run(a, cfg).await,
+            Command::Docs(d) => d
+                .run(<Cli as clap::CommandFactory>::command())
+                .map(|()| exit::OK)
+                .map_err(Into::into),
         }
     });
     // Background tasks (a signal watcher) must not hold the process.

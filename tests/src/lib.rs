@@ -25,6 +25,8 @@
 //! - [`serve`] runs `sa-image serve` and reads its address and `--json` report.
 //! - [`pki`] makes a test CA and server and client certificates for NBD over TLS.
 //! - [`wait`] polls a condition until a deadline: no test waits with a fixed sleep.
+//! - [`debian`] finds the built `.deb` packages and installs them for one test (`dpkg -i`),
+//!   purging them and removing what they made when the test ends, also on a panic.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
 //!
@@ -53,6 +55,9 @@
 //!   nearly full one little, a fleet too small is refused up front), an agent cut off the
 //!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
 //!   `repair --watch` waiting `--repair-after` before rebuilding around a missing agent.
+//! - `tests/packages.rs`: the Debian packages installed, their units verified, the installed
+//!   binaries, man pages, completions and example configs used, `dpkg -r` keeping the shards
+//!   (root on Debian, after `packaging/debian/build.sh`).
 //!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
@@ -66,6 +71,7 @@
 pub mod agent;
 pub mod bins;
 pub mod cluster;
+pub mod debian;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;
