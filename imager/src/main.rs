@@ -4,7 +4,7 @@
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
 //! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`,
-//! `daemon`.
+//! `daemon`; hidden, for packaging: `completions SHELL` and `manpages DIR` ([`sa_clidocs`]).
 //!
 //! Files: [`cmd`] (one per command), [`daemon`] (`sa-image daemon`: schedules, alerts, metrics
 //! and the status page), [`config`] (the config file, the flags every command
@@ -102,6 +102,8 @@ enum Command {
     /// Run everything locally: agents in this process, a snapshot, lost agents, a verified
     /// restore and a copy through NBD [default size: 256MiB].
     Demo(cmd::demo::DemoArgs),
+    #[command(flatten)]
+    Docs(sa_clidocs::DocsCommand),
 }
 
 fn main() -> ExitCode {
@@ -163,6 +165,10 @@ fn main() -> ExitCode {
             Command::Agents(a) => cmd::agents::run(a, cfg).await,
             Command::Demo(a) => cmd::demo::run(a, cfg).await,
             Command::Daemon(a) => cmd::daemon::run(a, cfg).await,
+            Command::Docs(d) => d
+                .run(<Cli as clap::CommandFactory>::command())
+                .map(|()| exit::OK)
+                .map_err(Into::into),
         }
     });
     // Background tasks (a signal watcher) must not hold the process.

@@ -37,6 +37,9 @@ pub enum Command {
     /// The agent as a Windows service: `service install [FLAGS]`, `service uninstall`.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Hidden, for packaging: `completions SHELL` and `manpages DIR`.
+    #[command(flatten)]
+    Docs(sa_clidocs::DocsCommand),
 }
 
 #[derive(Subcommand, Debug)]

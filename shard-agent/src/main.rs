@@ -50,6 +50,10 @@ fn main() -> ExitCode {
             Err(e) => usage(e),
         },
         Some(Command::Service(cmd)) => service_command(cmd),
+        Some(Command::Docs(d)) => exit(
+            d.run(<Cli as clap::CommandFactory>::command())
+                .map_err(Into::into),
+        ),
     }
 }
 

@@ -28,6 +28,8 @@
 //! - [`daemon`] runs `sa-image daemon` and the real programs around it: Python helpers in
 //!   `tests/py` (an HTTP receiver for webhooks, an aiosmtpd SMTP server requiring STARTTLS,
 //!   prometheus_client's parser, urllib), and headless Chromium (screenshot and DOM).
+//! - [`debian`] finds the built `.deb` packages and installs them for one test (`dpkg -i`),
+//!   purging them and removing what they made when the test ends, also on a panic.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
 //! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
@@ -72,6 +74,9 @@
 //!   free space (`--min-free`) on a small tmpfs (root): less placed near it, shards refused at it.
 //! - `tests/windows_agent.rs`: Windows builds of the agent under Wine serving a snapshot and a
 //!   restore beside Linux agents, their directory lock, and `service install`/`uninstall`.
+//! - `tests/packages.rs`: the Debian packages installed, their units verified, the installed
+//!   binaries, man pages, completions and example configs used, `dpkg -r` keeping the shards
+//!   (root on Debian, after `packaging/debian/build.sh`).
 //!
 //! Run them with `cargo build --release && cargo test -p sa-tests` (or set `SA_BIN_DIR`).
 //! Tests that need loop devices skip themselves unless run as root.
@@ -86,6 +91,7 @@ pub mod agent;
 pub mod bins;
 pub mod cluster;
 pub mod daemon;
+pub mod debian;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;
