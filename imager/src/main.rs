@@ -22,6 +22,10 @@ mod progress;
 mod signal;
 mod text;
 
+/// The hidden command a snapshot runs as its guard process (see
+/// [`sa_engine::consistency::guard`]): `sa-image consistency-guard TASK...`.
+pub const GUARD_COMMAND: &str = "consistency-guard";
+
 /// mimalloc: the data path allocates and frees many shard-sized (1 MiB) buffers; glibc's
 /// allocator returns them to the kernel and page-faults them back in, which cost about a quarter
 /// of the CPU time of a restore or a live read (measured with perf).
@@ -93,6 +97,17 @@ enum Command {
     /// Run everything locally: agents in this process, a snapshot, lost agents, a verified
     /// restore and a copy through NBD [default size: 256MiB].
     Demo(cmd::demo::DemoArgs),
+    /// Internal: the guard process of `snapshot --freeze`/`--lvm-snapshot`, which undoes the
+    /// freeze or the LVM snapshot when the snapshot ends or dies.
+    #[command(name = "consistency-guard", hide = true)]
+    ConsistencyGuard(GuardArgs),
+}
+
+/// The guard's task, as the snapshot gives it.
+#[derive(clap::Args, Debug)]
+struct GuardArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    task: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +166,9 @@ fn main() -> ExitCode {
             Command::Gc(a) => cmd::gc::run(a, cfg).await,
             Command::Agents(a) => cmd::agents::run(a, cfg).await,
             Command::Demo(a) => cmd::demo::run(a, cfg).await,
+            Command::ConsistencyGuard(a) => {
+                Ok(sa_engine::consistency::guard::serve(&a.task, signal::on_stop_signals()).await)
+            }
         }
     });
     // Background tasks (a signal watcher) must not hold the process.
