@@ -12,6 +12,8 @@
 //!   read, thaw as soon as the last stripe is read (before the upload ends). Writers block
 //!   meanwhile, so it suits short reads; a [`guard`] process thaws on every exit path, SIGKILL of
 //!   the snapshot included, and after `--freeze-timeout` at the latest (the snapshot then fails).
+//!   Nothing sa-image writes may live on a filesystem it freezes: its log (stderr), `--json`
+//!   output and manifest cache would block, and the read with them, until the timeout thaws it.
 //! - **`--lvm-snapshot`**: the source is an LVM LV; a snapshot LV is created, read and removed
 //!   ([`lvm`], also guarded). Writers are held only while `lvcreate` runs.
 //! - **`--inconsistent-ok`**: read it anyway; the report says the image is not consistent.

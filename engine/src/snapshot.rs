@@ -169,6 +169,7 @@ pub async fn snapshot(
     let source = Arc::new(opened.source);
     let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
     let targets = connect_targets(fleet, opts, &layout).await?;
+    tracing::debug!("{} agents reached", targets.clients.len());
     let rooms = plan::agent_rooms(&targets.clients).await;
     let table: Vec<AgentEntry> = targets
         .clients
@@ -190,6 +191,11 @@ pub async fn snapshot(
         &source,
     )
     .await?;
+    tracing::debug!(
+        "base {:?}, changes from {:?}",
+        changes.base.as_ref().map(|b| &b.manifest.snapshot),
+        changes.from
+    );
     let zero_map = match source.nbd() {
         Some(n) => n.zero_stripes(&layout).await.unwrap_or_else(|e| {
             tracing::warn!("{e}; reading every stripe");
@@ -230,10 +236,12 @@ pub async fn snapshot(
                 base: None,
                 touched: None,
                 from: None,
-                fallback: Some(format!(
-                    "the previous snapshot {} was forgotten meanwhile",
-                    b.manifest.snapshot
-                )),
+                fallback: opts.dirty_bitmap.as_ref().map(|_| {
+                    format!(
+                        "the previous snapshot {} was forgotten meanwhile",
+                        b.manifest.snapshot
+                    )
+                }),
             };
         }
     }
@@ -251,6 +259,7 @@ pub async fn snapshot(
         method: opened.method,
         zero_map,
     };
+    tracing::debug!("lease written; storing");
     let result = run(&ctx, &targets, changes, mcache.as_ref(), progress, shutdown).await;
     // Committed (or failed): the lease has done its job either way.
     if let Err(e) = delete_everywhere(&targets.clients, &lease_name).await {
@@ -428,7 +437,9 @@ async fn run(
         .unwrap_or_else(|p| p.into_inner())
         .lost
         .clone();
+    tracing::debug!("every stripe stored; committing");
     let committed = commit::commit(ctx, &targets.clients, lost, stripes, mcache).await?;
+    tracing::debug!("committed");
     Ok(SnapshotReport {
         snapshot: ctx.snapshot_id.clone(),
         volume: ctx.opts.volume.clone(),
@@ -513,8 +524,10 @@ async fn read_and_store(
     };
     let released = async {
         let read_all = matches!((&mut reader).await, Ok(true));
+        tracing::debug!("read done (all: {read_all}); releasing the point in time");
         point.after_read(read_all).await
     };
+    tracing::debug!("point in time taken ({}); reading", ctx.method);
     let (stored, released) = tokio::join!(storing, released);
     // Every handle on the source goes before the LVM snapshot is removed.
     drop(run);

@@ -13,6 +13,8 @@
 //!
 //! It then undoes the step and says `released`, `expired` (the maximum time ran out first: the
 //! snapshot fails, its image would not be consistent) or `error MESSAGE`, and exits (0, 3, 4).
+//! It logs nothing between the step and its undo: a log file on the frozen filesystem would block
+//! it.
 //! What cannot be guarded against: SIGKILL of the guard itself (or of the whole cgroup, as a
 //! systemd unit with `KillMode=control-group` does on its final kill).
 //!
@@ -205,6 +207,9 @@ pub async fn serve(args: &[String], stop: Shutdown) -> u8 {
         say(&format!("error bad guard arguments {args:?}")).await;
         return EXIT_USAGE;
     };
+    // Nothing is logged between the step and its undo: the log may go to a file on the frozen
+    // filesystem, and a write there would block the guard until a thaw that only it can do.
+    tracing::info!("guard: making the {}", task.describe());
     match task.make().await {
         Ok(detail) => say(format!("ready {detail}").trim_end()).await,
         Err(e) => {
@@ -212,32 +217,29 @@ pub async fn serve(args: &[String], stop: Shutdown) -> u8 {
             return EXIT_STEP_FAILED;
         }
     }
-    tracing::info!("guard: {} made; waiting for the release", task.describe());
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let max = task.max();
-    let expired = tokio::select! {
-        line = stdin.next_line() => {
-            match line {
-                Ok(Some(l)) if l.trim() == "release" => {}
-                _ => tracing::warn!("guard: the snapshot process is gone; undoing the {}", task.describe()),
-            }
-            false
-        }
-        () = stop.cancelled() => {
-            tracing::warn!("guard: stopped by a signal; undoing the {}", task.describe());
-            false
-        }
-        () = sleep_or_forever(max) => {
-            tracing::warn!("guard: the {} reached its maximum time; undoing it", task.describe());
-            true
-        }
+    let why = tokio::select! {
+        line = stdin.next_line() => match line {
+            Ok(Some(l)) if l.trim() == "release" => Why::Released,
+            _ => Why::ParentGone,
+        },
+        () = stop.cancelled() => Why::Signal,
+        () = sleep_or_forever(task.max()) => Why::Expired,
     };
-    match task.undo().await {
-        Ok(()) if expired => {
+    let undone = task.undo().await;
+    match why {
+        Why::Released => {}
+        Why::ParentGone => tracing::warn!("guard: the snapshot process is gone"),
+        Why::Signal => tracing::warn!("guard: stopped by a signal"),
+        Why::Expired => tracing::warn!("guard: the {} reached its maximum time", task.describe()),
+    }
+    match undone {
+        Ok(()) if why == Why::Expired => {
             say("expired").await;
             EXIT_EXPIRED
         }
         Ok(()) => {
+            tracing::info!("guard: the {} is undone", task.describe());
             say("released").await;
             0
         }
@@ -247,6 +249,15 @@ pub async fn serve(args: &[String], stop: Shutdown) -> u8 {
             EXIT_UNDO_FAILED
         }
     }
+}
+
+/// Why a guard undoes its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Released,
+    ParentGone,
+    Signal,
+    Expired,
 }
 
 async fn sleep_or_forever(d: Option<Duration>) {
