@@ -24,12 +24,12 @@ if $debian_root; then
     sed -i '0,/^Suites:.*bookworm-updates/ s/^\(Suites:.*bookworm-updates\)$/\1 bookworm-backports/' "$src"
   fi
   apt-get update -qq
-  # NBD clients and servers, disk tools and a kernel for the VM tests; chromium (the daemon's
-  # status page), wine64 and mingw (the Windows agent); systemd (systemd-analyze),
+  # NBD clients and servers, disk tools (lvm2: snapshot --lvm-snapshot) and a kernel for the VM
+  # tests; chromium (the daemon's status page), wine64 and mingw (the Windows agent); systemd (systemd-analyze),
   # man-db, bash-completion, zsh, fish, binutils (strip) and dpkg-dev for the package tests.
   apt-get install -y -qq --no-install-recommends \
     libnbd-bin python3-libnbd openssl nbdkit fuse3 e2fsprogs fdisk util-linux busybox-static extlinux \
-    syslinux-common linux-image-cloud-amd64 kmod cpio iproute2 \
+    syslinux-common linux-image-cloud-amd64 kmod cpio iproute2 lvm2 \
     systemd man-db bash-completion zsh fish binutils dpkg-dev \
     chromium wine64 gcc-mingw-w64-x86-64 clang libc6-dev-arm64-cross >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null

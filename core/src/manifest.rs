@@ -17,6 +17,15 @@
 //! Readers take the highest revision any agent holds ([`group_revisions`]), so an agent that was
 //! offline during a repair and still holds an older revision cannot bring back the old slots.
 //! The revision is inside the authenticated body and must match the blob's name, like the id.
+//!
+//! **Change tracking** (body version 3). A snapshot taken from a point-in-time export may name
+//! the dirty bitmap that started recording writes at its point in time
+//! ([`Manifest::tracking_bitmap`], `snapshot --new-bitmap`); the next snapshot reads only what
+//! that bitmap marks, and only when the export's bitmap has that name. Such a manifest is written
+//! as version 3: version 2's fields with the revision always present (0 included), then, after
+//! the stripes, a `u8` tag (1: a bitmap name follows as a string; 0: none). A manifest without a
+//! bitmap is still written as version 1 or 2, byte for byte as before, so older readers read it;
+//! all three versions are read.
 
 use crate::enc::{Reader, Writer};
 use crate::envelope;
@@ -32,6 +41,11 @@ pub const MANIFEST_MAGIC: [u8; 8] = *b"SA-MANIF";
 pub const MANIFEST_VERSION: u16 = 1;
 /// Body version of a manifest revision above 0 (version 1 plus a `u32` revision).
 pub const MANIFEST_REVISED_VERSION: u16 = 2;
+/// Body version of a manifest that names its tracking bitmap (version 2, any revision, plus
+/// the bitmap after the stripes).
+pub const MANIFEST_TRACKED_VERSION: u16 = 3;
+/// Longest dirty bitmap name recorded (QEMU limits bitmap names to 1023 bytes).
+pub const MAX_BITMAP_NAME: usize = 1023;
 /// Prefix of catalog blob names that hold manifests.
 pub const SNAPSHOT_BLOB_PREFIX: &str = "snap-";
 /// Largest manifest accepted (decompressed), against decompression bombs: 1 GiB covers
@@ -89,6 +103,10 @@ pub struct Manifest {
     pub agents: Vec<AgentEntry>,
     /// One entry per stripe.
     pub stripes: Vec<StripeRef>,
+    /// The dirty bitmap that records writes made after this snapshot's point in time
+    /// (`snapshot --new-bitmap NAME`): the next snapshot of the volume may read only what it
+    /// marks. None when no bitmap was named.
+    pub tracking_bitmap: Option<String>,
 }
 
 impl Manifest {
@@ -109,7 +127,9 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         let shards = self.layout.shards();
         let mut w = Writer::with_capacity(256 + self.stripes.len() * (33 + 2 * shards));
-        let version = if self.revision == 0 {
+        let version = if self.tracking_bitmap.is_some() {
+            MANIFEST_TRACKED_VERSION
+        } else if self.revision == 0 {
             MANIFEST_VERSION
         } else {
             MANIFEST_REVISED_VERSION
@@ -120,7 +140,7 @@ impl Manifest {
             .bytes(&self.volume)
             .u64(self.created)
             .u32(self.created_nanos);
-        if self.revision > 0 {
+        if version != MANIFEST_VERSION {
             w.u32(self.revision);
         }
         w.u64(self.layout.volume_size)
@@ -145,6 +165,9 @@ impl Manifest {
                 }
             }
         }
+        if let Some(b) = &self.tracking_bitmap {
+            w.u8(1).str(b);
+        }
         w.buf
     }
 
@@ -152,11 +175,11 @@ impl Manifest {
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = Reader::new(b, "manifest");
         let version = r.u16()?;
-        if version != MANIFEST_VERSION && version != MANIFEST_REVISED_VERSION {
+        if !(MANIFEST_VERSION..=MANIFEST_TRACKED_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 what: "manifest",
                 found: version,
-                supported: MANIFEST_REVISED_VERSION,
+                supported: MANIFEST_TRACKED_VERSION,
             });
         }
         let snapshot = r.str()?;
@@ -164,14 +187,13 @@ impl Manifest {
         let volume = r.array()?;
         let created = r.u64()?;
         let created_nanos = r.u32()?;
-        let revision = if version == MANIFEST_REVISED_VERSION {
-            let rev = r.u32()?;
-            if rev == 0 {
-                return Err(Error::malformed("manifest", "version 2 with revision 0"));
-            }
-            rev
-        } else {
-            0
+        let revision = match version {
+            MANIFEST_VERSION => 0,
+            MANIFEST_REVISED_VERSION => match r.u32()? {
+                0 => return Err(Error::malformed("manifest", "version 2 with revision 0")),
+                rev => rev,
+            },
+            _ => r.u32()?,
         };
         let volume_size = r.u64()?;
         let stripe_size = r.u32()?;
@@ -222,6 +244,29 @@ impl Manifest {
                 }
             }
         }
+        let tracking_bitmap = if version == MANIFEST_TRACKED_VERSION {
+            match r.u8()? {
+                0 => None,
+                1 => {
+                    let name = r.str()?;
+                    if name.is_empty() || name.len() > MAX_BITMAP_NAME {
+                        return Err(Error::malformed(
+                            "manifest",
+                            format!("tracking bitmap name of {} bytes", name.len()),
+                        ));
+                    }
+                    Some(name)
+                }
+                t => {
+                    return Err(Error::malformed(
+                        "manifest",
+                        format!("unknown tracking tag {t}"),
+                    ))
+                }
+            }
+        } else {
+            None
+        };
         r.finish()?;
         Ok(Manifest {
             snapshot,
@@ -233,6 +278,7 @@ impl Manifest {
             layout,
             agents,
             stripes,
+            tracking_bitmap,
         })
     }
 
@@ -357,6 +403,7 @@ pub(crate) mod tests {
                     slots: vec![5, 0, 1, 2, 3, 4],
                 },
             ],
+            tracking_bitmap: None,
         }
     }
 
@@ -433,6 +480,40 @@ pub(crate) mod tests {
             vec![2, 1, 0]
         );
         assert_eq!(g["cd"], vec![(0, "snap-cd".to_string())]);
+    }
+
+    #[test]
+    fn a_tracking_bitmap_is_version_3_and_others_stay_as_they_were() {
+        let keys = MasterKey::from_bytes([9; 32]).derive();
+        let plain = sample();
+        // Without a bitmap: version 1 (revision 0) or 2, as before this field existed.
+        let v1 = plain.to_bytes();
+        assert_eq!(u16::from_le_bytes([v1[0], v1[1]]), MANIFEST_VERSION);
+        let mut m = sample();
+        m.tracking_bitmap = Some("sa-2024-05-01".into());
+        let v3 = m.to_bytes();
+        assert_eq!(u16::from_le_bytes([v3[0], v3[1]]), MANIFEST_TRACKED_VERSION);
+        // Version 1 plus the revision (4), the tag (1) and the string (2 + its 13 bytes).
+        assert_eq!(v3.len(), v1.len() + 4 + 1 + 2 + 13);
+        let sealed = m.seal(&keys).unwrap();
+        assert_eq!(Manifest::open(&keys, &m.blob_name(), &sealed).unwrap(), m);
+        // A revision keeps the bitmap.
+        m.revision = 2;
+        let sealed = m.seal(&keys).unwrap();
+        let back = Manifest::open(&keys, &m.blob_name(), &sealed).unwrap();
+        assert_eq!(back.tracking_bitmap.as_deref(), Some("sa-2024-05-01"));
+        assert_eq!(back.revision, 2);
+        // An unknown tag and an empty name are refused, not guessed at.
+        let mut bad = v3.clone();
+        let tag_at = v1.len() + 4;
+        bad[tag_at] = 7;
+        assert!(Manifest::from_bytes(&bad).is_err());
+        let mut empty = sample();
+        empty.tracking_bitmap = Some(String::new());
+        assert!(Manifest::from_bytes(&empty.to_bytes()).is_err());
+        for cut in 0..v3.len() {
+            assert!(Manifest::from_bytes(&v3[..cut]).is_err());
+        }
     }
 
     #[test]

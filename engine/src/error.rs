@@ -26,6 +26,45 @@ pub enum Error {
         /// The OS error.
         err: std::io::Error,
     },
+    /// An NBD export (a snapshot source) could not be opened or read.
+    #[error("{what}: {err}")]
+    Nbd {
+        /// What we were doing, naming the URI.
+        what: String,
+        /// The client's error.
+        err: nbd_server::client::ClientError,
+    },
+    /// A snapshot source is mounted read-write and no way to read it consistently was chosen.
+    #[error(
+        "{source_name} is mounted read-write ({}): stripes read at different moments of a disk in \
+         use do not form one consistent image. Choose how to get a point in time: --freeze \
+         MOUNTPOINT (freeze each of those filesystems during the read), --lvm-snapshot (read a \
+         temporary LVM snapshot of it), or, for a VM disk, snapshot the hypervisor's \
+         point-in-time NBD export (nbd://...); or accept an image that may need fsck with \
+         --inconsistent-ok",
+        mounts.join(", ")
+    )]
+    SourceInUse {
+        /// The source.
+        source_name: String,
+        /// Where it (or a partition or device built on it) is mounted read-write, as
+        /// `MOUNTPOINT (DEVICE)`.
+        mounts: Vec<String>,
+    },
+    /// A pre or post hook failed; the snapshot was not committed.
+    #[error("the {phase}-hook `{command}` {why}; nothing was committed")]
+    Hook {
+        /// `pre` or `post`.
+        phase: &'static str,
+        /// The command.
+        command: String,
+        /// What went wrong (exit status and the end of its output, or the timeout).
+        why: String,
+    },
+    /// Freezing a filesystem or making an LVM snapshot failed, or the freeze did not last the
+    /// read.
+    #[error("{0}")]
+    Consistency(String),
     /// No agent given (or in the book) could be used; per address, why.
     #[error("{0}")]
     NoAgent(NoAgent),
@@ -129,6 +168,14 @@ impl Error {
     /// Wraps an io error with what we were doing.
     pub fn io(what: impl Into<String>, err: std::io::Error) -> Self {
         Error::Io {
+            what: what.into(),
+            err,
+        }
+    }
+
+    /// Wraps an NBD client error with what we were doing.
+    pub fn nbd(what: impl Into<String>, err: nbd_server::client::ClientError) -> Self {
+        Error::Nbd {
             what: what.into(),
             err,
         }

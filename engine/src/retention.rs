@@ -272,6 +272,7 @@ mod tests {
             layout: Layout::new(1 << 20, 1 << 20, 4, 2).unwrap(),
             agents: vec![],
             stripes: vec![sa_core::manifest::StripeRef::Zero],
+            tracking_bitmap: None,
         }
     }
 

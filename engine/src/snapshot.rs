@@ -20,10 +20,18 @@
 //! A member that does not answer is placed around and named in the report; a stranger at a
 //! member's address is not used and never blocks the snapshot when enough others answer.
 //!
+//! **Sources** ([`crate::source`]): an image file, a block device, or an NBD export (a VM
+//! disk's point-in-time view). A source mounted read-write is refused unless a way to read it
+//! consistently is chosen ([`crate::consistency`]: `--freeze`, `--lvm-snapshot`, or
+//! `--inconsistent-ok`); the point in time is taken (hooks, freeze, LVM snapshot) after the
+//! agents and the base are found, and released as soon as the last stripe is read.
+//!
 //! **Incremental runs**: the previous snapshot of the volume (same k, m, stripe size) is the
 //! base. Its manifest comes from the local cache ([`cache`]) when it is there, else from the
-//! agents ([`base`]). With a changed map ([`changed`]) stripes that no listed range touches are
-//! copied from that snapshot's manifest without reading the source at all.
+//! agents ([`base`]). With a changed map ([`changed`]) or an NBD export's dirty bitmap that
+//! belongs to the base ([`changes`]), stripes that nothing marks are copied from that snapshot's
+//! manifest without reading the source at all; an export's `base:allocation` zeroes are not
+//! read either.
 //!
 //! **Placement** ([`plan`]): before reading anything, every agent's room is asked and each agent
 //! gets a share of the new shards proportional to it, never more than it can take. The need is
@@ -48,38 +56,42 @@
 //! with [`Error::Interrupted`] and nothing is committed; the next run resumes.
 
 pub mod base;
+mod blobs;
 pub mod cache;
 pub mod changed;
+mod changes;
 mod commit;
+mod open;
 pub mod plan;
 mod report;
 mod stripe;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sa_core::catalog::{Lease, Tombstone};
+use sa_core::catalog::Lease;
 use sa_core::keys::{hex, random_bytes};
 use sa_core::layout::Layout;
-use sa_core::manifest::{AgentEntry, Manifest, StripeRef};
-use sa_core::seal::StripeId;
-use sa_core::size::format_size;
-use sa_core::store::{AgentClient, ShardRead, ShardWrite};
+use sa_core::manifest::{AgentEntry, StripeRef};
+use sa_core::store::AgentClient;
 use sa_core::stripe::StripeCodec;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 pub use report::{AgentPlacement, SnapshotReport};
 
+use crate::consistency::hooks::HookEnv;
+use crate::consistency::{self, ConsistencyOptions, Method};
 use crate::error::{Error, Result};
 use crate::fleet::{none_reachable, Access, Fleet};
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
-use crate::source::Source;
-use base::{find_base, Base, Pick};
+use crate::source::{Source, StripeRead};
+use blobs::{delete_everywhere, forgotten_anywhere, put_everywhere};
 use cache::ManifestCache;
+use changes::Changes;
 use stripe::{store_stripe, Placed, Run, StripeOutcome};
 
 /// Stripes between read and stored at once (bounds memory: about 2.5x stripe size each).
@@ -88,7 +100,8 @@ const IN_FLIGHT: usize = 8;
 /// What to snapshot, where, and how.
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
-    /// Block device or image file.
+    /// Block device, image file, or NBD URI (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`).
     pub source: PathBuf,
     /// Volume name.
     pub volume: String,
@@ -106,6 +119,15 @@ pub struct SnapshotOptions {
     pub cache_dir: Option<PathBuf>,
     /// A changed map: the snapshot (id, prefix or `latest`) it is relative to, and the file.
     pub changed: Option<(String, PathBuf)>,
+    /// NBD sources: the export's dirty bitmap marking what changed since the previous snapshot
+    /// of the volume; used only if that snapshot was taken with `new_bitmap` of this name
+    /// ([`changes`]), else the run reads everything and says why.
+    pub dirty_bitmap: Option<String>,
+    /// NBD sources: the dirty bitmap that records writes from this snapshot's point in time on,
+    /// recorded in the manifest for the next run's `dirty_bitmap`.
+    pub new_bitmap: Option<String>,
+    /// How a source in use is read consistently.
+    pub consistency: ConsistencyOptions,
 }
 
 impl SnapshotOptions {
@@ -121,6 +143,9 @@ impl SnapshotOptions {
             allow_degraded: false,
             cache_dir: None,
             changed: None,
+            dirty_bitmap: None,
+            new_bitmap: None,
+            consistency: ConsistencyOptions::default(),
         }
     }
 }
@@ -140,18 +165,11 @@ pub async fn snapshot(
     shutdown: &Shutdown,
 ) -> Result<SnapshotReport> {
     let started = Instant::now();
-    let vol = crate::volume::open_source(&opts.source)?;
-    let mounted_rw = vol.mounted_rw.clone();
-    for m in &mounted_rw {
-        tracing::warn!(
-            "{} is mounted read-write on {m}: stripes read at different moments of a disk in use \
-             may not form one consistent image (snapshot a frozen filesystem, an LVM or VM snapshot)",
-            opts.source.display()
-        );
-    }
-    let source = Arc::new(Source::new(vol));
+    let opened = open::open(opts).await?;
+    let source = Arc::new(opened.source);
     let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
     let targets = connect_targets(fleet, opts, &layout).await?;
+    tracing::debug!("{} agents reached", targets.clients.len());
     let rooms = plan::agent_rooms(&targets.clients).await;
     let table: Vec<AgentEntry> = targets
         .clients
@@ -164,14 +182,33 @@ pub async fn snapshot(
     let keys = fleet.keys();
     let volume_id = keys.volume_id(&opts.volume);
     let mcache = ManifestCache::open(opts.cache_dir.as_deref(), keys);
-    let (mut base, touched) =
-        base_of_run(fleet, opts, &targets.clients, mcache.as_ref(), &layout).await?;
+    let mut changes = changes::find(
+        fleet,
+        opts,
+        &targets.clients,
+        mcache.as_ref(),
+        &layout,
+        &source,
+    )
+    .await?;
+    tracing::debug!(
+        "base {:?}, changes from {:?}",
+        changes.base.as_ref().map(|b| &b.manifest.snapshot),
+        changes.from
+    );
+    let zero_map = match source.nbd() {
+        Some(n) => n.zero_stripes(&layout).await.unwrap_or_else(|e| {
+            tracing::warn!("{e}; reading every stripe");
+            None
+        }),
+        None => None,
+    };
 
     // The lease, then the check that the base was not forgotten meanwhile (see crate::gc).
     let snapshot_id = hex(&random_bytes::<8>());
     let lease = Lease {
         id: snapshot_id.clone(),
-        base: base.as_ref().map(|b| b.manifest.snapshot.clone()),
+        base: changes.base.as_ref().map(|b| b.manifest.snapshot.clone()),
         started: fleet.clock().now_secs(),
     };
     let lease_name = lease.blob_name();
@@ -182,7 +219,7 @@ pub async fn snapshot(
                 "cannot write the snapshot's lease; nothing was stored: {e}"
             ))
         })?;
-    if let Some(b) = &base {
+    if let Some(b) = &changes.base {
         if forgotten_anywhere(&targets.clients, &b.manifest.snapshot).await {
             if opts.changed.is_some() {
                 let _ = delete_everywhere(&targets.clients, &lease_name).await;
@@ -195,7 +232,17 @@ pub async fn snapshot(
                 "base snapshot {} was forgotten meanwhile; reusing nothing from it",
                 b.manifest.snapshot
             );
-            base = None;
+            changes = Changes {
+                base: None,
+                touched: None,
+                from: None,
+                fallback: opts.dirty_bitmap.as_ref().map(|_| {
+                    format!(
+                        "the previous snapshot {} was forgotten meanwhile",
+                        b.manifest.snapshot
+                    )
+                }),
+            };
         }
     }
     let ctx = RunContext {
@@ -208,18 +255,12 @@ pub async fn snapshot(
         source,
         snapshot_id,
         started,
-        mounted_rw,
+        mounted_rw: opened.mounted_rw,
+        method: opened.method,
+        zero_map,
     };
-    let result = run(
-        &ctx,
-        &targets,
-        base,
-        touched,
-        mcache.as_ref(),
-        progress,
-        shutdown,
-    )
-    .await;
+    tracing::debug!("lease written; storing");
+    let result = run(&ctx, &targets, changes, mcache.as_ref(), progress, shutdown).await;
     // Committed (or failed): the lease has done its job either way.
     if let Err(e) = delete_everywhere(&targets.clients, &lease_name).await {
         tracing::warn!("lease {lease_name} not removed everywhere (it expires by itself): {e}");
@@ -287,63 +328,6 @@ async fn connect_targets(
     })
 }
 
-/// The base of this run (the newest snapshot of the volume with this layout, or the changed
-/// map's snapshot) and, with a changed map, which stripes it touches.
-async fn base_of_run(
-    fleet: &Fleet,
-    opts: &SnapshotOptions,
-    clients: &[AgentClient],
-    mcache: Option<&ManifestCache>,
-    layout: &Layout,
-) -> Result<(Option<Base>, Option<Vec<bool>>)> {
-    let keys = fleet.keys();
-    let volume_id = keys.volume_id(&opts.volume);
-    let Some((since, map)) = &opts.changed else {
-        let pick = Pick::Latest {
-            volume: volume_id,
-            k: opts.k,
-            m: opts.m,
-            stripe_size: opts.stripe_size,
-        };
-        return match find_base(clients, keys, mcache, pick).await {
-            Ok(b) => Ok((b, None)),
-            Err(e) => {
-                tracing::warn!("cannot read the catalog for reuse, sending everything: {e}");
-                Ok((None, None))
-            }
-        };
-    };
-    let b = find_base(clients, keys, mcache, Pick::Named(since, volume_id))
-        .await?
-        .ok_or_else(|| Error::invalid(format!("--changed-since {since}: no such snapshot")))?;
-    let bm = &b.manifest;
-    if bm.volume != volume_id {
-        return Err(Error::invalid(format!(
-            "--changed-since {since}: snapshot {} is of volume '{}', not '{}': a changed map only \
-             makes sense against an earlier snapshot of the same volume",
-            bm.snapshot, bm.volume_name, opts.volume
-        )));
-    }
-    if bm.layout != *layout {
-        return Err(Error::invalid(format!(
-            "--changed-since {since}: snapshot {} has size {} with {} stripes at k={} m={}, this run has \
-             size {} with {} stripes at k={} m={}: the layouts must match (snapshot without a changed map)",
-            bm.snapshot,
-            bm.layout.volume_size,
-            format_size(bm.layout.stripe_size as u64),
-            bm.layout.k,
-            bm.layout.m,
-            layout.volume_size,
-            format_size(layout.stripe_size as u64),
-            layout.k,
-            layout.m
-        )));
-    }
-    let ranges = changed::load(map, layout.volume_size)?;
-    let touched = changed::touched(&ranges, layout);
-    Ok((Some(b), Some(touched)))
-}
-
 /// What one run holds while it stores and commits.
 struct RunContext<'a> {
     fleet: &'a Fleet,
@@ -356,90 +340,37 @@ struct RunContext<'a> {
     snapshot_id: String,
     started: Instant,
     mounted_rw: Vec<String>,
-}
-
-/// Where already-stored stripes live, from the previous snapshot of the volume.
-fn known_stripes(prev: Option<&Manifest>, table: &[AgentEntry]) -> HashMap<StripeId, Vec<u16>> {
-    let mut known = HashMap::new();
-    let Some(prev) = prev else { return known };
-    // Map the previous table's slots to the new table's; a stripe is reusable only when
-    // every one of its shards is on an agent that is in the new table.
-    let remap: Vec<Option<u16>> = prev
-        .agents
-        .iter()
-        .map(|a| table.iter().position(|t| t.id == a.id).map(|p| p as u16))
-        .collect();
-    for s in &prev.stripes {
-        if let StripeRef::Data { id, slots } = s {
-            let mapped: Option<Vec<u16>> = slots
-                .iter()
-                .map(|&s| remap.get(s as usize).copied().flatten())
-                .collect();
-            if let Some(mapped) = mapped {
-                known.insert(*id, mapped);
-            }
-        }
-    }
-    known
-}
-
-/// Stripes a changed map says are untouched, taken from the base without reading: fills
-/// `stripes` and `totals`, returns how many.
-fn take_untouched(
-    base: &Manifest,
-    touched: &[bool],
-    known: &HashMap<StripeId, Vec<u16>>,
-    stripes: &mut [Option<StripeRef>],
-    totals: &mut StripeOutcome,
-) -> u64 {
-    let mut unread = 0;
-    for (i, s) in base.stripes.iter().enumerate() {
-        if touched[i] {
-            continue;
-        }
-        match s {
-            StripeRef::Zero => {
-                stripes[i] = Some(StripeRef::Zero);
-                totals.zero += 1;
-            }
-            StripeRef::Data { id, .. } => match known.get(id) {
-                Some(slots) => {
-                    stripes[i] = Some(StripeRef::Data {
-                        id: *id,
-                        slots: slots.clone(),
-                    });
-                    totals.reused += 1;
-                }
-                // Its shards are on agents no longer in the table: read it after all.
-                None => continue,
-            },
-        }
-        unread += 1;
-    }
-    unread
+    method: Method,
+    /// Per stripe: the export reports it as all zeroes (NBD sources with `base:allocation`).
+    zero_map: Option<Vec<bool>>,
 }
 
 /// Stores every stripe to read, then commits the manifest.
 async fn run(
     ctx: &RunContext<'_>,
     targets: &Targets,
-    base: Option<Base>,
-    touched: Option<Vec<bool>>,
+    changes: Changes,
     mcache: Option<&ManifestCache>,
     progress: &dyn Progress,
     shutdown: &Shutdown,
 ) -> Result<SnapshotReport> {
     let layout = ctx.layout;
-    let known = known_stripes(base.as_ref().map(|b| &b.manifest), &ctx.table);
+    let base = changes.base.as_ref().map(|b| &b.manifest);
+    let known = changes::known_stripes(base, &ctx.table);
     let mut stripes: Vec<Option<StripeRef>> = vec![None; layout.stripe_count() as usize];
     let mut totals = StripeOutcome::default();
-    let unread = match (&touched, &base) {
-        (Some(t), Some(b)) => take_untouched(&b.manifest, t, &known, &mut stripes, &mut totals),
+    let unread = match (&changes.touched, base) {
+        (Some(t), Some(b)) => changes::take_untouched(b, t, &known, &mut stripes, &mut totals),
         _ => 0,
+    };
+    let zero_unread = match &ctx.zero_map {
+        Some(z) => changes::take_zero(z, &mut stripes, &mut totals),
+        None => 0,
     };
     let to_read: Vec<u64> = (0..layout.stripe_count())
         .filter(|&i| stripes[i as usize].is_none())
         .collect();
+    let stripes_read = to_read.len() as u64;
     let bytes_read: u64 = to_read.iter().map(|&i| layout.stripe_len(i) as u64).sum();
     let (placement, budget, per_stripe) = plan::plan_placement(
         &layout,
@@ -450,24 +381,44 @@ async fn run(
         ctx.opts.allow_degraded,
     )?;
     let planned = placement.quotas();
-    let run = Run {
-        codec: Arc::new(StripeCodec::new(
-            ctx.fleet.keys().clone(),
-            layout,
-            ctx.volume_id,
-        )?),
-        clients: Arc::new(targets.clients.clone()),
-        placed: Arc::new(Mutex::new(Placed {
-            known,
-            placement,
-            budget,
-            lost: HashSet::new(),
-        })),
-        source: ctx.source.clone(),
-    };
+    let codec = Arc::new(StripeCodec::new(
+        ctx.fleet.keys().clone(),
+        layout,
+        ctx.volume_id,
+    )?);
+    let placed = Arc::new(Mutex::new(Placed {
+        known,
+        placement,
+        budget,
+        lost: HashSet::new(),
+    }));
     progress.start("snapshot", layout.volume_size);
     progress.advance(layout.volume_size - bytes_read);
-    let stored = pipeline(&run, &layout, to_read, &mut stripes, progress, shutdown).await;
+    let mut warnings: Vec<String> = changes
+        .fallback
+        .iter()
+        .map(|why| {
+            format!(
+                "dirty bitmap {} not used, the whole export was read: {why}",
+                ctx.opts.dirty_bitmap.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    let stored = read_and_store(
+        ctx,
+        Run {
+            codec,
+            clients: Arc::new(targets.clients.clone()),
+            placed: placed.clone(),
+            source: ctx.source.clone(),
+        },
+        to_read,
+        &mut stripes,
+        &mut warnings,
+        progress,
+        shutdown,
+    )
+    .await;
     progress.finish();
     totals.add(&stored?);
     let stripes: Vec<StripeRef> = stripes
@@ -481,13 +432,14 @@ async fn run(
             })
         })
         .collect::<Result<_>>()?;
-    let lost = run
-        .placed
+    let lost = placed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .lost
         .clone();
+    tracing::debug!("every stripe stored; committing");
     let committed = commit::commit(ctx, &targets.clients, lost, stripes, mcache).await?;
+    tracing::debug!("committed");
     Ok(SnapshotReport {
         snapshot: ctx.snapshot_id.clone(),
         volume: ctx.opts.volume.clone(),
@@ -503,10 +455,15 @@ async fn run(
         agents_unreachable: targets.unreachable.clone(),
         data_shards: ctx.opts.k,
         parity_shards: ctx.opts.m,
-        base: base.as_ref().map(|b| b.manifest.snapshot.clone()),
-        base_manifest_from: base.as_ref().map(|b| b.from.to_string()),
+        base: changes.base.as_ref().map(|b| b.manifest.snapshot.clone()),
+        base_manifest_from: changes.base.as_ref().map(|b| b.from.to_string()),
         unread_stripes: unread,
+        zero_stripes_unread: zero_unread,
+        stripes_read,
         bytes_read,
+        changes_from: changes.from.clone(),
+        tracking_bitmap: ctx.opts.new_bitmap.clone(),
+        consistency: ctx.method.to_string(),
         manifest_bytes: committed.manifest_bytes,
         margin: committed.margin,
         degraded: per_stripe > 1,
@@ -523,31 +480,76 @@ async fn run(
             })
             .collect(),
         source_mounted_rw: ctx.mounted_rw.clone(),
+        warnings,
     })
 }
 
-/// Reads `to_read` sequentially on a thread, stores each stripe (at most [`IN_FLIGHT`] at once),
-/// and fills `stripes`. Stops at the first failure or when `shutdown` fires.
+/// Takes the point in time ([`consistency::take`]: hooks, freeze or LVM snapshot), reads and
+/// stores `to_read`, releases the point as soon as the last stripe is read (thaw, post-hook),
+/// and the LVM snapshot once every stripe is stored. Whatever fails, the point is released; a
+/// failed release fails the run (its image would not be consistent). A snapshot LV that cannot
+/// be removed is a warning: the image is good.
+async fn read_and_store(
+    ctx: &RunContext<'_>,
+    mut run: Run,
+    to_read: Vec<u64>,
+    stripes: &mut [Option<StripeRef>],
+    warnings: &mut Vec<String>,
+    progress: &dyn Progress,
+    shutdown: &Shutdown,
+) -> Result<StripeOutcome> {
+    let env = HookEnv {
+        source: ctx.opts.source.display().to_string(),
+        volume: ctx.opts.volume.clone(),
+    };
+    let mut point = consistency::take(
+        &ctx.opts.consistency,
+        &ctx.method,
+        env,
+        ctx.layout.volume_size,
+    )
+    .await?;
+    if let Some(snap) = &point.source {
+        run.source = snap.clone();
+    }
+    let (tx, rx) = mpsc::channel::<StripeRead>(4);
+    let mut reader = run.source.spawn_reader(&ctx.layout, to_read, tx);
+    let abort = reader.abort_handle();
+    let storing = async {
+        let r = pipeline(&run, rx, stripes, progress, shutdown).await;
+        if r.is_err() {
+            abort.abort();
+        }
+        r
+    };
+    let released = async {
+        let read_all = matches!((&mut reader).await, Ok(true));
+        tracing::debug!("read done (all: {read_all}); releasing the point in time");
+        point.after_read(read_all).await
+    };
+    tracing::debug!("point in time taken ({}); reading", ctx.method);
+    let (stored, released) = tokio::join!(storing, released);
+    // Every handle on the source goes before the LVM snapshot is removed.
+    drop(run);
+    if let Err(e) = point.finish().await {
+        tracing::warn!("{e}");
+        warnings.push(e.to_string());
+    }
+    let stored = stored?;
+    released?;
+    Ok(stored)
+}
+
+/// Stores the stripes the reader sends on `rx` (at most [`IN_FLIGHT`] at once) and fills
+/// `stripes`. Stops at the first failure or when `shutdown` fires.
 async fn pipeline(
     run: &Run,
-    layout: &Layout,
-    to_read: Vec<u64>,
+    mut rx: mpsc::Receiver<StripeRead>,
     stripes: &mut [Option<StripeRef>],
     progress: &dyn Progress,
     shutdown: &Shutdown,
 ) -> Result<StripeOutcome> {
     let mut totals = StripeOutcome::default();
-    let (tx, mut rx) = mpsc::channel::<Result<(u64, Vec<u8>)>>(4);
-    let (source, l) = (run.source.clone(), *layout);
-    let reader = tokio::task::spawn_blocking(move || {
-        for i in to_read {
-            let r = source.read_stripe_blocking(&l, i).map(|b| (i, b));
-            let failed = r.is_err();
-            if tx.blocking_send(r).is_err() || failed {
-                break;
-            }
-        }
-    });
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks: JoinSet<Result<(u64, StripeRef, StripeOutcome, u64)>> = JoinSet::new();
     let mut collect = |r: std::result::Result<_, tokio::task::JoinError>,
@@ -588,52 +590,5 @@ async fn pipeline(
     while let Some(r) = tasks.join_next().await {
         collect(r, stripes)?;
     }
-    reader
-        .await
-        .map_err(|e| Error::failed(format!("reader thread failed: {e}")))?;
     Ok(totals)
-}
-
-/// Stores `data` as blob `name` on every client; fails if any refuses.
-async fn put_everywhere(clients: &[AgentClient], name: &str, data: &[u8]) -> Result<()> {
-    let mut set = JoinSet::new();
-    for c in clients.iter() {
-        let c = c.clone();
-        let (name, data) = (name.to_string(), data.to_vec());
-        set.spawn(async move { (c.addr().to_string(), c.put_blob(&name, data).await) });
-    }
-    while let Some(r) = set.join_next().await {
-        let (addr, r) = r.map_err(|e| Error::failed(format!("catalog task failed: {e}")))?;
-        r.map_err(|e| Error::failed(format!("agent {addr} did not store {name}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Whether any client holds a tombstone for `snapshot`.
-async fn forgotten_anywhere(clients: &[AgentClient], snapshot: &str) -> bool {
-    let name = Tombstone::blob_name_of(snapshot);
-    for c in clients {
-        if c.list_blobs(&name).await.is_ok_and(|n| n.contains(&name)) {
-            return true;
-        }
-    }
-    false
-}
-
-/// Deletes blob `name` from every client (5 s each at most: an agent lost during the run must
-/// not hold up the end of it; what is left expires by itself).
-async fn delete_everywhere(clients: &[AgentClient], name: &str) -> Result<()> {
-    let mut failed = Vec::new();
-    for c in clients {
-        match tokio::time::timeout(std::time::Duration::from_secs(5), c.delete_blob(name)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed.push(format!("{}: {e}", c.addr())),
-            Err(_) => failed.push(format!("{}: no answer", c.addr())),
-        }
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::failed(failed.join("; ")))
-    }
 }

@@ -6,9 +6,12 @@
 //! - A block device target is opened exclusively (`O_EXCL`: Linux then refuses a device that is
 //!   mounted or held open by another program), so a restore never writes under a mounted
 //!   filesystem; the error says which.
-//! - A block device source that is mounted read-write is read anyway but reported
-//!   ([`Volume::mounted_rw`]): stripes read at different moments of a disk in use may not form
-//!   one consistent image.
+//! - A block device source reports where it, or a device built on it (a partition, an LVM LV),
+//!   is mounted read-write ([`Volume::mounted_rw`], from [`in_use`]): stripes read at different
+//!   moments of a disk in use do not form one consistent image, so the snapshot refuses it unless
+//!   a consistency method is chosen ([`crate::consistency`]).
+
+pub mod in_use;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -27,8 +30,8 @@ pub struct Volume {
     pub is_device: bool,
     /// Where it is being written (a restore target's temporary name) or read.
     pub path: PathBuf,
-    /// For a block device source: the mount points where it is mounted read-write.
-    pub mounted_rw: Vec<String>,
+    /// For a block device source: where it, or a device built on it, is mounted read-write.
+    pub mounted_rw: Vec<in_use::RwMount>,
 }
 
 /// How to open a restore target.
@@ -120,11 +123,8 @@ pub fn open_source(path: &Path) -> Result<Volume> {
         )));
     }
     let mounted_rw = if is_device {
-        mounts_of(meta.rdev())
-            .into_iter()
-            .filter(|(_, rw)| *rw)
-            .map(|(m, _)| m)
-            .collect()
+        let (major, minor) = major_minor(meta.rdev());
+        in_use::rw_mounts(major, minor)
     } else {
         Vec::new()
     };

@@ -26,6 +26,10 @@ mod progress;
 mod signal;
 mod text;
 
+/// The hidden command a snapshot runs as its guard process (see
+/// [`sa_engine::consistency::guard`]): `sa-image consistency-guard TASK...`.
+pub const GUARD_COMMAND: &str = "consistency-guard";
+
 /// mimalloc: the data path allocates and frees many shard-sized (1 MiB) buffers; glibc's
 /// allocator returns them to the kernel and page-faults them back in, which cost about a quarter
 /// of the CPU time of a restore or a live read (measured with perf).
@@ -104,6 +108,17 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     #[command(flatten)]
     Docs(sa_clidocs::DocsCommand),
+    /// Internal: the guard process of `snapshot --freeze`/`--lvm-snapshot`, which undoes the
+    /// freeze or the LVM snapshot when the snapshot ends or dies.
+    #[command(name = "consistency-guard", hide = true)]
+    ConsistencyGuard(GuardArgs),
+}
+
+/// The guard's task, as the snapshot gives it.
+#[derive(clap::Args, Debug)]
+struct GuardArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    task: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -169,6 +184,9 @@ fn main() -> ExitCode {
                 .run(<Cli as clap::CommandFactory>::command())
                 .map(|()| exit::OK)
                 .map_err(Into::into),
+            Command::ConsistencyGuard(a) => {
+                Ok(sa_engine::consistency::guard::serve(&a.task, signal::on_stop_signals()).await)
+            }
         }
     });
     // Background tasks (a signal watcher) must not hold the process.

@@ -30,6 +30,10 @@
 //!   prometheus_client's parser, urllib), and headless Chromium (screenshot and DOM).
 //! - [`debian`] finds the built `.deb` packages and installs them for one test (`dpkg -i`),
 //!   purging them and removing what they made when the test ends, also on a panic.
+//! - [`fs`] mounts an ext4 on a loop device and runs a writer in it (root only); both thaw the
+//!   filesystem first when dropped, so a test failing while it is frozen never hangs.
+//! - [`qemu_nbd`] serves a raw or qcow2 image with `qemu-nbd` (a dirty bitmap with `--bitmap`),
+//!   and reads an export's block-status map with `nbdinfo`.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it (root only; removed on drop).
 //! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
@@ -58,6 +62,11 @@
 //! - `tests/health.rs`: an agent lost for good and repaired; bit rot scrubbed and repaired.
 //! - `tests/serve.rs`, `tests/serve_tls.rs`, `tests/hydrate.rs`: the NBD export (plain and
 //!   TLS) read by real NBD clients, and live restore.
+//! - `tests/consistent.rs`: a source mounted read-write refused without a method; `--freeze`
+//!   under a writer (clean `e2fsck -fn`, the writer goes on), thawed after a SIGKILL of the
+//!   snapshot and past `--freeze-timeout`; hooks; an NBD export's dirty bitmap making an
+//!   incremental read exactly the changed stripes, and refused when it is not the previous
+//!   snapshot's; `--lvm-snapshot` where device-mapper exists (skipped, with the reason, where not).
 //! - `tests/placement.rs`: placement by free space (an agent at its quota gets nothing, a
 //!   nearly full one little, a fleet too small is refused up front), an agent cut off the
 //!   network mid-snapshot, `--allow-degraded` and `repair` spreading its doubled shards, and
@@ -92,12 +101,14 @@ pub mod bins;
 pub mod cluster;
 pub mod daemon;
 pub mod debian;
+pub mod fs;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod qemu_nbd;
 pub mod scan;
 pub mod serve;
 pub mod wait;

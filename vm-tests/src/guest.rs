@@ -24,6 +24,26 @@ pub const MARKER_WROTE: &str = "SA-VM-WROTE ";
 pub const MARKER_DONE: &str = "SA-VM-DONE";
 /// Followed by what went wrong inside the guest; the guest then powers off.
 pub const MARKER_FAIL: &str = "SA-VM-FAIL ";
+/// Writer guests: followed by `N HEX`: file `/data/w/fN` was written and synced, HEX its sha256.
+pub const MARKER_FILE: &str = "SA-VM-FILE ";
+/// Writer guests: the filesystem is frozen (`fsfreeze --freeze`), answering the line `freeze`.
+pub const MARKER_FROZEN: &str = "SA-VM-FROZEN";
+/// Writer guests: the filesystem is thawed, answering the line `thaw`.
+pub const MARKER_THAWED: &str = "SA-VM-THAWED";
+
+/// What the guest's `/init` does once the disk's filesystem is mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestProgram {
+    /// Check the known file, report and write `written-by-guest.txt`, power off (see the crate
+    /// docs for the markers).
+    #[default]
+    BootCheck,
+    /// Keep writing: 64 KiB random files `/data/w/f1`, `f2`, ... (the last 200 kept), each
+    /// synced and announced with [`MARKER_FILE`]; meanwhile answer lines on the console:
+    /// `freeze` (`fsfreeze --freeze`, [`MARKER_FROZEN`]) and `thaw` ([`MARKER_THAWED`]), as a guest
+    /// agent quiesces a guest for a backup. It runs until qemu is killed.
+    Writer,
+}
 
 /// The modules `/init` loads (with their dependencies, in `modprobe --show-depends` order).
 /// Those built into the kernel are skipped.
@@ -123,8 +143,17 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-/// The guest's `/init`. It never returns to the kernel: every path ends in `poweroff -f`.
-fn init_script() -> String {
+/// The guest's `/init` for `program`. It never returns to the kernel: every path of the boot
+/// check ends in `poweroff -f`; the writer runs until qemu is killed.
+fn init_script(program: GuestProgram) -> String {
+    match program {
+        GuestProgram::BootCheck => boot_check_script(),
+        GuestProgram::Writer => writer_script(),
+    }
+}
+
+/// Loads the modules, waits for `/dev/vda1` (shared by every program).
+fn preamble() -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -144,7 +173,49 @@ while [ ! -b /dev/vda1 ]; do
     [ $i -gt 300 ] && fail "no /dev/vda1 after 30 s: $(ls /dev | tr '\n' ' ')"
     sleep 0.1
 done
-mount -t ext4 -o rw /dev/vda1 /mnt 2>/dev/null || mount -t ext4 -o ro /dev/vda1 /mnt || fail "mount /dev/vda1"
+"#,
+        fail = MARKER_FAIL,
+    )
+}
+
+/// The writer (see [`GuestProgram::Writer`]).
+fn writer_script() -> String {
+    format!(
+        r#"{preamble}mount -t ext4 -o rw /dev/vda1 /mnt || fail "mount /dev/vda1"
+echo "{booted}"
+mkdir -p /mnt/data/w || fail "mkdir /mnt/data/w"
+(
+    i=0
+    while :; do
+        i=$((i+1))
+        dd if=/dev/urandom of=/mnt/data/w/f$i bs=4096 count=16 2>/dev/null || fail "write f$i"
+        sync
+        rm -f /mnt/data/w/f$((i-200))
+        sum=$(sha256sum /mnt/data/w/f$i)
+        echo "{file}$i ${{sum%% *}}"
+    done
+) &
+while read -r cmd; do
+    case "$cmd" in
+        freeze) fsfreeze --freeze /mnt && echo "{frozen}" || echo "{fail}fsfreeze --freeze" ;;
+        thaw) fsfreeze --unfreeze /mnt && echo "{thawed}" || echo "{fail}fsfreeze --unfreeze" ;;
+    esac
+done
+sleep 100000
+"#,
+        preamble = preamble(),
+        fail = MARKER_FAIL,
+        booted = MARKER_BOOTED,
+        file = MARKER_FILE,
+        frozen = MARKER_FROZEN,
+        thawed = MARKER_THAWED,
+    )
+}
+
+/// The boot check (see [`GuestProgram::BootCheck`]).
+fn boot_check_script() -> String {
+    format!(
+        r#"{preamble}mount -t ext4 -o rw /dev/vda1 /mnt 2>/dev/null || mount -t ext4 -o ro /dev/vda1 /mnt || fail "mount /dev/vda1"
 echo "{booted}"
 ro=""
 grep -qE '^/dev/vda1 /mnt ext4 ro(,| )' /proc/mounts && ro=1
@@ -179,7 +250,7 @@ umount /mnt || fail "umount /mnt"
 echo "{done}"
 poweroff -f
 "#,
-        fail = MARKER_FAIL,
+        preamble = preamble(),
         booted = MARKER_BOOTED,
         sha = MARKER_SHA256,
         found = MARKER_FOUND,
@@ -191,8 +262,8 @@ poweroff -f
 }
 
 /// Writes an (uncompressed) newc initramfs to `out`: static busybox as `/bin/busybox`, the
-/// modules as `/modules/NN-name.ko` in load order, and `/init`.
-pub fn write_initramfs(kernel: &Kernel, out: &Path) -> Result<()> {
+/// modules as `/modules/NN-name.ko` in load order, and `/init` running `program`.
+pub fn write_initramfs(kernel: &Kernel, out: &Path, program: GuestProgram) -> Result<()> {
     let busybox_path = ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
         .map(Path::new)
@@ -226,7 +297,7 @@ pub fn write_initramfs(kernel: &Kernel, out: &Path) -> Result<()> {
             &read_module(path)?,
         );
     }
-    cpio.file("init", 0o755, init_script().as_bytes());
+    cpio.file("init", 0o755, init_script(program).as_bytes());
 
     let mut f = std::fs::File::create(out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{describe, require_root, run, Error, Result};
-use crate::guest::{write_initramfs, Kernel};
+use crate::guest::{write_initramfs, GuestProgram, Kernel};
 
 /// Where the partition starts: LBA 2048, the usual 1 MiB alignment.
 pub const PARTITION_OFFSET: u64 = 1 << 20;
@@ -41,6 +41,8 @@ pub struct ImageOptions {
     /// as `sa_write=` on the kernel command line; if not, a boot writes `boot-N`, N being one
     /// more than the number an earlier boot left there (so the first boot writes `boot-1`).
     pub guest_write: Option<String>,
+    /// What the guest does once booted: the boot check (the default) or the writer.
+    pub program: GuestProgram,
 }
 
 impl Default for ImageOptions {
@@ -50,6 +52,7 @@ impl Default for ImageOptions {
             known_len: 4 << 20,
             known_seed: 0x5a_1a_6e_00_b0_07,
             guest_write: None,
+            program: GuestProgram::BootCheck,
         }
     }
 }
@@ -127,7 +130,7 @@ pub fn build_boot_image_with(dir: &Path, opts: &ImageOptions) -> Result<BootImag
     // Files of the filesystem.
     std::fs::copy(&kernel.image, root.join("boot/vmlinuz"))
         .map_err(|e| Error::io(format!("copying {}", kernel.image.display()), e))?;
-    write_initramfs(&kernel, &root.join("boot/initrd.img"))?;
+    write_initramfs(&kernel, &root.join("boot/initrd.img"), opts.program)?;
     let append = match &opts.guest_write {
         Some(t) => format!("console=ttyS0 panic=-1 sa_write={t}"),
         None => "console=ttyS0 panic=-1".to_string(),

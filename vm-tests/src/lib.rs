@@ -31,6 +31,11 @@
 //!
 //! [`console`] is the transcript and the waiting underneath; [`cpio`] writes the initramfs.
 //!
+//! For backups of a running guest: [`GuestProgram::Writer`] makes a guest that keeps writing
+//! files and freezes its filesystem when told on the console ([`VmRun::send_line`]), and
+//! [`qmp`] drives the running qemu over its QMP socket (dirty bitmaps, `blockdev-backup`,
+//! `block-export-add`).
+//!
 //! Host packages (Debian 12): `qemu-system-x86` and `qemu-utils` (both from
 //! `bookworm-backports`: `apt-get install -y -t bookworm-backports qemu-system-x86`, never
 //! without `-t`), `extlinux`, `syslinux-common`, `busybox-static`, `e2fsprogs`, `kmod`,
@@ -58,16 +63,18 @@ pub mod guest;
 pub mod image;
 pub mod nbd;
 pub mod qemu;
+pub mod qmp;
 
 pub use boot::{boot_and_check, Boot, BOOT_TIMEOUT, STEP_TIMEOUT};
 pub use console::{Console, Line};
 pub use error::{require_root, Error, Result};
 pub use guest::{
-    Kernel, MARKER_BOOTED, MARKER_DONE, MARKER_FAIL, MARKER_FOUND, MARKER_NOT_FOUND,
-    MARKER_READ_ONLY, MARKER_SHA256, MARKER_WROTE,
+    GuestProgram, Kernel, MARKER_BOOTED, MARKER_DONE, MARKER_FAIL, MARKER_FILE, MARKER_FOUND,
+    MARKER_FROZEN, MARKER_NOT_FOUND, MARKER_READ_ONLY, MARKER_SHA256, MARKER_THAWED, MARKER_WROTE,
 };
 pub use image::{
     build_boot_image, build_boot_image_with, known_data, sha256_file, BootImage, ImageOptions,
 };
 pub use nbd::{free_port, wait_for_port, QemuNbd};
 pub use qemu::{is_failure_line, nbd_url, run_vm, VmOptions, VmRun};
+pub use qmp::Qmp;

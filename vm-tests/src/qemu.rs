@@ -23,6 +23,10 @@ pub struct VmOptions {
     pub readonly: bool,
     /// `snapshot=on`: guest writes go to a temporary qemu overlay, never to the drive.
     pub snapshot: bool,
+    /// The drive's format: `raw` (the default) or `qcow2` (persistent dirty bitmaps need it).
+    pub format: String,
+    /// `node-name=` of the drive's format node, for QMP commands that name it.
+    pub node_name: Option<String>,
     /// More arguments appended to the qemu command line.
     pub extra_args: Vec<String>,
 }
@@ -35,6 +39,8 @@ impl Default for VmOptions {
             memory_mib: 512,
             readonly: false,
             snapshot: false,
+            format: "raw".to_string(),
+            node_name: None,
             extra_args: Vec::new(),
         }
     }
@@ -51,20 +57,28 @@ pub fn nbd_url(addr: SocketAddr, export: Option<&str>) -> String {
 /// A running (or finished) VM. Dropping it kills qemu if it still runs, also when a test panics.
 pub struct VmRun {
     child: Child,
-    // Kept open so qemu's stdio character device never sees end of file on input.
-    _stdin: Option<ChildStdin>,
+    // Kept open so qemu's stdio character device never sees end of file on input; lines written
+    // to it reach the guest's serial console ([`VmRun::send_line`]).
+    stdin: Option<ChildStdin>,
     console: Console,
     command: String,
     status: Option<ExitStatus>,
 }
 
 /// Starts `qemu-system-x86_64 -accel tcg -nographic -m 512 -no-reboot
-/// -drive file=DRIVE,format=raw,if=virtio` where `drive` is a raw image path or an NBD URL
+/// -drive file=DRIVE,format=FORMAT,if=virtio` where `drive` is an image path or an NBD URL
 /// (see [`nbd_url`]). The guest's serial console (and qemu's stderr, prefixed `[qemu] `) go to
 /// the VM's [`Console`].
 pub fn run_vm(drive: &str, opts: &VmOptions) -> Result<VmRun> {
     // qemu's option syntax doubles commas inside values.
-    let mut drive_arg = format!("file={},format=raw,if=virtio", drive.replace(',', ",,"));
+    let mut drive_arg = format!(
+        "file={},format={},if=virtio",
+        drive.replace(',', ",,"),
+        opts.format
+    );
+    if let Some(n) = &opts.node_name {
+        drive_arg.push_str(&format!(",node-name={n}"));
+    }
     if opts.readonly {
         drive_arg.push_str(",readonly=on");
     }
@@ -96,7 +110,7 @@ pub fn run_vm(drive: &str, opts: &VmOptions) -> Result<VmRun> {
     }
     Ok(VmRun {
         child,
-        _stdin: stdin,
+        stdin,
         console,
         command,
         status: None,
@@ -199,6 +213,19 @@ impl VmRun {
     /// The whole console transcript so far.
     pub fn transcript(&self) -> String {
         self.console.transcript()
+    }
+
+    /// Types `line` and Enter on the guest's serial console.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        use std::io::Write;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::new("the VM has no console input"))?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|e| Error::io(format!("typing {line:?} on the console"), e))
     }
 
     /// The qemu command line.

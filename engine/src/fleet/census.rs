@@ -342,6 +342,7 @@ mod tests {
                     slots: vec![1, 2, 0],
                 },
             ],
+            tracking_bitmap: None,
         }
     }
 

@@ -90,6 +90,7 @@ pub(super) async fn commit(
         layout: ctx.layout,
         agents: ctx.table.clone(),
         stripes,
+        tracking_bitmap: ctx.opts.new_bitmap.clone(),
     };
     let sealed = manifest.seal(ctx.fleet.keys())?;
     let mut puts = JoinSet::new();

@@ -37,10 +37,23 @@ pub struct SnapshotReport {
     pub base: Option<String>,
     /// Where the base's manifest came from: `cache` or `agents`.
     pub base_manifest_from: Option<String>,
-    /// Stripes not read at all thanks to --changed-map.
+    /// Stripes not read at all, taken from the base because nothing marked them changed
+    /// (`--changed-map`, or a dirty bitmap: see `changes_from`).
     pub unread_stripes: u64,
+    /// Stripes not read because the NBD export's `base:allocation` reports them as zeroes.
+    pub zero_stripes_unread: u64,
+    /// Stripes read from the source.
+    pub stripes_read: u64,
     /// Bytes read from the source.
     pub bytes_read: u64,
+    /// What told which stripes changed since the base: `dirty bitmap NAME` or
+    /// `changed map PATH`; None when every stripe was read.
+    pub changes_from: Option<String>,
+    /// The dirty bitmap recorded as starting at this snapshot's point in time (`--new-bitmap`).
+    pub tracking_bitmap: Option<String>,
+    /// How the point in time was had: `point-in-time NBD export`, `not mounted read-write`,
+    /// `frozen during the read: ...`, `read from LVM snapshot ...`, or `INCONSISTENT: ...`.
+    pub consistency: String,
     /// Size of the sealed (compressed, encrypted) manifest, bytes.
     pub manifest_bytes: u64,
     /// Agent losses the snapshot survives as stored (m, unless stored degraded).
@@ -53,9 +66,12 @@ pub struct SnapshotReport {
     /// Per agent used (address): the room it reported before the run (bytes; None: unknown)
     /// and the shards it was given.
     pub placement: Vec<AgentPlacement>,
-    /// Mount points where the source (a block device) is mounted read-write: a disk in use,
-    /// whose stripes were read at different moments.
+    /// Where the source (a block device), or a device built on it, is mounted read-write, as
+    /// `MOUNTPOINT (DEVICE)`; see `consistency` for how it was read.
     pub source_mounted_rw: Vec<String>,
+    /// Things the operator should know: a dirty bitmap not used (and why), an LVM snapshot
+    /// that could not be removed.
+    pub warnings: Vec<String>,
 }
 
 /// One agent's part in a snapshot (`snapshot --json`).
