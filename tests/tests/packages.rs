@@ -469,16 +469,8 @@ fn pin_listen(conf: &Path, addr: &str) {
 }
 
 /// The daemon unit's command, run as systemd would start it (readiness through NOTIFY_SOCKET,
-/// stop with SIGTERM), once `sa-image daemon` exists.
+/// stop with SIGTERM).
 fn daemon_starts(scratch: &Path, conf: &Path) {
-    let probe = run(cmd("/usr/bin/sa-image", &["daemon", "--help"]));
-    if !probe.status.success() {
-        eprintln!(
-            "skipped starting sa-image-daemon.service: /usr/bin/sa-image has no `daemon` \
-             subcommand yet (issue 13); the unit is installed and verified"
-        );
-        return;
-    }
     let unit = std::fs::read_to_string("/lib/systemd/system/sa-image-daemon.service")
         .expect("daemon unit");
     let exec = unit
