@@ -36,7 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// The agent as a Windows service: `service install [FLAGS]`, `service uninstall`.
     #[command(subcommand)]
-    Service(ServiceCommand),
+    Service(Box<ServiceCommand>),
     /// Hidden, for packaging: `completions SHELL` and `manpages DIR`.
     #[command(flatten)]
     Docs(sa_clidocs::DocsCommand),

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             Ok(cfg) => exit(agent::run(cfg, agent::Shutdown::Signals)),
             Err(e) => usage(e),
         },
-        Some(Command::Service(cmd)) => service_command(cmd),
+        Some(Command::Service(cmd)) => service_command(*cmd),
         Some(Command::Docs(d)) => exit(
             d.run(<Cli as clap::CommandFactory>::command())
                 .map_err(Into::into),
