@@ -66,6 +66,10 @@
 //! checkpointed (rule 3) every [`CHECKPOINT_EVERY`]. A stripe that cannot be fetched (too many
 //! agents gone) is retried after [`RETRY_AFTER`] until it can; a write error on TARGET stops the
 //! copier (serving goes on) and is logged.
+//!
+//! Longer than the engine's ~600-line rule on purpose: the five ordering rules above and the
+//! code that keeps them (the NBD write path, the copier, the flush) are read against each other
+//! in one file; the on-disk format and its bitmaps are apart, in [`state`].
 
 pub mod state;
 
