@@ -184,6 +184,8 @@ fn writer_script() -> String {
         r#"{preamble}mount -t ext4 -o rw /dev/vda1 /mnt || fail "mount /dev/vda1"
 echo "{booted}"
 mkdir -p /mnt/data/w || fail "mkdir /mnt/data/w"
+# The console would echo the commands typed to us into the middle of the writer's lines.
+stty -echo 2>/dev/null
 (
     i=0
     while :; do

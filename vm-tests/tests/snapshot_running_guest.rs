@@ -35,7 +35,13 @@ fn files_before_freeze(vm: &VmRun, nth: usize) -> Vec<(u64, String)> {
             }
         } else if let Some(rest) = line.split_once(MARKER_FILE).map(|(_, r)| r) {
             let mut f = rest.split_whitespace();
-            if let (Some(n), Some(sum)) = (f.next().and_then(|n| n.parse().ok()), f.next()) {
+            // A line another console write ran into (an echoed command) is not a whole
+            // announcement: only a 64-digit hex sum counts.
+            let whole = |s: &&str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if let (Some(n), Some(sum)) = (
+                f.next().and_then(|n| n.parse().ok()),
+                f.next().filter(whole),
+            ) {
                 files.push((n, sum.to_string()));
             }
         }
