@@ -159,26 +159,8 @@ impl Rig {
     }
 }
 
-/// Every regular file under `dir`.
-pub fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                todo.push(e.path());
-            } else if t.is_file() {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
+/// Every regular file under `dir`, recursively (the black-box tests' helper).
+pub use sa_tests::scan::files;
 
 /// blake3 of a file.
 pub fn digest(p: &Path) -> String {
