@@ -31,7 +31,7 @@ owner=$("$bin/sa-image" owner-id --key "$work/key" | tail -1)
 addrs=""
 for i in 1 2 3 4 5 6; do
   mkdir -p "$work/a$i"
-  "$bin/shard-agent" --dir "$work/a$i" --listen "127.0.0.$((i+1)):0" --owner "$owner" > "$work/a$i.out" 2>"$work/a$i.log" &
+  "$bin/shard-agent" --dir "$work/a$i" --listen "127.0.0.$((i+1)):0" --owner "$owner" --min-free 2G > "$work/a$i.out" 2>"$work/a$i.log" &
   pids+=($!)
 done
 for i in 1 2 3 4 5 6; do

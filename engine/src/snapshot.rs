@@ -165,12 +165,12 @@ pub async fn snapshot(
     shutdown: &Shutdown,
 ) -> Result<SnapshotReport> {
     let started = Instant::now();
-    let opened = open::open(opts).await?;
+    // The source and the agents are reached at once; a source that cannot be opened is
+    // reported as soon as it is known, without waiting for slow agents.
+    let (opened, targets) = tokio::try_join!(open::open(opts), connect_targets(fleet, opts))?;
     let source = Arc::new(opened.source);
     let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
-    let targets = connect_targets(fleet, opts, &layout).await?;
     tracing::debug!("{} agents reached", targets.clients.len());
-    let rooms = plan::agent_rooms(&targets.clients).await;
     let table: Vec<AgentEntry> = targets
         .clients
         .iter()
@@ -182,27 +182,34 @@ pub async fn snapshot(
     let keys = fleet.keys();
     let volume_id = keys.volume_id(&opts.volume);
     let mcache = ManifestCache::open(opts.cache_dir.as_deref(), keys);
-    let mut changes = changes::find(
-        fleet,
-        opts,
-        &targets.clients,
-        mcache.as_ref(),
-        &layout,
-        &source,
-    )
-    .await?;
+    // Room, base and changes, and the export's zeroes: asked at once.
+    let zero_map = async {
+        match source.nbd() {
+            Some(n) => n.zero_stripes(&layout).await.unwrap_or_else(|e| {
+                tracing::warn!("{e}; reading every stripe");
+                None
+            }),
+            None => None,
+        }
+    };
+    let (rooms, changes, zero_map) = tokio::join!(
+        plan::agent_rooms(&targets.clients),
+        changes::find(
+            fleet,
+            opts,
+            &targets.clients,
+            mcache.as_ref(),
+            &layout,
+            &source,
+        ),
+        zero_map
+    );
+    let mut changes = changes?;
     tracing::debug!(
         "base {:?}, changes from {:?}",
         changes.base.as_ref().map(|b| &b.manifest.snapshot),
         changes.from
     );
-    let zero_map = match source.nbd() {
-        Some(n) => n.zero_stripes(&layout).await.unwrap_or_else(|e| {
-            tracing::warn!("{e}; reading every stripe");
-            None
-        }),
-        None => None,
-    };
 
     // The lease, then the check that the base was not forgotten meanwhile (see crate::gc).
     let snapshot_id = hex(&random_bytes::<8>());
@@ -270,12 +277,8 @@ pub async fn snapshot(
 
 /// Reaches the agents given and the book's members; refuses when too few answer (with the
 /// members that did not, by name) or when the key is refused.
-async fn connect_targets(
-    fleet: &Fleet,
-    opts: &SnapshotOptions,
-    layout: &Layout,
-) -> Result<Targets> {
-    let shards = layout.shards();
+async fn connect_targets(fleet: &Fleet, opts: &SnapshotOptions) -> Result<Targets> {
+    let shards = opts.k as usize + opts.m as usize;
     let k = opts.k as usize;
     let reach = fleet.reach(&opts.agents, Access::Write).await;
     let clients = reach.live();
@@ -557,6 +560,7 @@ async fn pipeline(
      -> Result<()> {
         let (i, sref, outcome, len): (u64, StripeRef, StripeOutcome, u64) =
             r.map_err(|e| Error::failed(format!("stripe task failed: {e}")))??;
+        tracing::trace!("stripe {i} stored");
         stripes[i as usize] = Some(sref);
         totals.add(&outcome);
         progress.advance(len);

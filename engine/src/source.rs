@@ -157,6 +157,7 @@ impl Source {
                 Err(e) => Err(Error::failed(format!("read task failed: {e}"))),
             };
             let failed = r.is_err();
+            tracing::trace!("stripe {i} read");
             if tx.send(r).await.is_err() || failed {
                 for (_, t) in flight {
                     t.abort();
