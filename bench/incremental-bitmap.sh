@@ -106,4 +106,8 @@ echo "  qemu-nbd -B b1, 6 agents k=4 m=2; cold cache: $cold"
 echo "libnbd reading the $ndirty dirty stripes (1% of the disk): ${t_read}s"
 echo "incremental through dirty bitmap b1:       ${t_incr}s  ($(echo "scale=2; $t_incr / $t_read" | bc)x the 1% read)"
 echo "  bytes read from the source: $read2 ($stripes2 stripes) vs dirty stripes $dirty_bytes ($ndirty) = $(echo "scale=3; $read2 / $dirty_bytes" | bc)x"
+phase() { python3 -c "import json,sys; print('%.3f' % json.load(open(sys.argv[1]))['phases'][sys.argv[2]])" "$work/s2.json" "$1"; }
+echo "  its phases, seconds from the start of the run (the command's own start not counted):"
+echo "    source + agents reached $(phase reached), base + bitmap + zeroes $(phase planned), lease $(phase leased),"
+echo "    last stripe read $(phase read), every stripe stored $(phase stored), committed $(phase committed)"
 echo "the same snapshot without the bitmap:      ${t_full}s  ($(echo "scale=1; $t_full / $t_incr" | bc)x the incremental)"

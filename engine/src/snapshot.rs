@@ -80,7 +80,7 @@ use sa_core::stripe::StripeCodec;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-pub use report::{AgentPlacement, SnapshotReport};
+pub use report::{AgentPlacement, Phases, SnapshotReport};
 
 use crate::consistency::hooks::HookEnv;
 use crate::consistency::{self, ConsistencyOptions, Method};
@@ -170,6 +170,10 @@ pub async fn snapshot(
     let (opened, targets) = tokio::try_join!(open::open(opts), connect_targets(fleet, opts))?;
     let source = Arc::new(opened.source);
     let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
+    let mut phases = Phases {
+        reached: started.elapsed().as_secs_f64(),
+        ..Phases::default()
+    };
     tracing::debug!("{} agents reached", targets.clients.len());
     let table: Vec<AgentEntry> = targets
         .clients
@@ -205,6 +209,7 @@ pub async fn snapshot(
         zero_map
     );
     let mut changes = changes?;
+    phases.planned = started.elapsed().as_secs_f64();
     tracing::debug!(
         "base {:?}, changes from {:?}",
         changes.base.as_ref().map(|b| &b.manifest.snapshot),
@@ -266,8 +271,18 @@ pub async fn snapshot(
         method: opened.method,
         zero_map,
     };
+    phases.leased = started.elapsed().as_secs_f64();
     tracing::debug!("lease written; storing");
-    let result = run(&ctx, &targets, changes, mcache.as_ref(), progress, shutdown).await;
+    let result = run(
+        &ctx,
+        &targets,
+        changes,
+        mcache.as_ref(),
+        phases,
+        progress,
+        shutdown,
+    )
+    .await;
     // Committed (or failed): the lease has done its job either way.
     if let Err(e) = delete_everywhere(&targets.clients, &lease_name).await {
         tracing::warn!("lease {lease_name} not removed everywhere (it expires by itself): {e}");
@@ -354,6 +369,7 @@ async fn run(
     targets: &Targets,
     changes: Changes,
     mcache: Option<&ManifestCache>,
+    mut phases: Phases,
     progress: &dyn Progress,
     shutdown: &Shutdown,
 ) -> Result<SnapshotReport> {
@@ -422,8 +438,11 @@ async fn run(
         shutdown,
     )
     .await;
+    phases.stored = ctx.started.elapsed().as_secs_f64();
     progress.finish();
-    totals.add(&stored?);
+    let (stored, read_at) = stored?;
+    phases.read = read_at;
+    totals.add(&stored);
     let stripes: Vec<StripeRef> = stripes
         .into_iter()
         .enumerate()
@@ -442,6 +461,7 @@ async fn run(
         .clone();
     tracing::debug!("every stripe stored; committing");
     let committed = commit::commit(ctx, &targets.clients, lost, stripes, mcache).await?;
+    phases.committed = ctx.started.elapsed().as_secs_f64();
     tracing::debug!("committed");
     Ok(SnapshotReport {
         snapshot: ctx.snapshot_id.clone(),
@@ -454,6 +474,7 @@ async fn run(
         resumed_stripes: totals.resumed,
         bytes_sent: totals.bytes_sent,
         seconds: ctx.started.elapsed().as_secs_f64(),
+        phases,
         agents: targets.clients.len(),
         agents_unreachable: targets.unreachable.clone(),
         data_shards: ctx.opts.k,
@@ -500,7 +521,7 @@ async fn read_and_store(
     warnings: &mut Vec<String>,
     progress: &dyn Progress,
     shutdown: &Shutdown,
-) -> Result<StripeOutcome> {
+) -> Result<(StripeOutcome, f64)> {
     let env = HookEnv {
         source: ctx.opts.source.display().to_string(),
         volume: ctx.opts.volume.clone(),
@@ -518,6 +539,7 @@ async fn read_and_store(
     let (tx, rx) = mpsc::channel::<StripeRead>(4);
     let mut reader = run.source.spawn_reader(&ctx.layout, to_read, tx);
     let abort = reader.abort_handle();
+    let mut read_at = 0.0;
     let storing = async {
         let r = pipeline(&run, rx, stripes, progress, shutdown).await;
         if r.is_err() {
@@ -527,6 +549,7 @@ async fn read_and_store(
     };
     let released = async {
         let read_all = matches!((&mut reader).await, Ok(true));
+        read_at = ctx.started.elapsed().as_secs_f64();
         tracing::debug!("read done (all: {read_all}); releasing the point in time");
         point.after_read(read_all).await
     };
@@ -540,7 +563,7 @@ async fn read_and_store(
     }
     let stored = stored?;
     released?;
-    Ok(stored)
+    Ok((stored, read_at))
 }
 
 /// Stores the stripes the reader sends on `rx` (at most [`IN_FLIGHT`] at once) and fills

@@ -25,6 +25,8 @@ pub struct SnapshotReport {
     pub bytes_sent: u64,
     /// Wall time.
     pub seconds: f64,
+    /// When each phase of the run ended, in seconds from its start (for tuning and benchmarks).
+    pub phases: Phases,
     /// Agents used.
     pub agents: usize,
     /// Members and addresses that did not answer (placed around), as `address (id…)`.
@@ -84,4 +86,21 @@ pub struct AgentPlacement {
     pub room: Option<u64>,
     /// New shards planned for it over the volume (if every stripe read were new and non-zero).
     pub planned_shards: u64,
+}
+
+/// When each phase of a snapshot ended, in seconds from the start of the run.
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// The source opened and the agents reached (done at once).
+    pub reached: f64,
+    /// Room, base, changes and zeroes known.
+    pub planned: f64,
+    /// The lease written on every agent (and the base checked not forgotten).
+    pub leased: f64,
+    /// The last stripe read from the source (the point in time released).
+    pub read: f64,
+    /// Every stripe stored.
+    pub stored: f64,
+    /// The manifest stored on the agents: the commit point.
+    pub committed: f64,
 }
