@@ -23,7 +23,7 @@ use crate::merge;
 pub const DEFAULT_DEADLINE: &str = "5m";
 
 /// Flags of `drill`.
-#[derive(clap::Args, Debug, Default, Deserialize)]
+#[derive(clap::Args, Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct DrillArgs {
     /// Snapshot id (or unique prefix), or `latest` [default: latest].
@@ -86,8 +86,12 @@ pub struct DrillArgs {
     pub json: bool,
 }
 
-/// The machine, criteria and withholding of `args` (flags merged with the file already).
-pub fn options(args: &DrillArgs, keys: &sa_core::keys::Keys) -> Result<DrillOptions> {
+/// The machine, criteria and withholding of `args` (flags merged with the file already);
+/// `default_work_dir` when `--work-dir` is not given.
+pub fn options(
+    args: &DrillArgs,
+    default_work_dir: impl FnOnce() -> Option<PathBuf>,
+) -> Result<DrillOptions> {
     let mut machine = Machine::default();
     if let Some(m) = &args.memory {
         machine.memory_mib = (config::size(m, "--memory")? >> 20).max(16) as u32;
@@ -132,8 +136,7 @@ pub fn options(args: &DrillArgs, keys: &sa_core::keys::Keys) -> Result<DrillOpti
     criteria.check().map_err(parse)?;
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),
-        None => sa_engine::cache_dir::owner_dir(args.fleet.cache_dir.as_deref(), keys)
-            .map(|d| d.join("drill"))
+        None => default_work_dir()
             .ok_or_else(|| usage("no cache directory (no HOME): give --work-dir DIR"))?,
     };
     Ok(DrillOptions {
@@ -159,7 +162,10 @@ pub async fn run(mut args: DrillArgs, cfg: Option<&Path>) -> Result<u8> {
     merge!(args, file; volume, withhold, console, port, screenshot_after, deadline, memory, cpus,
         firmware, disk_bus, accel, qemu, work_dir, screenshot, cache; bools json);
     let keys = args.keyfile.load()?.derive();
-    let opts = options(&args, &keys)?;
+    let opts = options(&args, || {
+        sa_engine::cache_dir::owner_dir(args.fleet.cache_dir.as_deref(), &keys)
+            .map(|d| d.join("drill"))
+    })?;
     let fleet = args.fleet.fleet(keys)?;
     let shutdown = crate::signal::on_stop_signals();
     let report = drill(&fleet, &opts, &shutdown).await?;
