@@ -9,6 +9,9 @@
 //!    clean up after SIGKILL); the next drill in the same work directory kills it and removes
 //!    the overlay before booting its own.
 //! 3. That next drill boots the damaged image: it fails within its deadline with the reason.
+//! 4. `sa-image daemon` with `[volume.broken.drill]` drills it by itself: the failed drill is a
+//!    failed job, its alert reaches a real webhook receiver, and the status page shows the
+//!    drill and serves its screenshot.
 //!
 //! The accelerator is TCG: KVM on these nested hosts cannot boot a kernel (see
 //! /work/shared/test-stack.md). Needs root, qemu and the image tools (see the crate docs), and
@@ -20,6 +23,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sa_tests::cluster::{parse_json, shown, ClusterOptions};
+use sa_tests::daemon::{json_lines, Daemon, PyServer};
 use sa_tests::proc::Proc;
 use sa_tests::Cluster;
 use sa_vm_tests::*;
@@ -272,6 +276,10 @@ fn drills_pass_with_two_agents_withheld_fail_on_a_damaged_image_and_clean_up_aft
         .expect("broken")["last_drill"];
     assert_eq!(d["passed"], false, "{rows}");
 
+    // 4. The daemon drills the damaged volume on its schedule; the failure alerts through its
+    //    webhook, and the status page shows the drill and its screenshot.
+    daemon_drill_alerts(&cluster, &broken.path);
+
     // No drill wrote to the backup: it still restores to the image snapshotted.
     let restored = cluster.path("restored.img");
     cluster.restore(&good_id, &restored, &cluster.agents_arg());
@@ -280,4 +288,62 @@ fn drills_pass_with_two_agents_withheld_fail_on_a_damaged_image_and_clean_up_aft
         good_sum,
         "the drills changed the backup"
     );
+}
+
+fn daemon_drill_alerts(c: &Cluster, source: &Path) {
+    let hooks_file = c.path("hooks.jsonl");
+    let hooks = PyServer::start("webhook_receiver.py", &[&hooks_file]);
+    let agents: Vec<String> = c
+        .agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.addr_str()))
+        .collect();
+    let text = format!(
+        "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n\
+         [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nrepair = false\n\
+         scrub = \"never\"\n[web]\nlisten = \"127.0.0.1:0\"\n\
+         [alerts]\nwebhook = [\"http://127.0.0.1:{hp}/alert\"]\n\
+         [volume.broken]\nsource = \"{src}\"\nschedule = \"never\"\n\
+         [volume.broken.drill]\nevery = \"every 2s\"\nconsole = \"^SA-VM-FILE \"\n\
+         deadline = \"10s\"\naccel = \"tcg\"\nmemory = \"512MiB\"\n",
+        key = c.key.path.display(),
+        agents = agents.join(", "),
+        cache = c.path("cache").display(),
+        state = c.path("state").display(),
+        hp = hooks.port,
+        src = source.display(),
+    );
+    let config = c.path("daemon.toml");
+    std::fs::write(&config, text).expect("write the daemon config");
+    let _reaper = KillNaming(c.path("state").join("drill-work"));
+    let mut d = Daemon::start(&config, &c.path("daemon.log"), &[]);
+    let alert = sa_tests::wait::until(Duration::from_secs(120), "the drill's alert", || {
+        assert!(d.is_running(), "the daemon exited:\n{}", d.log());
+        json_lines(&hooks_file).into_iter().find_map(|l| {
+            let body: serde_json::Value = serde_json::from_str(l["body"].as_str()?).ok()?;
+            (body["key"] == "job_failed/drill/broken" && body["event"] == "alert").then_some(body)
+        })
+    });
+    let message = alert["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("no console line matching") && message.contains("10s"),
+        "{alert}"
+    );
+    let (code, page) = d.get("/", &[]);
+    assert_eq!(code, 200);
+    assert!(page.contains("Last recovery drill FAILED"), "{page}");
+    let hex: String = "broken".bytes().map(|b| format!("{b:02x}")).collect();
+    let src = format!("/drill/{hex}.png");
+    assert!(page.contains(&src), "no screenshot on the page: {page}");
+    let png = std::fs::read(c.path("state").join("drill").join(format!("{hex}.png")))
+        .expect("the kept screenshot");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let (code, body) = d.get(&src, &[]);
+    assert_eq!(code, 200, "{src}");
+    assert!(
+        body.contains("PNG") && body.contains("IHDR"),
+        "{src} is not the PNG"
+    );
+    d.signal("TERM");
+    d.wait(Duration::from_secs(60));
 }

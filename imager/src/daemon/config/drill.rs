@@ -69,8 +69,11 @@ pub fn check(t: &DrillTable, at: &str) -> Result<Option<DrillSettings>> {
         qemu: t.qemu.clone(),
         ..DrillArgs::default()
     };
-    // The same checks as the command's flags, now rather than at the first drill.
-    crate::cmd::drill::options(&args, || Some(PathBuf::from("/")))
+    // The same checks as the command's flags, now rather than at the first drill (the agents
+    // are the top level's, checked there).
+    let mut probe = args.clone();
+    probe.fleet.agents = Some(vec!["127.0.0.1".into()]);
+    crate::cmd::drill::options(&probe, || Some(PathBuf::from("/")))
         .map_err(|e| usage(format!("{at}: {e:#}")))?;
     Ok(Some(DrillSettings { every, args }))
 }
