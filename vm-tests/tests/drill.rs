@@ -187,6 +187,14 @@ fn drills_pass_with_two_agents_withheld_fail_on_a_damaged_image_and_clean_up_aft
     assert_eq!(d["stripes_rebuilt"], r["stripes_rebuilt"]);
     assert!(d["boot_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
     assert!(row("broken")["last_drill"].is_null(), "{rows}");
+    let (_, st) = cluster.status_json(&cluster.agents_arg());
+    let sd = st["snapshots"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["volume"] == "appliance"))
+        .map(|x| x["last_drill"].clone())
+        .unwrap_or_default();
+    assert_eq!(sd["passed"], true, "status --json: {st}");
+    assert_eq!(sd["withheld"].as_array(), Some(&withheld));
     let text = String::from_utf8_lossy(&cluster.sa(&["list"]).stdout).into_owned();
     assert!(
         text.contains("passed") && text.contains("(2 withheld)"),

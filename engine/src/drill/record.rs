@@ -4,7 +4,7 @@
 //! `drill-<SNAPSHOT>` on every agent reached: a newer drill of the same snapshot replaces it, so
 //! `list` and `status` show each snapshot's last drill, and the drills of a volume's snapshots
 //! say which agents were withheld when (the rotation, [`super::plan`]). Copies may differ (an
-//! agent was off when another was written): the newest one read wins.
+//! agent was off when another was written): the first copy that opens is used.
 //!
 //! Body (version 1): `u16 version | u64 started (Unix s) | u8 passed | u64 boot ms (u64::MAX:
 //! did not boot) | u64 total ms | u64 stripes rebuilt | u64 stripes lost | str accel | str
@@ -198,8 +198,8 @@ impl DrillRecord {
     }
 }
 
-/// The last drill of each of `snapshots` that has one, read from `live` (the newest copy that
-/// opens wins; damaged copies are logged and skipped). Same order as `snapshots`.
+/// The last drill of each of `snapshots` that has one, read from `live` (the first copy that
+/// opens; damaged copies are logged and skipped). Same order as `snapshots`.
 pub async fn load(
     live: &[AgentClient],
     keys: &Keys,
@@ -221,20 +221,20 @@ pub async fn load(
         let Some(on) = holders.get(&blob_name(s)) else {
             continue;
         };
-        let mut best: Option<DrillRecord> = None;
+        // The first copy that opens: every copy is written by the same drill unless an agent
+        // was off then, and reading all of them would cost a status check one read per agent.
         for &i in on {
             match live[i]
                 .get_blob(&blob_name(s))
                 .await
                 .and_then(|b| DrillRecord::open(keys, s, &b))
             {
-                Ok(r) if best.as_ref().is_none_or(|b| r.started > b.started) => best = Some(r),
-                Ok(_) => {}
+                Ok(r) => {
+                    out.push((s.clone(), r));
+                    break;
+                }
                 Err(e) => tracing::warn!("{}: drill record of {s} unusable: {e}", live[i].addr()),
             }
-        }
-        if let Some(r) = best {
-            out.push((s.clone(), r));
         }
     }
     out
