@@ -124,6 +124,110 @@ fn drills_pass_with_two_agents_withheld_fail_on_a_damaged_image_and_clean_up_aft
     let _reaper = KillNaming(work.clone());
     let shot = cluster.path("shot.png");
 
+    // 0. Bad input: each mistake named, nothing booted.
+    let bad: &[(&[&str], i32, &str)] = &[
+        (
+            &["drill", "--volume", "appliance"],
+            64,
+            "needs something to wait for",
+        ),
+        (
+            &["drill", "--volume", "appliance", "--console", "("],
+            64,
+            "not a regular expression",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--console",
+                "x",
+                "--firmware",
+                "efi",
+            ],
+            64,
+            "give bios or uefi",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--console",
+                "x",
+                "--disk-bus",
+                "nvme",
+            ],
+            64,
+            "give virtio, ide, sata or scsi",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--console",
+                "x",
+                "--accel",
+                "hvf",
+            ],
+            64,
+            "give auto, kvm or tcg",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--screenshot-after",
+                "2m",
+                "--deadline",
+                "1m",
+            ],
+            64,
+            "shorter than --deadline",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--console",
+                "x",
+                "--withhold",
+                "3",
+            ],
+            1,
+            "lose at most 2 agents",
+        ),
+        (
+            &[
+                "drill",
+                "--volume",
+                "appliance",
+                "--console",
+                "x",
+                "--qemu",
+                "/nonexistent/qemu",
+            ],
+            1,
+            "cannot start /nonexistent/qemu",
+        ),
+    ];
+    for (args, code, words) in bad {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.extend([OsStr::new("--work-dir"), work.as_os_str()]);
+        let out = cluster.sa(&a);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}:\n{}", shown(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(words), "{args:?}: no {words:?} in:\n{err}");
+    }
+    assert!(
+        !work.join("overlay.img").exists(),
+        "a refused drill left its overlay"
+    );
+
     // 1. A passing drill, two agents withheld.
     let t = Instant::now();
     let extra = [
