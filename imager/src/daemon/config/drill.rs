@@ -77,3 +77,31 @@ pub fn check(t: &DrillTable, at: &str) -> Result<Option<DrillSettings>> {
         .map_err(|e| usage(format!("{at}: {e:#}")))?;
     Ok(Some(DrillSettings { every, args }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> DrillTable {
+        toml::from_str(text).expect("a drill table")
+    }
+
+    #[test]
+    fn every_turns_drills_on_and_the_flags_are_checked_at_load() {
+        let d = check(&table("every = \"7d\"\nconsole = \"login:\""), "v")
+            .unwrap()
+            .expect("drills on");
+        assert!(matches!(d.every, Schedule::Every(t) if t.as_secs() == 7 * 86400));
+        assert_eq!(d.args.console.as_deref(), Some("login:"));
+        assert!(check(&table("console = \"x\""), "v").unwrap().is_none());
+        assert!(check(&table("every = \"never\"\nconsole = \"x\""), "v")
+            .unwrap()
+            .is_none());
+        let err = |t: &str| format!("{:#}", check(&table(t), "volume.s.drill").unwrap_err());
+        assert!(err("every = \"7d\"").contains("needs something to wait for"));
+        assert!(err("every = \"30s\"\nport = 22").contains("at most once a minute"));
+        assert!(err("every = \"7d\"\nport = 22\nfirmware = \"efi\"").contains("bios or uefi"));
+        assert!(err("every = \"sometimes\"\nport = 22").contains("volume.s.drill.every"));
+        assert!(toml::from_str::<DrillTable>("evry = \"7d\"").is_err());
+    }
+}
