@@ -392,6 +392,25 @@ fn drills_pass_with_two_agents_withheld_fail_on_a_damaged_image_and_clean_up_aft
     //    webhook, and the status page shows the drill and its screenshot.
     daemon_drill_alerts(&cluster, &broken.path);
 
+    // Forgetting a snapshot removes its drill record from the agents.
+    let broken_id = rows
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["volume"] == "broken"))
+        .and_then(|x| x["snapshot"].as_str())
+        .expect("the broken snapshot's id")
+        .to_string();
+    let record = format!("drill-{broken_id}");
+    let holders = |c: &Cluster| {
+        c.agents
+            .iter()
+            .filter(|a| a.dir().join("blobs").join(&record).exists())
+            .count()
+    };
+    assert_eq!(holders(&cluster), 6, "the record is on every agent");
+    let out = cluster.sa(&["forget", &broken_id, "--json"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(holders(&cluster), 0, "forget left the drill record");
+
     // No drill wrote to the backup: it still restores to the image snapshotted.
     let restored = cluster.path("restored.img");
     cluster.restore(&good_id, &restored, &cluster.agents_arg());
