@@ -11,7 +11,7 @@
 # Prints every run and the best of $RUNS (default 3) of each, and the ratio drill/plain.
 # Usage: bench/drill.sh [WORKDIR]
 #   needs root (the image builder loop-mounts), qemu-system-x86, qemu-utils, and
-#   cargo build --release -p sa-imager -p shard-agent && cargo build --release -p sa-vm-tests --example build_image
+#   cargo build --release -p sa-imager -p shard-agent && cargo build --release -p sa-vm-tests --example bench_image
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${SA_BIN_DIR:-$here/target/release}
@@ -31,7 +31,7 @@ wait_for() { # FILE PATTERN [TRIES]: poll until FILE has a line matching PATTERN
 }
 best() { sort -n | head -1; }
 
-img=$("$bin/examples/build_image" "$work/image" writer)
+img=$("$bin/examples/bench_image" "$work/image" writer)
 "$bin/sa-image" keygen --out "$work/key" > /dev/null
 owner=$("$bin/sa-image" owner-id --key "$work/key" | tail -1)
 addrs=""

@@ -1,36 +1,23 @@
-//! Builds the vm-tests boot image for scripts (bench/drill.sh):
-//! `build_image DIR [check|writer]` writes `DIR/boot.img` and prints its path. Needs root.
-//! `check` (the default) boots, checks and powers off; `writer` keeps running (see
-//! [`sa_vm_tests::GuestProgram`]).
+//! Builds the test boot image into a directory and prints what a test would get, for manual
+//! inspection: `cargo run -p sa-vm-tests --example build_image -- DIR [SIZE_MIB]` (as root), then
+//! e.g. `qemu-system-x86_64 -accel tcg -nographic -m 512 -no-reboot
+//! -drive file=DIR/boot.img,format=raw,if=virtio`.
 
-use sa_vm_tests::{build_boot_image_with, GuestProgram, ImageOptions};
-
-fn main() -> std::process::ExitCode {
+fn main() {
     let mut args = std::env::args().skip(1);
-    let Some(dir) = args.next() else {
-        eprintln!("usage: build_image DIR [check|writer]");
-        return std::process::ExitCode::from(64);
-    };
-    let program = match args.next().as_deref() {
-        None | Some("check") => GuestProgram::BootCheck,
-        Some("writer") => GuestProgram::Writer,
-        Some(other) => {
-            eprintln!("unknown guest program {other:?}: give check or writer");
-            return std::process::ExitCode::from(64);
-        }
-    };
-    let opts = ImageOptions {
-        program,
-        ..ImageOptions::default()
-    };
-    match build_boot_image_with(std::path::Path::new(&dir), &opts) {
-        Ok(img) => {
-            println!("{}", img.path.display());
-            std::process::ExitCode::SUCCESS
-        }
+    let dir = args.next().unwrap_or_else(|| {
+        eprintln!("usage: build_image DIR [SIZE_MIB]");
+        std::process::exit(2)
+    });
+    let size_mib = args
+        .next()
+        .map_or(96, |s| s.parse().expect("SIZE_MIB: a number"));
+    let t = std::time::Instant::now();
+    match sa_vm_tests::build_boot_image(std::path::Path::new(&dir), size_mib) {
+        Ok(img) => println!("{img:#?}\nbuilt in {:.2?}", t.elapsed()),
         Err(e) => {
-            eprintln!("{e}");
-            std::process::ExitCode::FAILURE
+            eprintln!("error: {e}");
+            std::process::exit(1)
         }
     }
 }
