@@ -53,6 +53,7 @@ plain_run() { # -> seconds from qemu's start to the marker, booting from qemu-nb
   qemu-nbd --read-only --persistent --format=raw --bind=127.0.0.1 --port="$port" "$img" 2>"$work/nbd.err" &
   nbd=$!; pids+=($nbd)
   for _ in $(seq 500); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.02; done
+  rm -f "$out"   # never match the previous run's line
   t0=$(now)
   qemu-system-x86_64 -accel "$accel" -m 512 -smp 1 -no-reboot -display none -serial stdio -monitor none \
     -nic none -drive "file=nbd://127.0.0.1:$port,format=raw,if=virtio,snapshot=on" < /dev/null > "$out" 2>&1 &
