@@ -25,6 +25,8 @@
 //! * [`repair`] (+ [`repair::watch`]): rebuild absent and crowded shards, new manifest revisions.
 //! * [`retention`] (prune, forget) over [`gc`] (tombstones, leases, mark and sweep).
 //! * [`serve`]: a snapshot as a live NBD export, with an overlay or a live restore (hydrate).
+//! * [`drill`]: a recovery drill: the snapshot served with m agents withheld, booted in QEMU,
+//!   judged (console line, guest port, screenshot), the result sealed on the agents.
 //!
 //! Underneath: [`read`] (one stripe back from k shards: parity on failure, hedging when serving),
 //! [`volume`] and [`source`] (sources and restore targets, opened safely; a source is a file, a
@@ -46,6 +48,7 @@ pub mod cache_dir;
 pub mod catalog;
 pub mod clock;
 pub mod consistency;
+pub mod drill;
 pub mod durability;
 pub mod error;
 pub mod fleet;

@@ -243,6 +243,7 @@ mod tests {
                 lost_stripes: u64::from(margin < 0),
                 ..Default::default()
             },
+            last_drill: None,
         }
     }
 

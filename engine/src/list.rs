@@ -49,6 +49,8 @@ pub struct ListEntry {
     pub new_data: u64,
     /// Bytes of data it shares with at least one other snapshot of the volume (stored once).
     pub shared_data: u64,
+    /// Its last recovery drill, if any ([`crate::drill`]).
+    pub last_drill: Option<crate::drill::record::DrillSummary>,
 }
 
 /// New and shared data per manifest (same order), per volume, oldest first.
@@ -110,6 +112,7 @@ fn entry(m: &Manifest) -> ListEntry {
         agents: m.agents.len(),
         new_data: 0,
         shared_data: 0,
+        last_drill: None,
     }
 }
 
@@ -126,6 +129,14 @@ pub async fn list(fleet: &Fleet, opts: &ListOptions) -> Result<Vec<ListEntry>> {
         }
     }
     let figures = data_figures(&manifests);
+    let ids: Vec<String> = manifests.iter().map(|m| m.snapshot.clone()).collect();
+    let drills = crate::drill::record::load(&cat.reach.live(), fleet.keys(), &ids).await;
+    let drill_of = |id: &str| {
+        drills
+            .iter()
+            .find(|(s, _)| s == id)
+            .map(|(_, r)| r.summary())
+    };
     Ok(manifests
         .iter()
         .zip(figures)
@@ -133,6 +144,7 @@ pub async fn list(fleet: &Fleet, opts: &ListOptions) -> Result<Vec<ListEntry>> {
         .map(|(m, (new_data, shared_data))| ListEntry {
             new_data,
             shared_data,
+            last_drill: drill_of(&m.snapshot),
             ..entry(m)
         })
         .collect())

@@ -80,6 +80,8 @@ pub struct SnapshotStatus {
     /// Presence figures, including the worst-case margin.
     #[serde(flatten)]
     pub health: Margin,
+    /// Its last recovery drill, if any ([`crate::drill`]).
+    pub last_drill: Option<crate::drill::record::DrillSummary>,
 }
 
 /// What `status --json` prints.
@@ -128,6 +130,8 @@ pub async fn status(fleet: &Fleet, opts: &StatusOptions) -> Result<StatusReport>
             error: m.error.clone(),
         })
         .collect();
+    let ids: Vec<String> = manifests.iter().map(|m| m.snapshot.clone()).collect();
+    let drills = crate::drill::record::load(&cat.reach.live(), fleet.keys(), &ids).await;
     let mut exit = 0;
     let snapshots = manifests
         .iter()
@@ -152,6 +156,10 @@ pub async fn status(fleet: &Fleet, opts: &StatusOptions) -> Result<StatusReport>
                 m: m.layout.m,
                 state: state.into(),
                 health,
+                last_drill: drills
+                    .iter()
+                    .find(|(id, _)| *id == m.snapshot)
+                    .map(|(_, r)| r.summary()),
             }
         })
         .collect();

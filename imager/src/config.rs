@@ -76,6 +76,20 @@ pub const KNOWN_KEYS: &[&str] = &[
     "state",
     "max_age",
     "max_absence",
+    // drill
+    "withhold",
+    "console",
+    "port",
+    "screenshot_after",
+    "deadline",
+    "memory",
+    "cpus",
+    "firmware",
+    "disk_bus",
+    "accel",
+    "qemu",
+    "work_dir",
+    "screenshot",
 ];
 
 /// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other

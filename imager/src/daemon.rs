@@ -14,7 +14,8 @@
 //! - [`run`]: start, SIGHUP reload, SIGTERM stop, systemd readiness (`sd-notify`).
 //! - [`runner`]: the job queue (one job at a time, never two of one volume), the schedule loops
 //!   (missed runs run once at start) and the repair loop; [`jobs`]: each job as an engine call;
-//!   [`hooks`]: pre/post snapshot commands with a timeout.
+//!   [`hooks`]: pre/post snapshot commands with a timeout; [`drill`]: scheduled recovery drills
+//!   (a failed one alerts as a failed job) and their screenshot on the page.
 //! - [`journal`]: the job records (append-only, fsynced; a crash loses or doubles none);
 //!   [`state`]: anchors, missing agents and open alerts (written whole, durably).
 //! - [`health`]: the periodic status check and the alert conditions; [`alerts`]: one alert per
@@ -27,6 +28,7 @@
 
 pub mod alerts;
 pub mod config;
+pub mod drill;
 pub mod env;
 pub mod health;
 pub mod hooks;

@@ -3,7 +3,7 @@
 //! reports as text or JSON, and gives exit codes ([`exit`]).
 //!
 //! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
-//! `repair`, `restore`, `serve`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`,
+//! `repair`, `restore`, `serve`, `drill`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`,
 //! `daemon`; hidden, for packaging: `completions SHELL` and `manpages DIR` ([`sa_clidocs`]).
 //!
 //! Files: [`cmd`] (one per command), [`daemon`] (`sa-image daemon`: schedules, alerts, metrics
@@ -90,6 +90,10 @@ enum Command {
     /// Serve a snapshot as an NBD export (read-only, or writable into a local overlay file, or a
     /// live restore onto a disk) [default listen: 127.0.0.1:10809].
     Serve(cmd::serve::ServeArgs),
+    /// Recovery drill: serve a snapshot with m agents withheld, boot it in QEMU and check a
+    /// console line, a guest port and/or the screen; the result is stored next to the snapshot.
+    /// Exit 0 passed, 1 failed.
+    Drill(cmd::drill::DrillArgs),
     /// Apply a retention policy per volume, forget the rest, and collect unreferenced shards.
     Prune(cmd::prune::PruneArgs),
     /// Forget one snapshot, and collect the shards only it used.
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
             Command::Repair(a) => cmd::repair::run(a, cfg).await,
             Command::Restore(a) => cmd::restore::run(a, cfg).await,
             Command::Serve(a) => cmd::serve::run(a, cfg).await,
+            Command::Drill(a) => cmd::drill::run(a, cfg).await,
             Command::Prune(a) => cmd::prune::run(a, cfg).await,
             Command::Forget(a) => cmd::forget::run(a, cfg).await,
             Command::Gc(a) => cmd::gc::run(a, cfg).await,

@@ -8,7 +8,8 @@ use sa_core::store::{AgentClient, ShardRead, ShardWrite};
 use super::read_leases;
 use crate::error::{Error, Result};
 
-/// Writes tombstones for `ids` on every client, then deletes their `snap-` blobs, except those a
+/// Writes tombstones for `ids` on every client, deletes their drill records, then their `snap-`
+/// blobs, except those a
 /// live lease names as its base (a running snapshot reuses their stripes: the collector keeps
 /// them until the lease ends, then deletes them). Fails if no client took a tombstone (nothing is
 /// deleted then).
@@ -38,6 +39,15 @@ pub async fn forget(
                 "no agent accepted the tombstone of snapshot {id}; nothing forgotten: {}",
                 warnings.join("; ")
             )));
+        }
+    }
+    // The snapshot's drill record goes with it (the tombstone hides it from `list` anyway).
+    for id in ids {
+        let name = crate::drill::record::blob_name(id);
+        for c in clients {
+            if let Err(e) = c.delete_blob(&name).await {
+                warnings.push(format!("{}: {name} not deleted: {e}", c.addr()));
+            }
         }
     }
     // Leases read after the tombstones are down: a snapshot that leases a base later sees its

@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Drop a client idle this long (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Agents (by id) never asked for a shard: their shards are rebuilt from parity, as if
+    /// their PCs were off (a recovery drill, [`crate::drill`]).
+    pub withhold: Vec<[u8; 16]>,
 }
 
 impl ServeOptions {
@@ -76,6 +79,7 @@ impl ServeOptions {
             cool_down: COOL_DOWN,
             tls: None,
             idle_timeout: ServerConfig::default().idle_timeout,
+            withhold: Vec::new(),
         }
     }
 }
@@ -172,7 +176,8 @@ pub async fn open(fleet: &Fleet, opts: &ServeOptions) -> Result<Served> {
     let m =
         Arc::new(catalog::resolve(&cat.manifests, &opts.snapshot, opts.volume.as_deref())?.clone());
     let layout = m.layout;
-    let slots = clients_for(fleet, &m, &cat.reach).await;
+    let mut slots = clients_for(fleet, &m, &cat.reach).await;
+    withhold(&mut slots, &m, &opts.withhold);
     for (i, why) in &slots.down {
         tracing::warn!(
             "agent {} is down: {why}; its shards are rebuilt from parity",
@@ -268,6 +273,16 @@ pub async fn open(fleet: &Fleet, opts: &ServeOptions) -> Result<Served> {
         names: slots.names.clone(),
         opts: opts.clone(),
     })
+}
+
+/// Takes the agents of `ids` out of `slots`: they are reported down, "withheld".
+fn withhold(slots: &mut catalog::SlotClients, m: &sa_core::manifest::Manifest, ids: &[[u8; 16]]) {
+    for (i, entry) in m.agents.iter().enumerate() {
+        if ids.contains(&entry.id) && slots.slots[i].take().is_some() {
+            slots.down.push((i, "withheld by the drill".to_string()));
+        }
+    }
+    slots.down.sort_by_key(|d| d.0);
 }
 
 impl Served {

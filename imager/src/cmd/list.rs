@@ -28,6 +28,19 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+/// A snapshot's last drill in a few words: `passed 2026-01-02T03:04:05Z (2 withheld)`.
+pub fn drill_text(d: Option<&sa_engine::drill::record::DrillSummary>) -> String {
+    match d {
+        None => "-".into(),
+        Some(d) => format!(
+            "{} {} ({} withheld)",
+            if d.passed { "passed" } else { "FAILED" },
+            d.at,
+            d.withheld.len()
+        ),
+    }
+}
+
 /// `sa-image list`.
 pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ListArgs = config::load(cfg)?;
@@ -49,12 +62,12 @@ pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  k+m",
+        "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  k+m  last drill",
         "snapshot", "created", "volume", "size", "new data", "shared", "stripes", "zero"
     );
     for r in &rows {
         println!(
-            "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  {}+{}",
+            "{:<16}  {:<20}  {:<16} {:>10} {:>10} {:>10} {:>8} {:>6}  {}+{}  {}",
             r.snapshot,
             r.created,
             r.volume,
@@ -64,7 +77,8 @@ pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
             r.stripes,
             r.zero_stripes,
             r.k,
-            r.m
+            r.m,
+            drill_text(r.last_drill.as_ref())
         );
     }
     Ok(0)

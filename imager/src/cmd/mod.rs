@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod daemon;
 pub mod demo;
+pub mod drill;
 pub mod forget;
 pub mod gc;
 pub mod keygen;

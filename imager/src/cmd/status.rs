@@ -155,5 +155,8 @@ fn print_text(r: &StatusReport) {
             h.margin,
             s.m,
         );
+        if let Some(d) = &s.last_drill {
+            println!("  last drill: {}", crate::cmd::list::drill_text(Some(d)));
+        }
     }
 }

@@ -19,6 +19,8 @@ use sa_engine::retention::Policy;
 use serde::Deserialize;
 
 use super::schedule::Schedule;
+
+pub mod drill;
 use crate::config::{FleetArgs, KeyArgs};
 use crate::exit::usage;
 
@@ -134,6 +136,7 @@ struct VolumeTable {
     max_age: Option<String>,
     min_margin: Option<i64>,
     healthcheck: Option<String>,
+    drill: Option<drill::DrillTable>,
 }
 
 /// How the mail is protected on its way to the SMTP server.
@@ -221,6 +224,8 @@ pub struct VolumeSettings {
     pub min_margin: Option<i64>,
     /// healthchecks-style ping URL (`/start`, `/fail` appended).
     pub healthcheck: Option<String>,
+    /// Scheduled recovery drills (None: none).
+    pub drill: Option<drill::DrillSettings>,
 }
 
 /// The repair watcher's settings.
@@ -471,6 +476,10 @@ fn volume(table_name: &str, v: &VolumeTable, f: &FileConfig) -> Result<VolumeSet
         max_age,
         min_margin: v.min_margin,
         healthcheck: v.healthcheck.clone(),
+        drill: match &v.drill {
+            Some(t) => drill::check(t, &format!("volume.{table_name}.drill"))?,
+            None => None,
+        },
     })
 }
 

@@ -32,7 +32,8 @@ pub struct Ended {
 }
 
 impl Ended {
-    fn failed(e: impl ToString) -> Ended {
+    /// A failure with this error.
+    pub fn failed(e: impl ToString) -> Ended {
         Ended {
             outcome: Outcome::Failed,
             error: Some(e.to_string()),
@@ -40,7 +41,8 @@ impl Ended {
         }
     }
 
-    fn of_engine(e: sa_engine::Error) -> Ended {
+    /// An engine error: interrupted when the daemon stops, failed otherwise.
+    pub fn of_engine(e: sa_engine::Error) -> Ended {
         if matches!(e, sa_engine::Error::Interrupted(_)) {
             Ended {
                 outcome: Outcome::Interrupted,

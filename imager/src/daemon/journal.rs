@@ -37,6 +37,8 @@ pub enum JobKind {
     Scrub,
     /// A repair pass that rebuilt something or failed (quiet passes are not recorded).
     Repair,
+    /// A recovery drill of one volume's newest snapshot.
+    Drill,
 }
 
 impl JobKind {
@@ -47,6 +49,7 @@ impl JobKind {
             JobKind::Prune => "prune",
             JobKind::Scrub => "scrub",
             JobKind::Repair => "repair",
+            JobKind::Drill => "drill",
         }
     }
 }

@@ -218,6 +218,7 @@ fn volume(
         if count == 1 { "" } else { "s" },
         esc(&plan)
     );
+    super::drill::page_html(h, shared, s, name, esc);
     timeline(h, shared, r, name, now);
     h.push_str("</div></li>");
 }

@@ -71,6 +71,18 @@ impl Generation {
                 stop.clone(),
             )));
         }
+        for v in &s.volumes {
+            if let Some(d) = &v.drill {
+                tasks.push(tokio::spawn(runner::schedule_loop(
+                    shared.clone(),
+                    queue.clone(),
+                    JobKind::Drill,
+                    Some(v.name.clone()),
+                    d.every.clone(),
+                    stop.clone(),
+                )));
+            }
+        }
         if let Some(sc) = &s.scrub {
             tasks.push(tokio::spawn(runner::schedule_loop(
                 shared.clone(),

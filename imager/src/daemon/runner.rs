@@ -147,6 +147,15 @@ async fn run_one(shared: &Shared, req: &Request, watch: &mut WatchState) {
                 repair(shared, req, &s, r, watch).await;
             }
         }
+        JobKind::Drill => {
+            if let Some(v) = s
+                .volumes
+                .iter()
+                .find(|v| Some(&v.name) == req.volume.as_ref())
+            {
+                journaled(shared, req, |_| super::drill::drill_job(shared, &s, v)).await;
+            }
+        }
     }
 }
 

@@ -250,7 +250,7 @@ fn respond(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<
     h.insert(
         "content-security-policy",
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'",
         ),
     );
     r
@@ -310,6 +310,10 @@ async fn handle(
             super::metrics::render(shared),
         ),
         "/status.json" => respond(StatusCode::OK, "application/json", status_json(shared)),
+        p if p.starts_with("/drill/") => match super::drill::screenshot(&shared.settings(), p) {
+            Some(png) => respond(StatusCode::OK, "image/png", png),
+            None => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        },
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     })
 }
