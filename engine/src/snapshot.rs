@@ -277,7 +277,15 @@ async fn connect_targets(
 ) -> Result<Targets> {
     let shards = layout.shards();
     let k = opts.k as usize;
-    let reach = fleet.reach(&opts.agents, Access::Write).await;
+    let mut reach = fleet.reach(&opts.agents, Access::Write).await;
+    let need = if opts.allow_degraded { k } else { shards };
+    fleet
+        .wake_sleepers(
+            &mut reach,
+            &crate::fleet::sleepers::Need::Agents(need),
+            &crate::progress::NoProgress,
+        )
+        .await?;
     let clients = reach.live();
     if clients.is_empty()
         || reach

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sa_core::store::ClientOptions;
+use sa_engine::fleet::sleepers::WakeOptions;
 use sa_engine::fleet::{Fleet, FleetOptions};
 use serde::de::DeserializeOwned;
 
@@ -76,6 +77,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "state",
     "max_age",
     "max_absence",
+    "wake_wait",
 ];
 
 /// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other
@@ -218,6 +220,39 @@ impl FleetArgs {
                 nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
         }
         Ok(client)
+    }
+}
+
+/// Whether to wake sleeping agents by Wake-on-LAN, and how long to wait for them: the flag (and
+/// config key) of `restore`, `serve`, `snapshot`, `repair` and `verify`.
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct WakeArgs {
+    /// Members of the agent book that do not answer are woken by Wake-on-LAN, and the command
+    /// waits this long for enough of them (k per stripe to read, k + m to store); 0 turns
+    /// waking off [default: 120s].
+    #[arg(long, value_name = "DURATION")]
+    pub wake_wait: Option<String>,
+}
+
+impl WakeArgs {
+    /// Fills the setting when not given as a flag from the config file's.
+    pub fn merge(&mut self, file: &mut WakeArgs) {
+        merge!(self, file; wake_wait);
+    }
+
+    /// The wake options (a zero wait: none).
+    pub fn options(&self) -> Result<WakeOptions> {
+        let mut o = WakeOptions::default();
+        if let Some(t) = &self.wake_wait {
+            o.wait = duration(t, "--wake-wait")?;
+        }
+        Ok(o)
+    }
+
+    /// `fleet`, waking sleepers as set.
+    pub fn apply(&self, fleet: Fleet) -> Result<Fleet> {
+        Ok(fleet.with_wake(self.options()?))
     }
 }
 
