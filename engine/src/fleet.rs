@@ -25,6 +25,7 @@
 //! reinstalled, a command still knows the other members and that the PC is a stranger.
 
 pub mod census;
+pub mod observe;
 pub mod seen;
 pub mod sleepers;
 
@@ -166,6 +167,8 @@ pub struct Fleet {
     cache: Option<(PathBuf, Mutex<Option<Book>>)>,
     /// Whether and how long to wake members that do not answer ([`sleepers`]).
     wake: Option<sleepers::WakeOptions>,
+    /// Each member's availability as this machine knows it ([`observe`]).
+    history: Mutex<observe::HistoryCache>,
 }
 
 impl Fleet {
@@ -179,6 +182,7 @@ impl Fleet {
             copies: Mutex::new(HashMap::new()),
             cache: None,
             wake: None,
+            history: Mutex::new(observe::HistoryCache::new(None)),
         }
     }
 
@@ -486,7 +490,9 @@ impl Fleet {
         }
         attempts.extend(more);
         self.learn_wake(&live(&attempts), access).await;
-        Reach { attempts, down }
+        let reach = Reach { attempts, down };
+        self.observe(&reach, access).await;
+        reach
     }
 
     /// Writes the book to every client (best effort: a failure is a warning, and the next

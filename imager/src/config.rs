@@ -78,6 +78,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_age",
     "max_absence",
     "wake_wait",
+    "durability",
+    "loss_rate",
+    "repair_throughput",
+    "target",
 ];
 
 /// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other
@@ -198,14 +202,17 @@ impl FleetArgs {
     /// machine's cache directory.
     pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
         let cache_dir = self.cache_dir.as_deref();
-        let cache = sa_engine::cache_dir::owner_dir(cache_dir, &keys).map(|d| d.join("agent-book"));
+        let owner_dir = sa_engine::cache_dir::owner_dir(cache_dir, &keys);
+        let cache = owner_dir.as_ref().map(|d| d.join("agent-book"));
+        let history = owner_dir.map(|d| d.join("availability"));
         Ok(Fleet::new(
             Arc::new(keys),
             FleetOptions {
                 client: self.client_options()?,
             },
         )
-        .with_book_cache(cache))
+        .with_book_cache(cache)
+        .with_history_cache(history))
     }
 
     /// The connect and request timeouts of every agent connection.

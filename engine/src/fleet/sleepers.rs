@@ -340,6 +340,16 @@ impl Fleet {
             }
         }
         waking.outcome.waited = started.elapsed().as_secs_f64();
+        let now = self.clock.now_secs();
+        self.update_history(|h| {
+            for (id, _) in &sleeping {
+                let answered = up.contains(id);
+                h.record_wake(*id, answered);
+                if answered {
+                    h.observe(*id, now, true);
+                }
+            }
+        });
         waking.outcome.asleep = sleeping
             .iter()
             .filter(|s| !up.contains(&s.0))

@@ -98,7 +98,8 @@ fn load(mut args: AgentsArgs, cfg: Option<&Path>) -> Result<(AgentsArgs, sa_engi
 
 async fn list(args: AgentsArgs, cfg: Option<&Path>) -> Result<u8> {
     let (args, fleet) = load(args, cfg)?;
-    let rows = agents::list(&fleet, &args.fleet.addrs()?).await?;
+    let offset = chrono::Local::now().offset().local_minus_utc();
+    let rows = agents::list_at(&fleet, &args.fleet.addrs()?, offset).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {
@@ -138,7 +139,27 @@ fn print_rows(rows: &[AgentRow]) {
             r.pinned_by,
             r.pinned
         );
+        println!("{:<16}  {}", "", availability_text(r));
     }
+}
+
+/// `up 83% of the last 30 days (700 of 720 hours seen); usually up Mon-Fri 08-18; wakes at MAC`.
+fn availability_text(r: &AgentRow) -> String {
+    let up = match &r.availability {
+        Some(u) => format!(
+            "up {:.0}% of the last 30 days ({} of {} hours seen)",
+            u.fraction * 100.0,
+            u.observed_hours,
+            u.span_hours
+        ),
+        None => "availability: not observed yet".into(),
+    };
+    let usual = r.usual_hours.as_deref().unwrap_or("usual hours unknown");
+    let mac = match &r.mac {
+        Some(m) => format!("woken at MAC {m}"),
+        None => "MAC unknown (cannot be woken yet)".into(),
+    };
+    format!("{up}; {usual}; {mac}")
 }
 
 async fn add(a: AddArgs, cfg: Option<&Path>) -> Result<u8> {
