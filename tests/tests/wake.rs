@@ -209,7 +209,8 @@ fn sleeper_names(o: &Office) -> Vec<String> {
 
 /// Three of six PCs asleep and k = 4: a restore through one awake agent (and a fresh cache, so
 /// the MACs come from the agent book on the agents) wakes them, waits for them, and restores
-/// the image byte-identical; each sleeper got its magic packet.
+/// the image byte-identical; each sleeper got its magic packet. Then all six asleep and only a
+/// sleeper's address given: the restore wakes them from this machine's copy of the book.
 #[test]
 fn restore_wakes_three_sleepers() {
     let Some(mut o) = Office::start("restore_wakes_three_sleepers") else {
@@ -268,6 +269,32 @@ fn restore_wakes_three_sleepers() {
         stderr.contains("waiting for 3 agent(s) to wake"),
         "no progress line naming the sleepers: {stderr}"
     );
+
+    // Every PC asleep, and the one address given is a sleeper's: the catalog itself is read
+    // only after waking, from this machine's copy of the agent book (the snapshot's cache).
+    let (owner, base) = (o.c.key.owner.clone(), o.c.dir().to_path_buf());
+    for pc in &mut o.pcs {
+        pc.sleep(&owner, &base, false);
+    }
+    let again = o.c.path("restored-again.img");
+    let out = o.sa(
+        &[
+            "restore",
+            "latest",
+            "--to",
+            again.to_str().unwrap(),
+            "--wake-wait",
+            "60s",
+        ],
+        &o.pcs[5].addr(),
+        "snapshot-cache",
+    );
+    assert!(
+        out.status.success(),
+        "restore with all asleep: {}",
+        shown(&out)
+    );
+    assert_eq!(sa_tests::sha256(&again), o.sha, "restored image differs");
 }
 
 /// Sleepers whose Wake-on-LAN is off: the restore fails after a short `--wake-wait`, naming
