@@ -269,6 +269,26 @@ fn restore_wakes_three_sleepers() {
         stderr.contains("waiting for 3 agent(s) to wake"),
         "no progress line naming the sleepers: {stderr}"
     );
+    // The wakes that answered are counted in the history: their wake success is measured now,
+    // (1 + 4) / (1 + 5) with the prior worth five wakes at 80%.
+    let out = o.sa(
+        &["status", "--durability", "--json"],
+        &o.all(),
+        "fresh-cache",
+    );
+    assert!(out.status.success(), "{}", shown(&out));
+    let d = parse_json(&String::from_utf8_lossy(&out.stdout), &shown(&out));
+    for name in answered.iter().filter_map(Value::as_str) {
+        let a = d["measured"]["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .find(|a| name.starts_with(a["addr"].as_str().unwrap_or("-")))
+            .unwrap_or_else(|| panic!("{name} not in {d}"));
+        assert_eq!(a["wake_measured"], true, "{a}");
+        let w = a["wake"].as_f64().expect("wake");
+        assert!((w - 5.0 / 6.0).abs() < 1e-9, "{a}");
+    }
 
     // Every PC asleep, and the one address given is a sleeper's: the catalog itself is read
     // only after waking, from this machine's copy of the agent book (the snapshot's cache).

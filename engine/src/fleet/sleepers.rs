@@ -341,12 +341,17 @@ impl Fleet {
         }
         waking.outcome.waited = started.elapsed().as_secs_f64();
         let now = self.clock.now_secs();
+        // A wake counts as a success when the member answered in time, as a failure when the
+        // wait ran out without it; one still being tried after the command started counts as
+        // neither.
+        let timed_out = waking.outcome.timed_out;
         self.update_history(|h| {
             for (id, _) in &sleeping {
-                let answered = up.contains(id);
-                h.record_wake(*id, answered);
-                if answered {
+                if up.contains(id) {
+                    h.record_wake(*id, true);
                     h.observe(*id, now, true);
+                } else if timed_out {
+                    h.record_wake(*id, false);
                 }
             }
         });
