@@ -485,6 +485,64 @@ pub async fn wake_agents(
 mod tests {
     use super::*;
 
+    use sa_core::layout::Layout;
+    use sa_core::manifest::AgentEntry;
+
+    /// Six agents (ids 0..6), k = 4 m = 2; stripe 0 on agents 0..6, stripe 1 stored degraded
+    /// with two shards on agent 0 (slots 0,0,1,2,3,4), stripe 2 zero.
+    fn manifest() -> Manifest {
+        Manifest {
+            snapshot: "00aa".into(),
+            volume_name: "v".into(),
+            volume: [1; 16],
+            revision: 0,
+            created: 0,
+            created_nanos: 0,
+            layout: Layout::new(12 << 20, 4 << 20, 4, 2).unwrap(),
+            agents: (0..6)
+                .map(|i| AgentEntry {
+                    id: [i; 16],
+                    addr: format!("pc{i}:7710"),
+                })
+                .collect(),
+            stripes: vec![
+                StripeRef::Data {
+                    id: [1; 32],
+                    slots: vec![0, 1, 2, 3, 4, 5],
+                },
+                StripeRef::Data {
+                    id: [2; 32],
+                    slots: vec![0, 0, 1, 2, 3, 4],
+                },
+                StripeRef::Zero,
+            ],
+            tracking_bitmap: None,
+        }
+    }
+
+    fn ids(v: &[u8]) -> HashSet<[u8; 16]> {
+        v.iter().map(|&i| [i; 16]).collect()
+    }
+
+    #[test]
+    fn readable_needs_k_shards_of_every_stripe_up() {
+        let m = manifest();
+        let need = Need::Readable(vec![&m]);
+        assert!(need.met(&ids(&[0, 1, 2, 3, 4, 5])));
+        // Agent 0 holds two shards of stripe 1: with 0 and 1 up, 3 of its shards are.
+        assert!(!need.met(&ids(&[0, 1])));
+        assert!(
+            need.met(&ids(&[0, 1, 5, 2])),
+            "stripe 0: 4 of 6; stripe 1: 4 shards"
+        );
+        // Without agent 0, stripe 1 has 4 shards only with 1..5 all up.
+        assert!(!need.met(&ids(&[1, 2, 3])));
+        assert!(need.met(&ids(&[1, 2, 3, 4])));
+        assert!(Need::Readable(vec![]).met(&ids(&[])));
+        assert!(Need::Every(ids(&[1, 2])).met(&ids(&[1, 2, 3])));
+        assert!(!Need::Every(ids(&[1, 2])).met(&ids(&[1, 3])));
+    }
+
     #[test]
     fn agents_need_counts_distinct_agents() {
         let up: HashSet<[u8; 16]> = [[1; 16], [2; 16]].into_iter().collect();
