@@ -166,6 +166,34 @@ async fn ip_of(addr: &str) -> Option<IpAddr> {
     found.ok()?.ok()?.next().map(|s| s.ip())
 }
 
+/// Tries the woken member `(id, key)` at `addr` every [`RETRY`] until it answers as itself
+/// (then hands the connection over on `tx`) or `deadline` passes.
+async fn retry(
+    addr: String,
+    (id, key): ([u8; 16], sa_core::tls::AgentKey),
+    keys: Arc<sa_core::keys::Keys>,
+    client: sa_core::store::ClientOptions,
+    deadline: Instant,
+    tx: mpsc::Sender<AgentClient>,
+) {
+    while Instant::now() < deadline {
+        let tried = Instant::now();
+        match AgentClient::connect_with(&addr, keys.clone(), client).await {
+            Ok(c) if c.agent_id() == id && c.key() == key => {
+                let _ = tx.send(c).await;
+                return;
+            }
+            Ok(c) => tracing::warn!(
+                "{addr}: agent {} answers where {} was expected; not used",
+                &hex(&c.agent_id())[..8],
+                &hex(&id)[..8]
+            ),
+            Err(e) => tracing::debug!("{addr}: not awake yet: {e}"),
+        }
+        tokio::time::sleep(RETRY.saturating_sub(tried.elapsed())).await;
+    }
+}
+
 impl Fleet {
     /// Records how to wake each of `clients` from its `STAT` answer (see the module docs).
     pub(super) async fn learn_wake(&self, clients: &[AgentClient], access: Access) {
@@ -215,6 +243,28 @@ impl Fleet {
         Ok(waking)
     }
 
+    /// Counts the wakes in the history: a success when the member answered in time, a failure
+    /// when the wait ran out without it; one still being tried after the command started counts
+    /// as neither.
+    fn record_wakes(
+        &self,
+        sleeping: &[([u8; 16], String)],
+        up: &HashSet<[u8; 16]>,
+        timed_out: bool,
+    ) {
+        let now = self.clock.now_secs();
+        self.update_history(|h| {
+            for (id, _) in sleeping {
+                if up.contains(id) {
+                    h.record_wake(*id, true);
+                    h.observe(*id, now, true);
+                } else if timed_out {
+                    h.record_wake(*id, false);
+                }
+            }
+        });
+    }
+
     /// Wakes the members of `reach.down` that did not answer (of `only`, when given) with
     /// `opts`, and waits until `need` is met or the wait runs out ([`WakeOutcome::timed_out`]).
     pub async fn wake_with(
@@ -262,33 +312,16 @@ impl Fleet {
             tracing::info!("woke {} (MAC {})", d.name(), format_mac(w.mac));
             waking.outcome.woken.push(d.name());
             sleeping.push((d.id, d.name()));
-            let (tx, keys, addr, key, id) = (
-                tx.clone(),
-                self.keys.clone(),
-                d.addr.clone(),
-                member.key,
-                d.id,
-            );
             let mut client = self.opts.client;
             client.connect_timeout = client.connect_timeout.min(TRY_TIMEOUT);
-            waking.tasks.spawn(async move {
-                while Instant::now() < deadline {
-                    let tried = Instant::now();
-                    match AgentClient::connect_with(&addr, keys.clone(), client).await {
-                        Ok(c) if c.agent_id() == id && c.key() == key => {
-                            let _ = tx.send(c).await;
-                            return;
-                        }
-                        Ok(c) => tracing::warn!(
-                            "{addr}: agent {} answers where {} was expected; not used",
-                            &hex(&c.agent_id())[..8],
-                            &hex(&id)[..8]
-                        ),
-                        Err(e) => tracing::debug!("{addr}: not awake yet: {e}"),
-                    }
-                    tokio::time::sleep(RETRY.saturating_sub(tried.elapsed())).await;
-                }
-            });
+            waking.tasks.spawn(retry(
+                d.addr.clone(),
+                (d.id, member.key),
+                self.keys.clone(),
+                client,
+                deadline,
+                tx.clone(),
+            ));
         }
         drop(tx);
         let mut up: HashSet<[u8; 16]> =
@@ -340,21 +373,7 @@ impl Fleet {
             }
         }
         waking.outcome.waited = started.elapsed().as_secs_f64();
-        let now = self.clock.now_secs();
-        // A wake counts as a success when the member answered in time, as a failure when the
-        // wait ran out without it; one still being tried after the command started counts as
-        // neither.
-        let timed_out = waking.outcome.timed_out;
-        self.update_history(|h| {
-            for (id, _) in &sleeping {
-                if up.contains(id) {
-                    h.record_wake(*id, true);
-                    h.observe(*id, now, true);
-                } else if timed_out {
-                    h.record_wake(*id, false);
-                }
-            }
-        });
+        self.record_wakes(&sleeping, &up, waking.outcome.timed_out);
         waking.outcome.asleep = sleeping
             .iter()
             .filter(|s| !up.contains(&s.0))
