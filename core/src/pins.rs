@@ -16,10 +16,17 @@
 //! *earlier* wins: first contact is what was trusted, and a machine that later posed as the
 //! agent while the book was out of reach must not displace it.
 //!
-//! Body (version 1): `u32 n`, then per entry `id [16] | key [32] | addr str | pinned u64 ns |
-//! updated u64 ns | flags u8 (1 deliberate, 2 retired)`.
+//! **Waking.** Each entry also keeps how to wake the agent's PC by Wake-on-LAN: the MAC and
+//! IPv4 broadcast address of the interface it was reached on, as its `STAT` answer last
+//! reported them ([`WakeAddr`]). Merging keeps the most recently reported.
+//!
+//! Body (version 2): `u32 n`, then per entry `id [16] | key [32] | addr str | pinned u64 ns |
+//! updated u64 ns | flags u8 (1 deliberate, 2 retired, 4 MAC known, 8 broadcast known) |
+//! mac [6] | broadcast [4] | wake seen u64 ns`. Version 1 (no wake fields, flags 1 and 2 only)
+//! is still read.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use crate::catalog::{open_record, seal_record};
 use crate::enc::{Reader, Writer};
@@ -30,12 +37,25 @@ use crate::tls::AgentKey;
 /// Blob name of the agent book.
 pub const BOOK_BLOB: &str = "agents";
 /// Body version of the book.
-const BOOK_VERSION: u16 = 1;
+const BOOK_VERSION: u16 = 2;
 /// Most entries a book may hold (bounds what a damaged record can make us allocate).
 const MAX_MEMBERS: usize = 4096;
 
 const DELIBERATE: u8 = 1;
 const RETIRED: u8 = 2;
+const HAS_MAC: u8 = 4;
+const HAS_BROADCAST: u8 = 8;
+
+/// How to wake an agent's PC, as the agent last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeAddr {
+    /// MAC of the interface the agent was reached on.
+    pub mac: [u8; 6],
+    /// Broadcast address of that interface's IPv4 subnet, when it has one.
+    pub broadcast: Option<Ipv4Addr>,
+    /// When the agent reported them (Unix ns).
+    pub seen: u64,
+}
 
 /// One agent of the book.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +74,8 @@ pub struct Member {
     pub deliberate: bool,
     /// Retired (`agents retire`): kept so it is not pinned again as new.
     pub retired: bool,
+    /// How to wake its PC, once it reported that.
+    pub wake: Option<WakeAddr>,
 }
 
 /// What the book says of an agent that showed `key`.
@@ -135,10 +157,32 @@ impl Book {
                         updated: now,
                         deliberate,
                         retired: false,
+                        wake: self.members.get(&id).and_then(|m| m.wake),
                     },
                 );
             }
         }
+        true
+    }
+
+    /// Records how to wake member `id` (from its `STAT` answer). Returns whether the book
+    /// changed: not when `id` is not a member, nor when the MAC and broadcast are the ones known.
+    pub fn set_wake(&mut self, id: &[u8; 16], mac: [u8; 6], broadcast: Option<Ipv4Addr>) -> bool {
+        let Some(m) = self.members.get_mut(id) else {
+            return false;
+        };
+        if m.wake
+            .is_some_and(|w| w.mac == mac && w.broadcast == broadcast)
+        {
+            return false;
+        }
+        let now = now_nanos();
+        m.wake = Some(WakeAddr {
+            mac,
+            broadcast,
+            seen: now,
+        });
+        m.updated = now;
         true
     }
 
@@ -174,14 +218,28 @@ impl Book {
         let mut w = Writer::default();
         w.u16(BOOK_VERSION).u32(self.members.len() as u32);
         for m in self.members.values() {
-            let flags =
-                if m.deliberate { DELIBERATE } else { 0 } | if m.retired { RETIRED } else { 0 };
+            let flags = if m.deliberate { DELIBERATE } else { 0 }
+                | if m.retired { RETIRED } else { 0 }
+                | if m.wake.is_some() { HAS_MAC } else { 0 }
+                | if m.wake.and_then(|w| w.broadcast).is_some() {
+                    HAS_BROADCAST
+                } else {
+                    0
+                };
             w.bytes(&m.id)
                 .bytes(&m.key.0)
                 .str(&m.addr)
                 .u64(m.pinned)
                 .u64(m.updated)
-                .u8(flags);
+                .u8(flags)
+                .bytes(&m.wake.map(|w| w.mac).unwrap_or_default())
+                .bytes(
+                    &m.wake
+                        .and_then(|w| w.broadcast)
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED)
+                        .octets(),
+                )
+                .u64(m.wake.map_or(0, |w| w.seen));
         }
         seal_record(keys, BOOK_BLOB, &w.buf)
     }
@@ -191,7 +249,7 @@ impl Book {
         let body = open_record(keys, BOOK_BLOB, sealed)?;
         let mut r = Reader::new(&body, "agent book");
         let version = r.u16()?;
-        if version != BOOK_VERSION {
+        if version != BOOK_VERSION && version != 1 {
             return Err(Error::UnsupportedVersion {
                 what: "agent book",
                 found: version,
@@ -208,6 +266,29 @@ impl Book {
             let key = AgentKey(r.array()?);
             let addr = r.str()?;
             let (pinned, updated, flags) = (r.u64()?, r.u64()?, r.u8()?);
+            let known = if version == 1 {
+                DELIBERATE | RETIRED
+            } else {
+                DELIBERATE | RETIRED | HAS_MAC | HAS_BROADCAST
+            };
+            if flags & !known != 0 {
+                return Err(Error::malformed(
+                    "agent book",
+                    format!("unknown flags {flags:#x}"),
+                ));
+            }
+            let wake = if version == 1 {
+                None
+            } else {
+                let mac: [u8; 6] = r.array()?;
+                let broadcast = Ipv4Addr::from(r.array::<4>()?);
+                let seen = r.u64()?;
+                (flags & HAS_MAC != 0).then_some(WakeAddr {
+                    mac,
+                    broadcast: (flags & HAS_BROADCAST != 0).then_some(broadcast),
+                    seen,
+                })
+            };
             let m = Member {
                 id,
                 key,
@@ -216,6 +297,7 @@ impl Book {
                 updated,
                 deliberate: flags & DELIBERATE != 0,
                 retired: flags & RETIRED != 0,
+                wake,
             };
             members.insert(id, m);
         }
@@ -231,8 +313,13 @@ fn merge_entry(a: &Member, b: &Member) -> Member {
         } else {
             (a, b)
         };
+        let wake = match (newer.wake, older.wake) {
+            (Some(n), Some(o)) if o.seen > n.seen => Some(o),
+            (n, o) => n.or(o),
+        };
         return Member {
             pinned: newer.pinned.min(older.pinned),
+            wake,
             ..newer.clone()
         };
     }
@@ -264,6 +351,7 @@ mod tests {
             updated,
             deliberate,
             retired: false,
+            wake: None,
         }
     }
 
@@ -336,5 +424,68 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(Book::open(&keys, &bad).is_err());
+    }
+
+    #[test]
+    fn wake_addresses_are_kept_merged_and_sealed() {
+        let keys = MasterKey::generate().unwrap().derive();
+        let mut b = Book::default();
+        let mac = [2, 0, 0, 0, 0, 7];
+        let bc = Some(Ipv4Addr::new(10, 0, 0, 255));
+        assert!(!b.set_wake(&[1; 16], mac, bc), "not a member");
+        b.pin([1; 16], k(1), "a:1", false);
+        assert!(b.set_wake(&[1; 16], mac, bc));
+        assert!(!b.set_wake(&[1; 16], mac, bc), "nothing new");
+        let w = b.get(&[1; 16]).unwrap().wake.unwrap();
+        assert_eq!((w.mac, w.broadcast), (mac, bc));
+        // A re-pin at a new address keeps what is known for waking.
+        assert!(b.pin([1; 16], k(1), "b:1", false));
+        assert_eq!(b.get(&[1; 16]).unwrap().wake, Some(w));
+        let sealed = b.seal(&keys).unwrap();
+        assert_eq!(Book::open(&keys, &sealed).unwrap(), b);
+        // A copy without wake information (an older writer) does not erase it on merge.
+        let mut older = b.clone();
+        older.members.get_mut(&[1; 16]).unwrap().wake = None;
+        older.members.get_mut(&[1; 16]).unwrap().updated += 1;
+        let mut merged = b.clone();
+        merged.merge(&older);
+        assert_eq!(merged.get(&[1; 16]).unwrap().wake, Some(w));
+        // No broadcast known: still a MAC.
+        let mut nb = Book::default();
+        nb.pin([3; 16], k(3), "c:1", false);
+        nb.set_wake(&[3; 16], mac, None);
+        let back = Book::open(&keys, &nb.seal(&keys).unwrap()).unwrap();
+        assert_eq!(back.get(&[3; 16]).unwrap().wake.unwrap().broadcast, None);
+    }
+
+    #[test]
+    fn a_version_1_book_is_still_read() {
+        let keys = MasterKey::generate().unwrap().derive();
+        let mut w = Writer::default();
+        w.u16(1).u32(1);
+        w.bytes(&[5; 16])
+            .bytes(&[6; 32])
+            .str("pc5:7710")
+            .u64(10)
+            .u64(20)
+            .u8(DELIBERATE);
+        let sealed = seal_record(&keys, BOOK_BLOB, &w.buf).unwrap();
+        let b = Book::open(&keys, &sealed).unwrap();
+        let m = b.get(&[5; 16]).unwrap();
+        assert_eq!(
+            (m.addr.as_str(), m.deliberate, m.wake),
+            ("pc5:7710", true, None)
+        );
+        // Unknown flags are refused, in either version.
+        let mut bad = Writer::default();
+        bad.u16(1).u32(1);
+        bad.bytes(&[5; 16])
+            .bytes(&[6; 32])
+            .str("pc5:7710")
+            .u64(10)
+            .u64(20)
+            .u8(HAS_MAC);
+        let sealed = seal_record(&keys, BOOK_BLOB, &bad.buf).unwrap();
+        assert!(Book::open(&keys, &sealed).is_err());
     }
 }

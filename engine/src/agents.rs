@@ -56,10 +56,26 @@ pub struct AgentRow {
     pub quota: Option<u64>,
     /// Shard files (when reachable).
     pub shards: Option<u64>,
+    /// MAC it is woken at (Wake-on-LAN), once it reported one.
+    pub mac: Option<String>,
+    /// How often it was up over the last 30 days, and how much of that time was observed
+    /// (recorded by every command that reaches the fleet; see [`crate::fleet::observe`]).
+    pub availability: Option<crate::availability::Uptime>,
+    /// Its usual hours in the caller's time zone, e.g. `usually up Mon-Fri 08-18`.
+    pub usual_hours: Option<String>,
 }
 
-/// Lists the book's members (see the module docs).
+/// Lists the book's members (see the module docs), usual hours in UTC.
 pub async fn list(fleet: &Fleet, agents: &[String]) -> Result<Vec<AgentRow>> {
+    list_at(fleet, agents, 0).await
+}
+
+/// [`list`], usual hours in local time `utc_offset_secs` east of UTC.
+pub async fn list_at(
+    fleet: &Fleet,
+    agents: &[String],
+    utc_offset_secs: i32,
+) -> Result<Vec<AgentRow>> {
     let reach = fleet.reach(agents, Access::Read).await;
     reach.live_or_none()?;
     let book = fleet.book();
@@ -84,7 +100,22 @@ pub async fn list(fleet: &Fleet, agents: &[String]) -> Result<Vec<AgentRow>> {
             used: stat.as_ref().map(|s| s.used),
             quota: stat.as_ref().map(|s| s.quota),
             shards: stat.as_ref().map(|s| s.shards),
+            mac: stat.and_then(|s| s.mac).map(crate::wake::format_mac),
+            availability: None,
+            usual_hours: None,
         });
+    }
+    let history = fleet.fleet_history(&reach.live()).await;
+    let now = fleet.clock().now_secs();
+    for r in &mut rows {
+        let Some(id) = sa_core::keys::unhex(&r.id).and_then(|v| <[u8; 16]>::try_from(v).ok())
+        else {
+            continue;
+        };
+        r.availability = history.availability(&id, now);
+        r.usual_hours = history
+            .usual_hours(&id, now, utc_offset_secs)
+            .map(|u| u.summary());
     }
     Ok(rows)
 }
@@ -124,6 +155,9 @@ async fn row(m: &Member, reach: &Reach) -> AgentRow {
         used: stat.as_ref().map(|s| s.used),
         quota: stat.as_ref().map(|s| s.quota),
         shards: stat.as_ref().map(|s| s.shards),
+        mac: m.wake.map(|w| crate::wake::format_mac(w.mac)),
+        availability: None,
+        usual_hours: None,
     }
 }
 

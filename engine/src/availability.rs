@@ -139,7 +139,7 @@ fn slot(h: u64) -> (usize, u8) {
 }
 
 /// Availability of an agent over a span.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Uptime {
     /// Fraction of the observed hours it was up.
     pub fraction: f64,

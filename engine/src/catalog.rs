@@ -25,9 +25,20 @@ pub struct Catalog {
     pub reach: Reach,
 }
 
-/// Reaches the fleet through `addrs` and reads the catalog.
+/// Reaches the fleet through `addrs` and reads the catalog. When no agent answers and the
+/// fleet wakes sleepers, the book's members (as this machine's copy knows them) are woken
+/// until one answers.
 pub async fn open(fleet: &Fleet, addrs: &[String], access: Access) -> Result<Catalog> {
-    let reach = fleet.reach(addrs, access).await;
+    let mut reach = fleet.reach(addrs, access).await;
+    if reach.live().is_empty() {
+        fleet
+            .wake_sleepers(
+                &mut reach,
+                &crate::fleet::sleepers::Need::Agents(1),
+                &crate::progress::NoProgress,
+            )
+            .await?;
+    }
     let live = reach.live_or_none()?;
     let manifests = read(fleet, &live).await?;
     Ok(Catalog { manifests, reach })

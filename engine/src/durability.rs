@@ -23,6 +23,7 @@
 //!   efficiency and availability.
 
 pub mod loss;
+pub mod measured;
 pub mod plan;
 pub mod prob;
 

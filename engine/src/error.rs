@@ -86,6 +86,23 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// Members woken by Wake-on-LAN did not answer within the wait, and the operation cannot
+    /// go on without them.
+    #[error(
+        "{} agent(s) did not wake within {}: {}. Switch these PCs on, or check that \
+         Wake-on-LAN is enabled in their firmware and network settings (and that this machine \
+         is on their subnet, or its router forwards directed broadcasts); or wait longer with \
+         --wake-wait",
+        asleep.len(),
+        sa_core::duration::format_span(waited.as_secs()),
+        asleep.join(", ")
+    )]
+    Asleep {
+        /// How long was waited.
+        waited: std::time::Duration,
+        /// The members that did not answer, as `address (id…)`.
+        asleep: Vec<String>,
+    },
     /// The agents do not have the room the operation needs.
     #[error("{0}")]
     NoRoom(String),

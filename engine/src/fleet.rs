@@ -25,7 +25,9 @@
 //! reinstalled, a command still knows the other members and that the PC is a stranger.
 
 pub mod census;
+pub mod observe;
 pub mod seen;
+pub mod sleepers;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -67,6 +69,10 @@ pub struct Down {
     pub addr: String,
     /// Why it is not used.
     pub why: String,
+    /// It did not answer at all (no connection, or no handshake in time), as a PC that is off
+    /// or asleep does not: a candidate for waking ([`sleepers`]). False when something else
+    /// answers at its address, or it refused us.
+    pub asleep: bool,
 }
 
 impl Down {
@@ -159,6 +165,10 @@ pub struct Fleet {
     copies: Mutex<HashMap<[u8; 16], Option<Book>>>,
     /// This machine's copy of the book: where, and the book as last read or written there.
     cache: Option<(PathBuf, Mutex<Option<Book>>)>,
+    /// Whether and how long to wake members that do not answer ([`sleepers`]).
+    wake: Option<sleepers::WakeOptions>,
+    /// Each member's availability as this machine knows it ([`observe`]).
+    history: Mutex<observe::HistoryCache>,
 }
 
 impl Fleet {
@@ -171,7 +181,21 @@ impl Fleet {
             book: Mutex::new(Book::default()),
             copies: Mutex::new(HashMap::new()),
             cache: None,
+            wake: None,
+            history: Mutex::new(observe::HistoryCache::new(None)),
         }
+    }
+
+    /// Wakes members that do not answer by Wake-on-LAN, and waits for them (see [`sleepers`]);
+    /// a zero wait turns waking off.
+    pub fn with_wake(mut self, wake: sleepers::WakeOptions) -> Fleet {
+        self.wake = (!wake.wait.is_zero()).then_some(wake);
+        self
+    }
+
+    /// How members that do not answer are woken; `None`: they are not.
+    pub fn wake_options(&self) -> Option<&sleepers::WakeOptions> {
+        self.wake.as_ref()
     }
 
     /// Keeps a sealed copy of the book at `path` (this machine's cache), read before the first
@@ -429,6 +453,7 @@ impl Fleet {
                 Some((_, r)) => down.push(Down {
                     id: m.id,
                     addr: m.addr.clone(),
+                    asleep: matches!(r, Err(sa_core::Error::AgentUnreachable { .. })),
                     why: match r {
                         Ok(c) => format!(
                             "agent {} answers at its address now",
@@ -449,6 +474,7 @@ impl Fleet {
                 Ok(c) => down.push(Down {
                     id: m.id,
                     addr: addr.clone(),
+                    asleep: false,
                     why: format!(
                         "agent {} answers at its address now",
                         &hex(&c.agent_id())[..8]
@@ -457,12 +483,16 @@ impl Fleet {
                 Err(e) => down.push(Down {
                     id: m.id,
                     addr: addr.clone(),
+                    asleep: matches!(e, sa_core::Error::AgentUnreachable { .. }),
                     why: e.to_string(),
                 }),
             }
         }
         attempts.extend(more);
-        Reach { attempts, down }
+        self.learn_wake(&live(&attempts), access).await;
+        let reach = Reach { attempts, down };
+        self.observe(&reach, access).await;
+        reach
     }
 
     /// Writes the book to every client (best effort: a failure is a warning, and the next

@@ -12,7 +12,10 @@
 //! * [`fleet`]: reaching the agents (the ones given and every member of the agent book in
 //!   service), judging each against the book (pins, strangers at a member's address, retired
 //!   agents), never writing the book from a read-only command; [`fleet::census`] (who is up,
-//!   what each holds, each snapshot's margin) and [`fleet::seen`] (when each agent last answered).
+//!   what each holds, each snapshot's margin) and [`fleet::seen`] (when each agent last answered);
+//!   [`fleet::sleepers`] (each PC's MAC learned from `STAT` into the book; waking members that
+//!   do not answer and waiting until a command has what it needs, `agents wake`) and
+//!   [`fleet::observe`] (each reach recorded in the availability history).
 //! * [`catalog`]: the live snapshots read from the whole fleet; `latest` of a volume; a
 //!   snapshot's agent table mapped to connections.
 //! * [`agents`]: the agent book as the admin changes it: list, add, accept, retire.
@@ -36,7 +39,8 @@
 //!
 //! Models: [`durability`] (how safe the backup is: the chance a restore finds `k` agents per
 //! stripe, with and without waking sleeping PCs, the chance of losing a snapshot within a year,
-//! and a planner for `k`, `m` and `repair-after`; the model is in `docs/durability.md`),
+//! and a planner for `k`, `m` and `repair-after`; the model is in `docs/durability.md`;
+//! [`durability::measured`] feeds it the fleet as measured, for `status --durability` and `plan`),
 //! [`availability`] (each agent's up/down history, a sealed catalog record), [`wake`]
 //! (Wake-on-LAN magic packets).
 //!

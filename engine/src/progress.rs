@@ -15,6 +15,11 @@ pub trait Progress: Send + Sync {
     }
     /// The work ended (done or failed).
     fn finish(&self) {}
+    /// A line for the person waiting (e.g. which agents are still being woken); logged by
+    /// default.
+    fn note(&self, line: &str) {
+        tracing::info!("{line}");
+    }
 }
 
 /// Progress that goes nowhere (the default).

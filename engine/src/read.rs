@@ -15,7 +15,7 @@
 //!   does not cost every stripe a failed round trip. Shards are otherwise asked for data first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sa_core::manifest::{Manifest, StripeRef};
@@ -96,7 +96,9 @@ pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
 pub struct StripeReader {
     codec: Arc<StripeCodec>,
     manifest: Arc<Manifest>,
-    slots: Arc<Vec<Option<AgentClient>>>,
+    /// Per agent-table slot, its connection; a slot empty at the start may be filled once
+    /// later by an agent that woke up ([`StripeReader::join`]).
+    slots: Arc<Vec<OnceLock<AgentClient>>>,
     /// Per slot: until when (ms since `epoch`) the agent counts as unreachable; 0 = healthy.
     cooling: Arc<Vec<AtomicU64>>,
     epoch: Instant,
@@ -132,7 +134,18 @@ impl StripeReader {
         StripeReader {
             codec,
             manifest,
-            slots: Arc::new(slots),
+            slots: Arc::new(
+                slots
+                    .into_iter()
+                    .map(|c| {
+                        let cell = OnceLock::new();
+                        if let Some(c) = c {
+                            let _ = cell.set(c);
+                        }
+                        cell
+                    })
+                    .collect(),
+            ),
             cooling,
             epoch: Instant::now(),
             hedge: None,
@@ -160,6 +173,13 @@ impl StripeReader {
         self
     }
 
+    /// Gives the empty `slot` a connection (an agent that answered after the reads started,
+    /// e.g. a PC woken by Wake-on-LAN): later reads use it, first to hedge. Returns false when
+    /// the slot does not exist or already has one.
+    pub fn join(&self, slot: usize, client: AgentClient) -> bool {
+        self.slots.get(slot).is_some_and(|c| c.set(client).is_ok())
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -167,7 +187,7 @@ impl StripeReader {
     /// Whether the agent in `slot` is known to be unreachable (not connected, or failed within
     /// the last cool-down time).
     pub fn slot_down(&self, slot: usize) -> bool {
-        match self.slots.get(slot) {
+        match self.slots.get(slot).map(OnceLock::get) {
             Some(Some(_)) => self
                 .cooling
                 .get(slot)
@@ -224,7 +244,10 @@ impl StripeReader {
                       idx: usize| {
             in_flight[idx] = true;
             let codec = self.codec.clone();
-            let client = self.slots.get(slots[idx] as usize).cloned().flatten();
+            let client = self
+                .slots
+                .get(slots[idx] as usize)
+                .and_then(|c| c.get().cloned());
             set.spawn(async move {
                 (
                     idx,

@@ -169,7 +169,15 @@ pub async fn repair_pass(
     hold: &mut (dyn FnMut(&Census) -> HashSet<[u8; 16]> + Send),
 ) -> Result<RepairReport> {
     let started = Instant::now();
-    let cat = catalog::open(fleet, &opts.agents, Access::Write).await?;
+    let mut cat = catalog::open(fleet, &opts.agents, Access::Write).await?;
+    // Members asleep are woken first: a shard on a PC that wakes is not absent.
+    fleet
+        .wake_sleepers(
+            &mut cat.reach,
+            &crate::fleet::sleepers::Need::Readable(cat.manifests.iter().collect()),
+            &crate::progress::NoProgress,
+        )
+        .await?;
     let manifests = cat.manifests;
     let census = Census::gather(fleet, &cat.reach, &manifests).await;
     SeenBook::open(opts.cache_dir.as_deref(), fleet.keys())

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::catalog::{self, clients_for, SlotClients};
 use crate::error::{Error, IoContext, LostStripe, Result, StripesLost};
+use crate::fleet::sleepers::{Need, WakeOutcome};
 use crate::fleet::{Access, Fleet};
 use crate::progress::Progress;
 use crate::read::{Problem, StripeLost, StripeReader};
@@ -67,6 +68,8 @@ pub struct RestoreReport {
     pub corrupt_shards: u64,
     /// Agents that could not be reached, as `address (id…)`.
     pub agents_down: Vec<String>,
+    /// Members woken by Wake-on-LAN, and which answered before the restore started.
+    pub wake: WakeOutcome,
     /// Wall time.
     pub seconds: f64,
 }
@@ -96,10 +99,13 @@ pub async fn restore(
     shutdown: &Shutdown,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
-    let cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
+    let mut cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
     let m =
         Arc::new(catalog::resolve(&cat.manifests, &opts.snapshot, opts.volume.as_deref())?.clone());
     let layout = m.layout;
+    let waking = fleet
+        .wake_sleepers(&mut cat.reach, &Need::Readable(vec![&m]), progress)
+        .await?;
     let slots = clients_for(fleet, &m, &cat.reach).await;
     for (i, why) in &slots.down {
         tracing::warn!("agent {} is down: {why}", slots.names[*i]);
@@ -119,6 +125,8 @@ pub async fn restore(
     // Written stripes' buffers are reused for the next ones (see sa_core::pool).
     let pool = Arc::new(BufferPool::new(PARALLEL));
     let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_pool(pool.clone());
+    let woken = waking.outcome.clone();
+    waking.join_late(m.clone(), reader.clone(), &[]);
     progress.start("restore", layout.volume_size);
     let mut tally = Tally {
         reported: slots.down.iter().map(|(i, _)| *i).collect(),
@@ -168,6 +176,7 @@ pub async fn restore(
         missing_shards: tally.per_problem.get("missing").copied().unwrap_or(0),
         corrupt_shards: tally.per_problem.get("corrupt").copied().unwrap_or(0),
         agents_down,
+        wake: woken,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -29,4 +29,4 @@ pub mod snapshot;
 pub mod source;
 pub mod stats;
 
-pub use run::{open, tls_config, ServeOptions, ServeReport, Served};
+pub use run::{open, open_with, tls_config, ServeOptions, ServeReport, Served};

@@ -295,7 +295,15 @@ pub async fn snapshot(
 async fn connect_targets(fleet: &Fleet, opts: &SnapshotOptions) -> Result<Targets> {
     let shards = opts.k as usize + opts.m as usize;
     let k = opts.k as usize;
-    let reach = fleet.reach(&opts.agents, Access::Write).await;
+    let mut reach = fleet.reach(&opts.agents, Access::Write).await;
+    let need = if opts.allow_degraded { k } else { shards };
+    fleet
+        .wake_sleepers(
+            &mut reach,
+            &crate::fleet::sleepers::Need::Agents(need),
+            &crate::progress::NoProgress,
+        )
+        .await?;
     let clients = reach.live();
     if clients.is_empty()
         || reach

@@ -171,10 +171,19 @@ pub async fn verify(
     progress: &dyn Progress,
     shutdown: &Shutdown,
 ) -> Result<VerifyReport> {
-    let cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
+    let mut cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
     let m =
         Arc::new(catalog::resolve(&cat.manifests, &opts.snapshot, opts.volume.as_deref())?.clone());
     let layout = m.layout;
+    // Verify reads every shard: it waits for every woken member it needs to read each stripe,
+    // and the ones that answer in time are checked too.
+    fleet
+        .wake_sleepers(
+            &mut cat.reach,
+            &crate::fleet::sleepers::Need::Readable(vec![&m]),
+            progress,
+        )
+        .await?;
     let slots = clients_for(fleet, &m, &cat.reach).await;
     let used = catalog::used_slots(&m);
     let mut report = VerifyReport {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sa_core::store::ClientOptions;
+use sa_engine::fleet::sleepers::WakeOptions;
 use sa_engine::fleet::{Fleet, FleetOptions};
 use serde::de::DeserializeOwned;
 
@@ -90,6 +91,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "qemu",
     "work_dir",
     "screenshot",
+    // wake, durability, plan
+    "wake_wait",
+    "durability",
+    "loss_rate",
+    "repair_throughput",
+    "target",
 ];
 
 /// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other
@@ -210,14 +217,17 @@ impl FleetArgs {
     /// machine's cache directory.
     pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
         let cache_dir = self.cache_dir.as_deref();
-        let cache = sa_engine::cache_dir::owner_dir(cache_dir, &keys).map(|d| d.join("agent-book"));
+        let owner_dir = sa_engine::cache_dir::owner_dir(cache_dir, &keys);
+        let cache = owner_dir.as_ref().map(|d| d.join("agent-book"));
+        let history = owner_dir.map(|d| d.join("availability"));
         Ok(Fleet::new(
             Arc::new(keys),
             FleetOptions {
                 client: self.client_options()?,
             },
         )
-        .with_book_cache(cache))
+        .with_book_cache(cache)
+        .with_history_cache(history))
     }
 
     /// The connect and request timeouts of every agent connection.
@@ -232,6 +242,39 @@ impl FleetArgs {
                 nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
         }
         Ok(client)
+    }
+}
+
+/// Whether to wake sleeping agents by Wake-on-LAN, and how long to wait for them: the flag (and
+/// config key) of `restore`, `serve`, `snapshot`, `repair` and `verify`.
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct WakeArgs {
+    /// Members of the agent book that do not answer are woken by Wake-on-LAN, and the command
+    /// waits this long for enough of them (k per stripe to read, k + m to store); 0 turns
+    /// waking off [default: 120s].
+    #[arg(long, value_name = "DURATION")]
+    pub wake_wait: Option<String>,
+}
+
+impl WakeArgs {
+    /// Fills the setting when not given as a flag from the config file's.
+    pub fn merge(&mut self, file: &mut WakeArgs) {
+        merge!(self, file; wake_wait);
+    }
+
+    /// The wake options (a zero wait: none).
+    pub fn options(&self) -> Result<WakeOptions> {
+        let mut o = WakeOptions::default();
+        if let Some(t) = &self.wake_wait {
+            o.wait = duration(t, "--wake-wait")?;
+        }
+        Ok(o)
+    }
+
+    /// `fleet`, waking sleepers as set.
+    pub fn apply(&self, fleet: Fleet) -> Result<Fleet> {
+        Ok(fleet.with_wake(self.options()?))
     }
 }
 

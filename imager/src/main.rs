@@ -2,8 +2,9 @@
 //! file into engine options, asks for passphrases, draws progress bars, prints the engine's
 //! reports as text or JSON, and gives exit codes ([`exit`]).
 //!
-//! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `verify`, `scrub`,
-//! `repair`, `restore`, `serve`, `drill`, `prune`, `forget`, `gc`, `agents list|add|accept|retire`, `demo`,
+//! Commands: `keygen`, `owner-id`, `key import`, `snapshot`, `list`, `status`, `plan`, `verify`,
+//! `scrub`, `repair`, `restore`, `serve`, `drill`, `prune`, `forget`, `gc`,
+//! `agents list|add|accept|retire|wake`, `demo`,
 //! `daemon`; hidden, for packaging: `completions SHELL` and `manpages DIR` ([`sa_clidocs`]).
 //!
 //! Files: [`cmd`] (one per command), [`daemon`] (`sa-image daemon`: schedules, alerts, metrics
@@ -74,6 +75,9 @@ enum Command {
     /// losses it survives now. Exit 0 full redundancy, 2 below it, 3 data lost, 4 --max-age or
     /// --max-absence exceeded.
     Status(cmd::status::StatusArgs),
+    /// Recommend k, m and repair-after for the fleet as measured, to keep the chance of losing
+    /// a snapshot within a year under --target (see docs/durability.md).
+    Plan(cmd::plan::PlanArgs),
     /// Read and check every shard of a snapshot. Exit 0 sound, 2 degraded but recoverable, 3
     /// data lost.
     Verify(cmd::verify::VerifyArgs),
@@ -100,7 +104,8 @@ enum Command {
     Forget(cmd::forget::ForgetArgs),
     /// Delete shards that no kept snapshot references (safe while snapshots run).
     Gc(cmd::gc::GcArgs),
-    /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`.
+    /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`,
+    /// `agents wake ID|--all`.
     #[command(subcommand)]
     Agents(cmd::agents::AgentsCommand),
     /// Run by itself: snapshots on schedules with retention, the repair watcher, weekly scrubs,
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
             Command::Snapshot(a) => cmd::snapshot::run(a, cfg).await,
             Command::List(a) => cmd::list::run(a, cfg).await,
             Command::Status(a) => cmd::status::run(a, cfg).await,
+            Command::Plan(a) => cmd::plan::run(a, cfg).await,
             Command::Verify(a) => cmd::verify::run(a, cfg).await,
             Command::Scrub(a) => cmd::scrub::run(a, cfg).await,
             Command::Repair(a) => cmd::repair::run(a, cfg).await,

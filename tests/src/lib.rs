@@ -123,3 +123,15 @@ pub use serve::Serve;
 pub const MIB: u64 = 1 << 20;
 /// The default stripe size of `sa-image` (4 MiB).
 pub const STRIPE: u64 = 4 * MIB;
+
+/// P(at least `k` of `n` independent agents up, each with `p`): the closed form.
+pub fn binomial_at_least(n: u32, k: u32, p: f64) -> f64 {
+    let choose = |n: u32, r: u32| -> f64 {
+        (0..r)
+            .map(|i| f64::from(n - i) / f64::from(i + 1))
+            .product()
+    };
+    (k..=n)
+        .map(|j| choose(n, j) * p.powi(j as i32) * (1.0 - p).powi((n - j) as i32))
+        .sum()
+}

@@ -141,6 +141,17 @@ impl NetNs {
         &self.name
     }
 
+    /// The MAC of the namespace's end of the veth pair (`3c:52:...`, lower case): what an
+    /// agent inside reports for Wake-on-LAN.
+    pub fn ns_mac(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(format!("/sys/class/net/{}/address", self.ns_if))
+            .output()
+            .expect("cannot run ip netns exec");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Cuts the namespace off: the namespace's end of the veth pair goes down. Packets to it
     /// are dropped silently (the host keeps its route, marked `linkdown`: nothing answers, no
     /// reset, like a PC whose cable was pulled); the agent inside keeps running. The host end

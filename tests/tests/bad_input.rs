@@ -13,7 +13,8 @@ use sa_tests::proc::Proc;
 use sa_tests::{json, scan, sha256, wait, Cluster, Key, MIB};
 
 /// Asserts that no agent of `c` holds any shard file or catalog blob (but the agent book,
-/// which pins each agent's identity on first contact, whatever the command).
+/// which pins each agent's identity on first contact, and the availability history, which
+/// records who answered, whatever the command).
 fn assert_nothing_stored(c: &Cluster, why: &str) {
     for a in &c.agents {
         let shards = scan::shard_files(a.dir());
@@ -23,7 +24,7 @@ fn assert_nothing_stored(c: &Cluster, why: &str) {
             a.name()
         );
         let mut blobs = scan::files(&a.dir().join("blobs"));
-        blobs.retain(|b| !b.ends_with("agents"));
+        blobs.retain(|b| !b.ends_with("agents") && !b.ends_with("availability"));
         assert!(
             blobs.is_empty(),
             "{why}: agent {} holds catalog blobs {blobs:?}",

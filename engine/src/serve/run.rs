@@ -163,6 +163,15 @@ pub struct Served {
 
 /// Opens a snapshot for serving (see the module docs).
 pub async fn open(fleet: &Fleet, opts: &ServeOptions) -> Result<Served> {
+    open_with(fleet, opts, &crate::progress::NoProgress).await
+}
+
+/// [`open`], saying on `progress` which members are still being woken.
+pub async fn open_with(
+    fleet: &Fleet,
+    opts: &ServeOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Served> {
     if opts.overlay.is_some() && opts.hydrate.is_some() {
         return Err(Error::invalid(
             "--overlay and --hydrate cannot be used together: with --hydrate the writes go to the \
@@ -172,10 +181,17 @@ pub async fn open(fleet: &Fleet, opts: &ServeOptions) -> Result<Served> {
     if opts.hydrate_state.is_some() && opts.hydrate.is_none() {
         return Err(Error::invalid("--hydrate-state needs --hydrate TARGET"));
     }
-    let cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
+    let mut cat = catalog::open(fleet, &opts.agents, Access::Read).await?;
     let m =
         Arc::new(catalog::resolve(&cat.manifests, &opts.snapshot, opts.volume.as_deref())?.clone());
     let layout = m.layout;
+    let waking = fleet
+        .wake_sleepers(
+            &mut cat.reach,
+            &crate::fleet::sleepers::Need::Readable(vec![&m]),
+            progress,
+        )
+        .await?;
     let mut slots = clients_for(fleet, &m, &cat.reach).await;
     withhold(&mut slots, &m, &opts.withhold);
     for (i, why) in &slots.down {
@@ -188,6 +204,8 @@ pub async fn open(fleet: &Fleet, opts: &ServeOptions) -> Result<Served> {
     let reader = StripeReader::new(codec, m.clone(), slots.slots.clone())
         .with_hedge(opts.hedge_after)
         .with_cool_down(opts.cool_down);
+    // A withheld agent that wakes late stays out of a drill.
+    waking.join_late(m.clone(), reader.clone(), &opts.withhold);
     // The cache must hold the stripes being read plus the read-ahead, or read-ahead is wasted.
     let floor = layout.stripe_size as u64 * (READ_AHEAD + 2);
     if opts.cache < floor {

@@ -7,7 +7,8 @@ use sa_core::size::format_size;
 use sa_engine::agents::{self, AgentRow};
 use serde::Deserialize;
 
-use crate::config::{self, normalize_addr, FleetArgs, KeyArgs};
+use crate::config::{self, normalize_addr, FleetArgs, KeyArgs, WakeArgs};
+use crate::exit::usage;
 use crate::merge;
 use crate::text::print_repair;
 
@@ -23,6 +24,23 @@ pub enum AgentsCommand {
     Accept(IdArgs),
     /// Take an agent out of service: rebuild its shards elsewhere, then leave it retired.
     Retire(IdArgs),
+    /// Wake an agent's PC (or every member that does not answer, with --all) by Wake-on-LAN,
+    /// and wait for it to answer.
+    Wake(WakeCmdArgs),
+}
+
+/// Flags of `agents wake`.
+#[derive(clap::Args, Debug)]
+pub struct WakeCmdArgs {
+    /// The agent's id (or a unique prefix of it), as `agents list` prints it.
+    pub id: Option<String>,
+    /// Wake every member of the agent book that does not answer.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    wake: WakeArgs,
+    #[command(flatten)]
+    common: AgentsArgs,
 }
 
 /// Flags every `agents` subcommand takes.
@@ -65,6 +83,7 @@ pub async fn run(command: AgentsCommand, cfg: Option<&Path>) -> Result<u8> {
         AgentsCommand::Add(a) => add(a, cfg).await,
         AgentsCommand::Accept(a) => accept(a, cfg).await,
         AgentsCommand::Retire(a) => retire(a, cfg).await,
+        AgentsCommand::Wake(a) => wake(a, cfg).await,
     }
 }
 
@@ -79,7 +98,8 @@ fn load(mut args: AgentsArgs, cfg: Option<&Path>) -> Result<(AgentsArgs, sa_engi
 
 async fn list(args: AgentsArgs, cfg: Option<&Path>) -> Result<u8> {
     let (args, fleet) = load(args, cfg)?;
-    let rows = agents::list(&fleet, &args.fleet.addrs()?).await?;
+    let offset = chrono::Local::now().offset().local_minus_utc();
+    let rows = agents::list_at(&fleet, &args.fleet.addrs()?, offset).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {
@@ -119,7 +139,27 @@ fn print_rows(rows: &[AgentRow]) {
             r.pinned_by,
             r.pinned
         );
+        println!("{:<16}  {}", "", availability_text(r));
     }
+}
+
+/// `up 83% of the last 30 days (700 of 720 hours seen); usually up Mon-Fri 08-18; wakes at MAC`.
+fn availability_text(r: &AgentRow) -> String {
+    let up = match &r.availability {
+        Some(u) => format!(
+            "up {:.0}% of the last 30 days ({} of {} hours seen)",
+            u.fraction * 100.0,
+            u.observed_hours,
+            u.span_hours
+        ),
+        None => "availability: not observed yet".into(),
+    };
+    let usual = r.usual_hours.as_deref().unwrap_or("usual hours unknown");
+    let mac = match &r.mac {
+        Some(m) => format!("woken at MAC {m}"),
+        None => "MAC unknown (cannot be woken yet)".into(),
+    };
+    format!("{up}; {usual}; {mac}")
 }
 
 async fn add(a: AddArgs, cfg: Option<&Path>) -> Result<u8> {
@@ -194,4 +234,48 @@ async fn retire(a: IdArgs, cfg: Option<&Path>) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+async fn wake(mut a: WakeCmdArgs, cfg: Option<&Path>) -> Result<u8> {
+    if a.id.is_some() == a.all {
+        return Err(usage(
+            "give the id of the agent to wake (see `sa-image agents list`), or --all for every \
+             member that does not answer",
+        ));
+    }
+    let mut file: WakeArgs = config::load(cfg)?;
+    a.wake.merge(&mut file);
+    let opts = a.wake.options()?;
+    let (args, fleet) = load(a.common, cfg)?;
+    let r = sa_engine::fleet::sleepers::wake_agents(
+        &fleet,
+        &args.fleet.addrs()?,
+        a.id.as_deref(),
+        &opts,
+        &crate::progress::Bar::new(true),
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for row in &r.agents {
+            let text = match row.state {
+                "up" => "up: it answers already".to_string(),
+                "woke" => format!("woke up (MAC {})", row.mac.as_deref().unwrap_or("?")),
+                "sent" => format!(
+                    "magic packets sent to MAC {} (not waited for)",
+                    row.mac.as_deref().unwrap_or("?")
+                ),
+                "asleep" => format!(
+                    "still asleep after {:.0}s (MAC {}): check that Wake-on-LAN is enabled on \
+                     that PC",
+                    r.waited,
+                    row.mac.as_deref().unwrap_or("?")
+                ),
+                _ => format!("not woken: {}", row.why.as_deref().unwrap_or("")),
+            };
+            println!("{} ({})  {text}", row.addr, &row.id[..8]);
+        }
+    }
+    Ok(if r.all_up() { 0 } else { crate::exit::ERROR })
 }

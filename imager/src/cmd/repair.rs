@@ -8,7 +8,7 @@ use sa_engine::repair::watch::{watch, WatchOptions, DEFAULT_INTERVAL, DEFAULT_RE
 use sa_engine::repair::{repair_pass, PassOptions};
 use serde::Deserialize;
 
-use crate::config::{self, FleetArgs, KeyArgs};
+use crate::config::{self, FleetArgs, KeyArgs, WakeArgs};
 use crate::exit::usage;
 use crate::merge;
 use crate::text::print_repair;
@@ -23,6 +23,9 @@ pub struct RepairArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub wake: WakeArgs,
     /// Print one JSON object instead of text (with --watch: one JSON line per pass).
     #[arg(long)]
     pub json: bool,
@@ -52,9 +55,16 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RepairArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.wake.merge(&mut file.wake);
     merge!(args, file; repair_after, interval, state;
         bools json, dry_run, watch);
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    // A watcher runs day and night: it does not wake sleeping PCs (one pass does).
+    let fleet = if args.watch {
+        fleet
+    } else {
+        args.wake.apply(fleet)?
+    };
     let pass = PassOptions {
         dry_run: args.dry_run,
         cache_dir: args.fleet.cache_dir.clone(),

@@ -7,7 +7,7 @@ use sa_core::size::format_size;
 use sa_engine::restore::{restore, RestoreOptions, RestoreReport};
 use serde::Deserialize;
 
-use crate::config::{self, FleetArgs, KeyArgs};
+use crate::config::{self, FleetArgs, KeyArgs, WakeArgs};
 use crate::exit::usage;
 use crate::merge;
 use crate::progress::Bar;
@@ -31,6 +31,9 @@ pub struct RestoreArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub wake: WakeArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -44,12 +47,15 @@ pub async fn run(mut args: RestoreArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: RestoreArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.wake.merge(&mut file.wake);
     merge!(args, file; to, volume; bools json, force);
     let to = args
         .to
         .clone()
         .ok_or_else(|| usage("give --to TARGET: an image file or a block device"))?;
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let fleet = args
+        .wake
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
     let opts = RestoreOptions {
         snapshot: args.snapshot.clone(),
         volume: args.volume.clone(),
@@ -86,6 +92,9 @@ pub fn print_report(r: &RestoreReport) {
             "  {} shards missing, {} corrupt: run `sa-image verify {}` and bring the agents back",
             r.missing_shards, r.corrupt_shards, r.snapshot
         );
+    }
+    for a in &r.wake.answered {
+        println!("  woken by Wake-on-LAN: {a}");
     }
     for a in &r.agents_down {
         println!("  agent down: {a}");

@@ -29,10 +29,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sa_core::size::format_size;
-use sa_engine::serve::{open, tls_config, ServeOptions, ServeReport};
+use sa_engine::serve::{open_with, tls_config, ServeOptions, ServeReport};
 use serde::Deserialize;
 
-use crate::config::{self, FleetArgs, KeyArgs};
+use crate::config::{self, FleetArgs, KeyArgs, WakeArgs};
 use crate::merge;
 
 /// Where `serve` listens unless told otherwise (the IANA NBD port, loopback only).
@@ -51,6 +51,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub wake: WakeArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -110,6 +113,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ServeArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.wake.merge(&mut file.wake);
     merge!(args, file; volume, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay,
         cache, hedge_after, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
@@ -141,8 +145,10 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         .listen
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
-    let served = open(&fleet, &opts).await?;
+    let fleet = args
+        .wake
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
+    let served = open_with(&fleet, &opts, &crate::progress::Bar::new(true)).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| {

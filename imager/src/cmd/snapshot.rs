@@ -12,7 +12,7 @@ use sa_engine::source::is_nbd_uri;
 use sa_engine::source::nbd::NbdUri;
 use serde::Deserialize;
 
-use crate::config::{self, FleetArgs, KeyArgs};
+use crate::config::{self, FleetArgs, KeyArgs, WakeArgs};
 use crate::exit::usage;
 use crate::merge;
 use crate::progress::Bar;
@@ -32,6 +32,9 @@ pub struct SnapshotArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub wake: WakeArgs,
     /// Data shards per stripe (k) [default: 4].
     #[arg(long)]
     pub data_shards: Option<u8>,
@@ -110,6 +113,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: SnapshotArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.wake.merge(&mut file.wake);
     merge!(args, file; data_shards, parity_shards, stripe_size, volume, changed_since,
         changed_map, dirty_bitmap, new_bitmap, freeze, freeze_timeout, lvm_snapshot_size, pre_hook,
         post_hook, hook_timeout; bools json, allow_degraded, lvm_snapshot, inconsistent_ok);
@@ -125,7 +129,9 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
         Some(v) => v,
         None => default_volume(&args.source)?,
     };
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let fleet = args
+        .wake
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
     let mut opts = SnapshotOptions::new(args.source.clone(), &volume, args.fleet.addrs()?);
     opts.k = args.data_shards.unwrap_or(sa_engine::DEFAULT_K);
     opts.m = args.parity_shards.unwrap_or(sa_engine::DEFAULT_M);

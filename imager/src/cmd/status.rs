@@ -33,6 +33,13 @@ pub struct StatusArgs {
     /// machine never saw answer counts as absent).
     #[arg(long, value_name = "DURATION")]
     pub max_absence: Option<String>,
+    /// How safe the backup is instead: the chance a restore finds k agents per stripe (with and
+    /// without waking) and of losing a snapshot within a year (see docs/durability.md).
+    #[arg(long)]
+    pub durability: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: crate::cmd::plan::ModelArgs,
 }
 
 /// `sa-image status`.
@@ -40,7 +47,12 @@ pub async fn run(mut args: StatusArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: StatusArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
-    merge!(args, file; max_age, max_absence; bools json);
+    merge!(args, file; max_age, max_absence; bools json, durability);
+    if args.durability {
+        args.model.merge(&mut file.model);
+        return crate::cmd::plan::durability(&args.keyfile, &args.fleet, &args.model, args.json)
+            .await;
+    }
     let limits = Limits {
         default: VolumeLimits {
             max_age: args

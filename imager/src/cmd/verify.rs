@@ -6,7 +6,7 @@ use anyhow::Result;
 use sa_engine::verify::{verify, VerifyOptions, VerifyReport};
 use serde::Deserialize;
 
-use crate::config::{self, FleetArgs, KeyArgs};
+use crate::config::{self, FleetArgs, KeyArgs, WakeArgs};
 use crate::merge;
 use crate::progress::Bar;
 
@@ -23,6 +23,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub wake: WakeArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -36,8 +39,11 @@ pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: VerifyArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.wake.merge(&mut file.wake);
     merge!(args, file; volume; bools json);
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let fleet = args
+        .wake
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
     let opts = VerifyOptions {
         snapshot: args.snapshot.clone(),
         volume: args.volume.clone(),

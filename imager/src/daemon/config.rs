@@ -68,6 +68,7 @@ pub struct FileConfig {
     data_shards: Option<u8>,
     parity_shards: Option<u8>,
     stripe_size: Option<String>,
+    wake_wait: Option<String>,
     daemon: DaemonTable,
     web: WebTable,
     alerts: AlertsTable,
@@ -248,6 +249,8 @@ pub struct Settings {
     pub fleet: FleetArgs,
     /// Manifest cache and agent sightings.
     pub cache_dir: Option<PathBuf>,
+    /// Sleeping members are woken before each backup, and waited for this long (`wake_wait`).
+    pub wake: sa_engine::fleet::sleepers::WakeOptions,
     /// Job journal and alert state.
     pub state_dir: PathBuf,
     /// Time between status checks (metrics, page, alerts).
@@ -381,11 +384,16 @@ fn check(path: &Path, f: FileConfig, over: &Overrides) -> Result<Settings> {
             w[0]
         )));
     }
+    let wake = crate::config::WakeArgs {
+        wake_wait: f.wake_wait.clone(),
+    }
+    .options()?;
     Ok(Settings {
         path: path.to_path_buf(),
         key,
         fleet,
         cache_dir: f.cache_dir.clone(),
+        wake,
         state_dir: over
             .state_dir
             .clone()

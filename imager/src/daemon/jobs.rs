@@ -125,8 +125,9 @@ async fn finish_pings(v: &VolumeSettings, ended: &Ended) {
 }
 
 async fn take_snapshot(shared: &Shared, s: &Settings, v: &VolumeSettings) -> Ended {
+    // Sleeping members are woken before the backup (and only then: not for checks or repairs).
     let fleet = match shared.fleet() {
-        Ok(f) => f,
+        Ok(f) => f.with_wake(s.wake.clone()),
         Err(e) => return Ended::failed(format!("{e:#}")),
     };
     let addrs = s.fleet.addrs().unwrap_or_default();

@@ -144,8 +144,13 @@ impl Shared {
     /// A fleet for one job or check (the engine's book of agents lives in it, per job).
     pub fn fleet(&self) -> Result<Fleet> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let client = self.settings().fleet.client_options()?;
-        Ok(Fleet::new(keys, FleetOptions { client }))
+        let settings = self.settings();
+        let client = settings.fleet.client_options()?;
+        // Each member's availability is recorded by every job and check (the daemon's own copy
+        // of the history lives in its cache directory).
+        let history = sa_engine::cache_dir::owner_dir(settings.cache_dir.as_deref(), &keys)
+            .map(|d| d.join("availability"));
+        Ok(Fleet::new(keys, FleetOptions { client }).with_history_cache(history))
     }
 
     /// Adds a recent event (and logs it).
