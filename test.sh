@@ -25,12 +25,12 @@ if $debian_root; then
   fi
   apt-get update -qq
   # NBD clients and servers, disk tools (lvm2: snapshot --lvm-snapshot) and a kernel for the VM
-  # tests; chromium (the daemon's status page), wine64 and mingw (the Windows agent); systemd (systemd-analyze),
+  # tests; chromium (the daemon's status page), wine64 and mingw (the Windows agent); systemd (systemd-analyze, and with dbus a logind for --keep-awake),
   # man-db, bash-completion, zsh, fish, binutils (strip) and dpkg-dev for the package tests.
   apt-get install -y -qq --no-install-recommends \
     libnbd-bin python3-libnbd openssl nbdkit fuse3 e2fsprogs fdisk util-linux busybox-static extlinux \
     syslinux-common linux-image-cloud-amd64 kmod cpio iproute2 lvm2 \
-    systemd man-db bash-completion zsh fish binutils dpkg-dev \
+    systemd dbus man-db bash-completion zsh fish binutils dpkg-dev \
     chromium wine64 gcc-mingw-w64-x86-64 clang libc6-dev-arm64-cross >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
   # The daemon's tests: a real SMTP server (aiosmtpd) and the Prometheus text parser.

@@ -110,6 +110,9 @@ async fn serve(cfg: AgentConfig, shutdown: Shutdown, priority: Option<&'static s
     if let Some(rate) = cfg.max_rate {
         server = server.with_rate_limit(RateLimit::new(rate));
     }
+    if let Some(hold) = cfg.keep_awake {
+        server = server.with_keep_awake(shard_agent::awake::KeepAwake::start(hold));
+    }
     let stop: Pin<Box<dyn Future<Output = ()> + Send>> = match shutdown {
         Shutdown::Signals => Box::pin(signals()),
         Shutdown::Future(f) => f,

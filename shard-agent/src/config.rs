@@ -91,8 +91,12 @@ pub struct AgentArgs {
     /// Append the log to this file instead of stderr.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Keep the PC from sleeping while sa-image works with this agent, until this long after its
+    /// last request, e.g. 5m; `off` never [default: 2m]. Linux: a systemd-logind inhibitor lock.
+    #[arg(long, value_name = "DURATION|off")]
+    pub keep_awake: Option<String>,
     /// TOML file with any of the keys above (dir, listen, owner, quota, min_free, max_rate,
-    /// priority, max_connections, scrub_rate, log_file).
+    /// priority, max_connections, scrub_rate, log_file, keep_awake).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -110,6 +114,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     scrub_rate: Option<String>,
     log_file: Option<PathBuf>,
+    keep_awake: Option<String>,
 }
 
 /// Everything the agent runs with.
@@ -125,6 +130,8 @@ pub struct AgentConfig {
     pub max_connections: usize,
     pub scrub_rate: u64,
     pub log_file: Option<PathBuf>,
+    /// How long after a request the PC is kept awake; None: never.
+    pub keep_awake: Option<std::time::Duration>,
 }
 
 /// The lowest `--max-rate`: slower, a server's requests (60 s each, several 1 MiB shards in
@@ -203,6 +210,15 @@ impl AgentArgs {
             Some(r) => parse_rate(&r, "scrub-rate")?,
             None => shard_agent::scrub::DEFAULT_RATE,
         };
+        let keep_awake = match self.keep_awake.clone().or(file.keep_awake) {
+            None => Some(shard_agent::awake::DEFAULT_HOLD),
+            Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+            Some(v) => Some(
+                sa_core::duration::parse_duration(&v)
+                    .map_err(|e| anyhow!("--keep-awake '{v}': {e}; or `off`"))?,
+            )
+            .filter(|d| !d.is_zero()),
+        };
         Ok(AgentConfig {
             dir,
             listen,
@@ -213,6 +229,7 @@ impl AgentArgs {
             max_connections,
             scrub_rate,
             log_file: self.log_file.clone().or(file.log_file),
+            keep_awake,
         })
     }
 
@@ -241,6 +258,7 @@ impl AgentArgs {
             ("--priority", &self.priority),
             ("--max-connections", &max_connections),
             ("--scrub-rate", &self.scrub_rate),
+            ("--keep-awake", &self.keep_awake),
         ] {
             if let Some(v) = v {
                 out.push(flag.into());
@@ -276,6 +294,23 @@ mod tests {
         assert_eq!(c.limits.quota, 0);
         assert_eq!(c.priority, Priority::Low);
         assert_eq!(c.max_rate, None);
+        assert_eq!(c.keep_awake, Some(shard_agent::awake::DEFAULT_HOLD));
+    }
+
+    #[test]
+    fn keep_awake_takes_a_duration_or_off() {
+        let with = |v: &str| args(&["--dir", "d", "--owner", OWNER, "--keep-awake", v]).resolve();
+        assert_eq!(
+            with("5m").unwrap().keep_awake,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert_eq!(with("off").unwrap().keep_awake, None);
+        assert_eq!(with("0s").unwrap().keep_awake, None);
+        let e = with("soon").unwrap_err().to_string();
+        assert!(
+            e.contains("--keep-awake 'soon'") && e.contains("off"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -287,7 +322,8 @@ mod tests {
             format!(
                 "dir = 'x'\nlisten = '127.0.0.9'\nowner = '{OWNER}'\nquota = '1G'\n\
                  min_free = '5G'\nmax_rate = '20MiB/s'\npriority = 'normal'\n\
-                 max_connections = 9\nscrub_rate = '1M'\nlog_file = 'a.log'\n"
+                 max_connections = 9\nscrub_rate = '1M'\nlog_file = 'a.log'\n\
+                 keep_awake = '10m'\n"
             ),
         )
         .unwrap();
@@ -301,6 +337,7 @@ mod tests {
         assert_eq!(c.priority, Priority::Normal);
         assert_eq!((c.max_connections, c.scrub_rate), (9, 1 << 20));
         assert_eq!(c.log_file, Some(PathBuf::from("a.log")));
+        assert_eq!(c.keep_awake, Some(std::time::Duration::from_secs(600)));
         let c = args(&["--config", f, "--min-free", "1%", "--priority", "low"])
             .resolve()
             .unwrap();

@@ -18,11 +18,14 @@
 //!   [`rate::RateLimit`] caps its shard traffic (`--max-rate`), and the store's floor
 //!   (`sa_core::store::MinFree`, `--min-free`) keeps the user's disk from filling.
 //! * [`listen`] reads `--listen` (a bare host means port 7710).
+//! * [`awake::KeepAwake`] keeps the PC from sleeping while clients work with the agent
+//!   (`--keep-awake`: a systemd-logind inhibitor lock on Linux).
 //!
 //! Portable `std` + tokio: agents run on Windows and macOS desk PCs too. What differs per OS
 //! is cfg-gated in [`priority`] and in `sa_core::store::dir::files`; the binary adds a Windows
 //! service (`shard-agent service install`).
 
+pub mod awake;
 pub mod listen;
 pub mod netinfo;
 pub mod priority;

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::awake::KeepAwake;
 use crate::rate::RateLimit;
 use crate::scrub::Scrubber;
 
@@ -34,6 +35,7 @@ pub struct Server {
     conns: Arc<Semaphore>,
     scrub: Option<Scrubber>,
     rate: Option<Arc<RateLimit>>,
+    awake: Option<KeepAwake>,
 }
 
 impl Server {
@@ -52,6 +54,7 @@ impl Server {
             conns: Arc::new(Semaphore::new(max_connections.max(1))),
             scrub: None,
             rate: None,
+            awake: None,
         }
     }
 
@@ -65,6 +68,12 @@ impl Server {
     /// `rate` ([`RateLimit`]).
     pub fn with_rate_limit(mut self, rate: RateLimit) -> Self {
         self.rate = Some(Arc::new(rate));
+        self
+    }
+
+    /// Keeps the PC awake while clients make requests ([`KeepAwake`]).
+    pub fn with_keep_awake(mut self, awake: KeepAwake) -> Self {
+        self.awake = Some(awake);
         self
     }
 
@@ -124,6 +133,9 @@ impl Server {
             let Some((kind, body)) = frame else {
                 return Ok(());
             };
+            if let Some(a) = &self.awake {
+                a.touch();
+            }
             self.throttle(body.len()).await;
             let req = Request::parse(kind, body)?;
             let mut resp = self.apply(req).await;
