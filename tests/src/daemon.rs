@@ -228,19 +228,34 @@ pub fn chromium(url: &str, png: &Path, profile: &Path) -> String {
         .arg(format!("--user-data-dir={}", profile.display()))
         .stdin(Stdio::null());
     };
-    let mut shot = Command::new("chromium");
-    base(&mut shot);
-    shot.arg(format!("--screenshot={}", png.display())).arg(url);
-    let out = crate::proc::run(shot, profile.parent().unwrap_or(profile), START);
+    let scratch = profile.parent().unwrap_or(profile);
+    // Headless Chromium now and then hangs before it draws anything (seen once in CI in a run
+    // whose other Chromium starts all took seconds): such a run is killed and tried again, at
+    // most three times.
+    let patient = |what: &str, add: &dyn Fn(&mut Command)| -> std::process::Output {
+        let mut hung = Vec::new();
+        for _ in 0..3 {
+            let mut cmd = Command::new("chromium");
+            base(&mut cmd);
+            add(&mut cmd);
+            match crate::proc::try_run(cmd, scratch, START) {
+                Ok(out) => return out,
+                Err(why) => hung.push(why),
+            }
+        }
+        panic!("chromium {what} hung three times:\n{}", hung.join("\n"));
+    };
+    let out = patient("--screenshot", &|c| {
+        c.arg(format!("--screenshot={}", png.display())).arg(url);
+    });
     assert!(
         out.status.success() && png.is_file(),
         "chromium --screenshot failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut dom = Command::new("chromium");
-    base(&mut dom);
-    dom.arg("--dump-dom").arg(url);
-    let out = crate::proc::run(dom, profile.parent().unwrap_or(profile), START);
+    let out = patient("--dump-dom", &|c| {
+        c.arg("--dump-dom").arg(url);
+    });
     assert!(
         out.status.success(),
         "chromium --dump-dom failed: {}",

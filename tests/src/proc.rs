@@ -74,7 +74,16 @@ impl Drop for Proc {
 
 /// Runs `cmd` to the end with stdout and stderr captured (through files in `scratch`, so a
 /// chatty child never blocks on a full pipe); kills it and panics after `timeout`.
-pub fn run(mut cmd: Command, scratch: &Path, timeout: Duration) -> Output {
+pub fn run(cmd: Command, scratch: &Path, timeout: Duration) -> Output {
+    match try_run(cmd, scratch, timeout) {
+        Ok(out) => out,
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// [`run`], but a child that does not finish within `timeout` is killed and said (`Err`), not
+/// a panic: for a client known to hang now and then (headless Chromium), tried again.
+pub fn try_run(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Output, String> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out_path = scratch.join(format!("run-{n}.stdout"));
@@ -93,7 +102,11 @@ pub fn run(mut cmd: Command, scratch: &Path, timeout: Duration) -> Output {
         if Instant::now() >= deadline {
             p.kill();
             let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-            panic!("{shown} did not finish within {timeout:?}; killed it. stderr:\n{stderr}");
+            let _ = std::fs::remove_file(&out_path);
+            let _ = std::fs::remove_file(&err_path);
+            return Err(format!(
+                "{shown} did not finish within {timeout:?}; killed it. stderr:\n{stderr}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -102,9 +115,9 @@ pub fn run(mut cmd: Command, scratch: &Path, timeout: Duration) -> Output {
     let stderr = std::fs::read(&err_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(&err_path);
-    Output {
+    Ok(Output {
         status,
         stdout,
         stderr,
-    }
+    })
 }
