@@ -231,6 +231,7 @@ fn frame_seeds() -> Vec<Vec<u8>> {
             fs_free: Some(3),
             mac: Some([2, 0, 0, 0, 0, 1]),
             broadcast: Some(std::net::Ipv4Addr::new(10, 0, 0, 255)),
+            keep_awake: Some(std::time::Duration::from_secs(90)),
         }),
         Response::Shards(vec![ShardEntry {
             stripe: [3; 32],

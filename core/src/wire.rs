@@ -185,6 +185,11 @@ pub struct StoreStat {
     pub mac: Option<[u8; 6]>,
     /// IPv4 broadcast address of that interface's subnet; `None` when unknown.
     pub broadcast: Option<Ipv4Addr>,
+    /// How long the agent keeps its PC awake after a request (`shard-agent --keep-awake`),
+    /// whole milliseconds on the wire; `None` when it does not (off, not built for its OS, an
+    /// older agent). A client running a long job asks something more often than this so the
+    /// PC does not sleep in a quiet phase (the engine's `fleet::keepalive`).
+    pub keep_awake: Option<std::time::Duration>,
 }
 
 impl StoreStat {
@@ -613,9 +618,12 @@ impl Response {
                 w.bytes(&s.agent_id).u64(s.used).u64(s.quota).u64(s.shards);
                 if let Some(free) = s.fs_free {
                     w.u64(free);
-                    if s.mac.is_some() || s.broadcast.is_some() {
+                    if s.mac.is_some() || s.broadcast.is_some() || s.keep_awake.is_some() {
                         w.bytes(&s.mac.unwrap_or_default())
                             .bytes(&s.broadcast.unwrap_or(Ipv4Addr::UNSPECIFIED).octets());
+                        if let Some(hold) = s.keep_awake {
+                            w.u64((hold.as_millis() as u64).max(1));
+                        }
                     }
                 }
                 (kind::STAT_REPLY, &[])
@@ -685,6 +693,7 @@ impl Response {
                     fs_free: None,
                     mac: None,
                     broadcast: None,
+                    keep_awake: None,
                 };
                 // Extension fields, in order; an older agent stops before them, and fields a
                 // newer agent appends after the known ones are skipped.
@@ -695,6 +704,11 @@ impl Response {
                     s.mac = Some(r.array()?).filter(|m: &[u8; 6]| *m != [0; 6]);
                     s.broadcast =
                         Some(Ipv4Addr::from(r.array::<4>()?)).filter(|b| !b.is_unspecified());
+                }
+                if r.remaining() >= 8 {
+                    s.keep_awake = Some(r.u64()?)
+                        .filter(|ms| *ms > 0)
+                        .map(std::time::Duration::from_millis);
                 }
                 r.take(r.remaining())?;
                 Response::Stat(s)
@@ -909,6 +923,7 @@ mod tests {
                 fs_free: Some(1 << 40),
                 mac: None,
                 broadcast: None,
+                keep_awake: None,
             }),
             Response::Stat(StoreStat {
                 agent_id: [5; 16],
@@ -918,6 +933,7 @@ mod tests {
                 fs_free: Some(7),
                 mac: Some([0x02, 0, 0, 0, 0, 9]),
                 broadcast: Some(Ipv4Addr::new(192, 168, 1, 255)),
+                keep_awake: None,
             }),
             Response::Stat(StoreStat {
                 agent_id: [6; 16],
@@ -927,6 +943,17 @@ mod tests {
                 fs_free: Some(7),
                 mac: Some([0x02, 0, 0, 0, 0, 9]),
                 broadcast: None,
+                keep_awake: None,
+            }),
+            Response::Stat(StoreStat {
+                agent_id: [8; 16],
+                used: 1,
+                quota: 0,
+                shards: 1,
+                fs_free: Some(7),
+                mac: None,
+                broadcast: None,
+                keep_awake: Some(std::time::Duration::from_secs(120)),
             }),
             Response::Stat(StoreStat {
                 agent_id: [4; 16],
@@ -936,6 +963,7 @@ mod tests {
                 fs_free: None,
                 mac: None,
                 broadcast: None,
+                keep_awake: None,
             }),
             Response::Error {
                 code: ErrorCode::Full,
@@ -1026,10 +1054,12 @@ mod tests {
             fs_free: Some(5),
             mac: None,
             broadcast: None,
+            keep_awake: None,
         };
         let new = StoreStat {
             mac: Some([0x3c, 0x52, 0x82, 0x0a, 0x1b, 0x2c]),
             broadcast: Some(Ipv4Addr::new(10, 1, 2, 255)),
+            keep_awake: None,
             ..old.clone()
         };
         let body = |s: &StoreStat| Response::Stat(s.clone()).frame().head;
@@ -1061,6 +1091,23 @@ mod tests {
             ..new.clone()
         };
         assert_eq!(body(&no_free).len(), 16 + 3 * 8);
+        // The keep-awake hold follows them (zeros standing for an unknown MAC), in whole ms.
+        let awake = StoreStat {
+            keep_awake: Some(std::time::Duration::from_secs(120)),
+            ..old.clone()
+        };
+        let b = body(&awake);
+        assert_eq!(b.len(), short.len() + 10 + 8);
+        assert_eq!(&b[b.len() - 8..], &120_000u64.to_le_bytes());
+        let Response::Stat(s) = Response::parse(kind::STAT_REPLY, b).unwrap() else {
+            panic!("not a stat")
+        };
+        assert_eq!(s, awake);
+        // An agent before the field: none.
+        let Response::Stat(s) = Response::parse(kind::STAT_REPLY, long.clone()).unwrap() else {
+            panic!("not a stat")
+        };
+        assert_eq!(s.keep_awake, None);
     }
 
     #[tokio::test]

@@ -179,6 +179,7 @@ pub async fn repair_pass(
         )
         .await?;
     let manifests = cat.manifests;
+    let _awake = crate::fleet::keepalive::KeepAlive::start(&cat.reach.live());
     let census = Census::gather(fleet, &cat.reach, &manifests).await;
     SeenBook::open(opts.cache_dir.as_deref(), fleet.keys())
         .record(&census, fleet.clock().now_secs());

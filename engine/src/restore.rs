@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::catalog::{self, clients_for, SlotClients};
 use crate::error::{Error, IoContext, LostStripe, Result, StripesLost};
+use crate::fleet::keepalive::KeepAlive;
 use crate::fleet::sleepers::{Need, WakeOutcome};
 use crate::fleet::{Access, Fleet};
 use crate::progress::Progress;
@@ -126,7 +127,8 @@ pub async fn restore(
     let pool = Arc::new(BufferPool::new(PARALLEL));
     let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_pool(pool.clone());
     let woken = waking.outcome.clone();
-    waking.join_late(m.clone(), reader.clone(), &[]);
+    let awake = KeepAlive::start(slots.slots.iter().flatten());
+    waking.join_late(m.clone(), reader.clone(), &[], &awake);
     progress.start("restore", layout.volume_size);
     let mut tally = Tally {
         reported: slots.down.iter().map(|(i, _)| *i).collect(),

@@ -85,6 +85,7 @@ pub use report::{AgentPlacement, Phases, SnapshotReport};
 use crate::consistency::hooks::HookEnv;
 use crate::consistency::{self, ConsistencyOptions, Method};
 use crate::error::{Error, Result};
+use crate::fleet::keepalive::KeepAlive;
 use crate::fleet::{none_reachable, Access, Fleet};
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
@@ -168,6 +169,8 @@ pub async fn snapshot(
     // The source and the agents are reached at once; a source that cannot be opened is
     // reported as soon as it is known, without waiting for slow agents.
     let (opened, targets) = tokio::try_join!(open::open(opts), connect_targets(fleet, opts))?;
+    // The PCs stay awake until the snapshot is committed or fails, hooks and freezes included.
+    let _awake = KeepAlive::start(&targets.clients);
     let source = Arc::new(opened.source);
     let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
     let mut phases = Phases {

@@ -185,6 +185,7 @@ pub async fn verify(
         )
         .await?;
     let slots = clients_for(fleet, &m, &cat.reach).await;
+    let _awake = crate::fleet::keepalive::KeepAlive::start(slots.slots.iter().flatten());
     let used = catalog::used_slots(&m);
     let mut report = VerifyReport {
         snapshot: m.snapshot.clone(),

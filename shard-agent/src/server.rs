@@ -139,8 +139,11 @@ impl Server {
             self.throttle(body.len()).await;
             let req = Request::parse(kind, body)?;
             let mut resp = self.apply(req).await;
-            if let (Response::Stat(stat), Some(local)) = (&mut resp, local) {
-                crate::netinfo::fill(stat, local.ip()).await;
+            if let Response::Stat(stat) = &mut resp {
+                if let Some(local) = local {
+                    crate::netinfo::fill(stat, local.ip()).await;
+                }
+                stat.keep_awake = self.awake.as_ref().and_then(KeepAwake::hold);
             }
             if let Response::Data(data) = &resp {
                 self.throttle(data.len()).await;

@@ -1,7 +1,8 @@
 //! The agent keeps its PC awake while sa-image works with it (`--keep-awake`, issue 16): a real
 //! systemd-logind on a private system bus (dbus-daemon), whose inhibitor list
 //! (`systemd-inhibit --list`) shows the agent's lock from a client's request until the hold
-//! after it runs out, and never after the agent is killed. Without logind the agent says why in
+//! after it runs out, and never after the agent is killed; a snapshot keeps the locks held
+//! through a long quiet pre-hook (the engine's keepalive). Without logind the agent says why in
 //! its log and serves as usual.
 //!
 //! Needs root on Linux with dbus-daemon, systemd-logind and systemd-inhibit (Debian: `dbus`,
@@ -14,6 +15,7 @@ use std::time::Duration;
 use sa_tests::cluster::{Cluster, ClusterOptions};
 use sa_tests::proc::Proc;
 use sa_tests::wait::until_true;
+use sa_tests::{ImageSpec, MIB};
 
 const LOGIND: &str = "/lib/systemd/systemd-logind";
 const BUS_ENV: &str = "DBUS_SYSTEM_BUS_ADDRESS";
@@ -197,6 +199,57 @@ fn the_agent_keeps_its_pc_awake_while_clients_work_and_lets_go_after() {
     until_true(
         Duration::from_secs(10),
         "the lock of a killed agent to go away",
+        || inhibitors(&addr).is_some_and(|l| !held_by_agent(&l)),
+    );
+    drop(c);
+
+    // A job keeps the PCs awake through its quiet phases: a snapshot whose pre-hook takes 8 s
+    // (no request to any agent meanwhile) asks each agent, which reports its 3 s hold, for its
+    // STAT every second, so the lock stays held the whole time; it is let go after the job.
+    let c = Cluster::start_with(ClusterOptions {
+        agents: 3,
+        agent_args: (0..3)
+            .map(|i| (i, vec!["--keep-awake".into(), "3s".into()]))
+            .collect(),
+        ..Default::default()
+    });
+    let img = ImageSpec::random(8 * MIB, 0x1600_0016).write(&c.path("disk.img"));
+    let started = c.path("hook-started");
+    let hook = format!("touch '{}' && sleep 8", started.display());
+    std::thread::scope(|s| {
+        let snap = s.spawn(|| {
+            c.snapshot(
+                &img.path,
+                &[
+                    "--data-shards",
+                    "2",
+                    "--parity-shards",
+                    "1",
+                    "--inconsistent-ok",
+                    "--pre-hook",
+                    &hook,
+                ],
+            )
+        });
+        until_true(Duration::from_secs(60), "the pre-hook to start", || {
+            started.exists()
+        });
+        let quiet = std::time::Instant::now();
+        while quiet.elapsed() < Duration::from_secs(7) {
+            let list = inhibitors(&addr).expect("logind answers");
+            assert!(
+                held_by_agent(&list),
+                "{:.1} s into the pre-hook (the agents' hold is 3 s), no agent holds its lock:\n{list}",
+                quiet.elapsed().as_secs_f64()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let report = snap.join().expect("the snapshot thread");
+        assert_eq!(report["new_stripes"], 2, "{report}");
+    });
+    until_true(
+        Duration::from_secs(20),
+        "the locks to be let go after the snapshot",
         || inhibitors(&addr).is_some_and(|l| !held_by_agent(&l)),
     );
     std::env::remove_var(BUS_ENV);

@@ -26,11 +26,14 @@ fn windows_agents_serve_snapshot_and_restore_with_two_linux_agents_gone() {
     let wine = Wine::start();
     let mut c = Cluster::start(4);
     for i in 0..2 {
+        // win0 is asked to keep its PC awake: Wine's powershell.exe is a stub that prints
+        // nothing, so the agent reports it cannot and serves as usual.
+        let args: &[&str] = if i == 0 { &["--keep-awake", "3s"] } else { &[] };
         let a = Agent::start_with(
             c.dir(),
             &format!("win{i}"),
             &c.key.owner,
-            &[],
+            args,
             wine.launcher(),
         );
         c.agents.push(a);
@@ -69,6 +72,14 @@ fn windows_agents_serve_snapshot_and_restore_with_two_linux_agents_gone() {
     for w in &mut c.agents[4..] {
         assert!(w.is_running(), "{} died:\n{}", w.name(), w.log());
     }
+    // The Windows agent ran PowerShell to keep its PC awake (Wine's stub ends without taking
+    // anything), said so, and served all the same.
+    let log = c.agents[4].log();
+    assert!(
+        log.contains("cannot keep this PC awake")
+            && log.contains("(powershell.exe ended without taking the lock)"),
+        "{log}"
+    );
 }
 
 /// A second Windows agent on a directory in use is refused (the lock works through Wine's

@@ -532,6 +532,7 @@ impl DirStore {
             // Known only to the server, which sees the connection (shard-agent's netinfo).
             mac: None,
             broadcast: None,
+            keep_awake: None,
         }
     }
 }

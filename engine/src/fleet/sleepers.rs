@@ -142,8 +142,16 @@ impl Waking {
 
     /// Hands every member that answers from now on to `reader` (its slot in `m`'s agent table),
     /// in the background, until the wait runs out; members in `withheld` (a drill's) are not.
-    pub fn join_late(mut self, m: Arc<Manifest>, reader: StripeReader, withheld: &[[u8; 16]]) {
+    /// Each one joined is also kept awake by `awake` (see [`super::keepalive`]).
+    pub fn join_late(
+        mut self,
+        m: Arc<Manifest>,
+        reader: StripeReader,
+        withheld: &[[u8; 16]],
+        awake: &super::keepalive::KeepAlive,
+    ) {
         let withheld = withheld.to_vec();
+        let awake = awake.clone();
         if !self.pending() {
             return;
         }
@@ -156,6 +164,7 @@ impl Waking {
                 for (slot, _) in m.agents.iter().enumerate().filter(|(_, a)| a.id == id) {
                     if reader.join(slot, c.clone()) {
                         tracing::info!("{} woke up: used from now on", agent_name(c.addr(), &id));
+                        awake.add(c.clone());
                     }
                 }
             }

@@ -24,6 +24,7 @@ use super::source::{ServeSource, WriteLayer};
 use super::stats::{Counters, Stats};
 use crate::catalog::{self, clients_for};
 use crate::error::{Error, Result};
+use crate::fleet::keepalive::KeepAlive;
 use crate::fleet::{Access, Fleet};
 use crate::read::{StripeReader, COOL_DOWN, HEDGE_AFTER};
 use crate::shutdown::Shutdown;
@@ -159,6 +160,8 @@ pub struct Served {
     stats: Arc<Stats>,
     names: Vec<String>,
     opts: ServeOptions,
+    /// Keeps the agents' PCs awake while this lives.
+    _awake: KeepAlive,
 }
 
 /// Opens a snapshot for serving (see the module docs).
@@ -204,8 +207,10 @@ pub async fn open_with(
     let reader = StripeReader::new(codec, m.clone(), slots.slots.clone())
         .with_hedge(opts.hedge_after)
         .with_cool_down(opts.cool_down);
-    // A withheld agent that wakes late stays out of a drill.
-    waking.join_late(m.clone(), reader.clone(), &opts.withhold);
+    // The PCs stay awake while the disk is served, even when the machine booted from it
+    // reads nothing for a while; a withheld agent that wakes late stays out of a drill.
+    let awake = KeepAlive::start(slots.slots.iter().flatten());
+    waking.join_late(m.clone(), reader.clone(), &opts.withhold, &awake);
     // The cache must hold the stripes being read plus the read-ahead, or read-ahead is wasted.
     let floor = layout.stripe_size as u64 * (READ_AHEAD + 2);
     if opts.cache < floor {
@@ -290,6 +295,7 @@ pub async fn open_with(
         stats,
         names: slots.names.clone(),
         opts: opts.clone(),
+        _awake: awake,
     })
 }
 
