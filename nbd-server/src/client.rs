@@ -307,6 +307,21 @@ impl Client {
         }
     }
 
+    /// Reads `len` bytes at `offset` into a new buffer. A range that fits one request is read
+    /// straight into the buffer returned (no copy); a larger one as [`read`](Client::read) does.
+    pub async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
+        if len > 0 && len as u64 <= u64::from(self.inner.max_read) {
+            return self
+                .start_read(offset, vec![0u8; len])
+                .await?
+                .finish()
+                .await;
+        }
+        let mut buf = vec![0u8; len];
+        self.read(offset, &mut buf).await?;
+        Ok(buf)
+    }
+
     /// Sends one read of `buf.len()` bytes at `offset` (at most
     /// [`max_read`](Client::max_read)) and returns at once; the handle gives
     /// the filled buffer back. Waits only when the connection already has

@@ -66,7 +66,16 @@ async fn reads_are_byte_exact_across_the_maximum_payload() {
             buf[..] == data[off as usize..(off + len) as usize],
             "{off}+{len}"
         );
+        // The same into a buffer of its own (read straight into it when one request covers it).
+        let v = c.read_vec(off, len as usize).await.unwrap();
+        assert!(
+            v[..] == data[off as usize..(off + len) as usize],
+            "read_vec {off}+{len}"
+        );
     }
+    // read_vec across the split points too.
+    let v = c.read_vec(MIB, (40 * MIB + 3) as usize).await.unwrap();
+    assert!(v[..] == data[MIB as usize..(41 * MIB + 3) as usize]);
     c.disconnect().await.unwrap();
 }
 

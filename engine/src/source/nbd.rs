@@ -97,14 +97,15 @@ impl NbdSource {
     /// Reads stripe `i` of `layout` whole.
     pub async fn read_stripe(&self, layout: &Layout, i: u64) -> Result<Vec<u8>> {
         let offset = layout.stripe_offset(i);
-        let mut buf = vec![0u8; layout.stripe_len(i)];
-        self.client.read(offset, &mut buf).await.map_err(|e| {
-            Error::nbd(
-                format!("cannot read stripe {i} (bytes {offset}..) of {}", self.uri),
-                e,
-            )
-        })?;
-        Ok(buf)
+        self.client
+            .read_vec(offset, layout.stripe_len(i))
+            .await
+            .map_err(|e| {
+                Error::nbd(
+                    format!("cannot read stripe {i} (bytes {offset}..) of {}", self.uri),
+                    e,
+                )
+            })
     }
 
     /// Per stripe: does `base:allocation` say every byte of it reads as zero? None when the
