@@ -97,6 +97,19 @@ impl<'a> Reader<'a> {
     pub fn u16(&mut self) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array()?))
     }
+    /// Reads a record's leading u16 format version and checks this build reads it (`readable`,
+    /// oldest to newest); else [`Error::UnsupportedVersion`] naming the newest.
+    pub fn version(&mut self, readable: std::ops::RangeInclusive<u16>) -> Result<u16> {
+        let found = self.u16()?;
+        if !readable.contains(&found) {
+            return Err(Error::UnsupportedVersion {
+                what: self.what,
+                found,
+                supported: *readable.end(),
+            });
+        }
+        Ok(found)
+    }
     /// Reads a u32.
     pub fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array()?))

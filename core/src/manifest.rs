@@ -174,14 +174,7 @@ impl Manifest {
     /// Parses a manifest body and checks it is consistent.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = Reader::new(b, "manifest");
-        let version = r.u16()?;
-        if !(MANIFEST_VERSION..=MANIFEST_TRACKED_VERSION).contains(&version) {
-            return Err(Error::UnsupportedVersion {
-                what: "manifest",
-                found: version,
-                supported: MANIFEST_TRACKED_VERSION,
-            });
-        }
+        let version = r.version(MANIFEST_VERSION..=MANIFEST_TRACKED_VERSION)?;
         let snapshot = r.str()?;
         let volume_name = r.str()?;
         let volume = r.array()?;

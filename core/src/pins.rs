@@ -248,14 +248,7 @@ impl Book {
     pub fn open(keys: &Keys, sealed: &[u8]) -> Result<Self> {
         let body = open_record(keys, BOOK_BLOB, sealed)?;
         let mut r = Reader::new(&body, "agent book");
-        let version = r.u16()?;
-        if version != BOOK_VERSION && version != 1 {
-            return Err(Error::UnsupportedVersion {
-                what: "agent book",
-                found: version,
-                supported: BOOK_VERSION,
-            });
-        }
+        let version = r.version(1..=BOOK_VERSION)?;
         let n = r.u32()? as usize;
         if n > MAX_MEMBERS {
             return Err(Error::malformed("agent book", format!("{n} entries")));

@@ -360,14 +360,7 @@ impl History {
     fn decode(body: &[u8]) -> Result<Self> {
         const WHAT: &str = "availability record";
         let mut r = Reader::new(body, WHAT);
-        let version = r.u16()?;
-        if version != VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: WHAT,
-                found: version,
-                supported: VERSION,
-            });
-        }
+        r.version(VERSION..=VERSION)?;
         let end = r.u64()?;
         let hours = r.u16()? as usize;
         if hours != HOURS {

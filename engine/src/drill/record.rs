@@ -147,14 +147,7 @@ impl DrillRecord {
     fn decode(body: &[u8]) -> Result<Self> {
         const WHAT: &str = "drill record";
         let mut r = Reader::new(body, WHAT);
-        let version = r.u16()?;
-        if version != VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: WHAT,
-                found: version,
-                supported: VERSION,
-            });
-        }
+        r.version(VERSION..=VERSION)?;
         let started = r.u64()?;
         let passed = match r.u8()? {
             0 => false,
