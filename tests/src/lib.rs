@@ -82,7 +82,11 @@
 //! - `tests/good_citizen.rs`: low CPU and I/O priority by default, `--max-rate`, and the floor of
 //!   free space (`--min-free`) on a small tmpfs (root): less placed near it, shards refused at it.
 //! - `tests/windows_agent.rs`: Windows builds of the agent under Wine serving a snapshot and a
-//!   restore beside Linux agents, their directory lock, and `service install`/`uninstall`.
+//!   restore beside Linux agents (one of them running PowerShell to keep its PC awake, which
+//!   Wine's stub declines), their directory lock, and `service install`/`uninstall`.
+//! - `tests/keep_awake.rs`: `--keep-awake` against a real systemd-logind on a private system
+//!   bus: the lock from a request until the hold after it, never outliving a killed agent, and
+//!   held through a snapshot's quiet pre-hook by the engine's keepalive (root on Linux).
 //! - `tests/packages.rs`: the Debian packages installed, their units verified, the installed
 //!   binaries, man pages, completions and example configs used, `dpkg -r` keeping the shards
 //!   (root on Debian, after `packaging/debian/build.sh`).
