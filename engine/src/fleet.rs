@@ -199,6 +199,15 @@ impl Fleet {
         self.wake.as_ref()
     }
 
+    /// This machine's copies of the book ([`with_book_cache`](Self::with_book_cache)) and of
+    /// the availability history ([`with_history_cache`](Self::with_history_cache)), as the files
+    /// `agent-book` and `availability` in `owner_dir` (the key owner's cache directory,
+    /// [`crate::cache_dir::owner_dir`]); None keeps none.
+    pub fn with_cache_dir(self, owner_dir: Option<&std::path::Path>) -> Fleet {
+        self.with_book_cache(owner_dir.map(|d| d.join("agent-book")))
+            .with_history_cache(owner_dir.map(|d| d.join("availability")))
+    }
+
     /// Keeps a sealed copy of the book at `path` (this machine's cache), read before the first
     /// connection and written whenever the merged book changes. A copy that does not open is
     /// ignored with a warning.

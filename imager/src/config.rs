@@ -216,18 +216,14 @@ impl FleetArgs {
     /// The fleet of `keys`' owner with these timeouts, keeping a copy of the agent book in this
     /// machine's cache directory.
     pub fn fleet(&self, keys: sa_core::keys::Keys) -> Result<Fleet> {
-        let cache_dir = self.cache_dir.as_deref();
-        let owner_dir = sa_engine::cache_dir::owner_dir(cache_dir, &keys);
-        let cache = owner_dir.as_ref().map(|d| d.join("agent-book"));
-        let history = owner_dir.map(|d| d.join("availability"));
+        let owner_dir = sa_engine::cache_dir::owner_dir(self.cache_dir.as_deref(), &keys);
         Ok(Fleet::new(
             Arc::new(keys),
             FleetOptions {
                 client: self.client_options()?,
             },
         )
-        .with_book_cache(cache)
-        .with_history_cache(history))
+        .with_cache_dir(owner_dir.as_deref()))
     }
 
     /// The connect and request timeouts of every agent connection.

@@ -7,8 +7,9 @@
 //! it wait the boot delay and become the agent (same directory, same address). The tests prove
 //! that a restore through one awake agent wakes the sleepers and completes byte-identical,
 //! that a restore fails after `--wake-wait` naming the sleepers when they do not wake, that
-//! `agents wake` reports per member, and measure the time from `serve` to the first byte an NBD
-//! client (qemu-img) reads with three of six asleep.
+//! `agents wake` reports per member, that the daemon wakes every PC for its backup, and measure
+//! the time from `serve` to the first byte an NBD client (qemu-img) reads with three of six
+//! asleep.
 //!
 //! Root only (namespaces, ports 9 and 7): without root each test says SKIPPED and returns.
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use sa_tests::bins::bin;
 use sa_tests::cluster::{expect_fail, parse_json, shown};
+use sa_tests::daemon::{json_lines, Daemon};
 use sa_tests::netns::NetNs;
 use sa_tests::proc::Proc;
 use sa_tests::{wait, Cluster, ImageSpec, MIB};
@@ -546,4 +548,74 @@ fn first_byte_seconds(o: &Office) -> f64 {
     assert_eq!(got, want[..65536], "first block differs");
     drop(serve);
     secs
+}
+
+/// The daemon's backup at a time every PC sleeps, the daemon given only a sleeper's address:
+/// its job wakes every member from this machine's copy of the agent book (the cache directory
+/// the first snapshot filled, which the daemon shares) and the snapshot, which needs all six,
+/// commits.
+#[test]
+fn the_daemon_wakes_every_sleeper_for_its_backup() {
+    let Some(mut o) = Office::start("the_daemon_wakes_every_sleeper_for_its_backup") else {
+        return;
+    };
+    let (owner, base) = (o.c.key.owner.clone(), o.c.dir().to_path_buf());
+    for pc in &mut o.pcs {
+        pc.sleep(&owner, &base, false);
+    }
+    let state = o.c.path("daemon-state");
+    let config = o.c.path("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"{key}\"\nagents = [\"{addr}\"]\ncache_dir = \"{cache}\"\nwake_wait = \"60s\"\n\
+             [daemon]\nstate_dir = \"{state}\"\nrepair = false\nscrub = \"never\"\n\
+             [web]\nlisten = \"127.0.0.1:0\"\n\
+             [volume.office]\nsource = \"{img}\"\nschedule = \"*:*:0/5\"\n\
+             data_shards = 4\nparity_shards = 2\n",
+            key = o.c.key.path.display(),
+            addr = o.pcs[5].addr(),
+            cache = o.c.path("snapshot-cache").display(),
+            state = state.display(),
+            img = o.image.display(),
+        ),
+    )
+    .expect("write the daemon's config");
+    let mut d = Daemon::start(&config, &o.c.path("daemon.log"), &[]);
+    // The first backup job's end, by the journal.
+    let ended = || -> Option<Value> {
+        let lines = json_lines(&state.join("jobs.jsonl"));
+        let id = lines
+            .iter()
+            .find(|l| l["start"]["kind"] == "snapshot")
+            .map(|l| l["start"]["id"].clone())?;
+        lines.into_iter().find(|l| l["end"]["id"] == id)
+    };
+    wait::until_true(
+        Duration::from_secs(150),
+        "the daemon's first backup to end",
+        || {
+            assert!(d.is_running(), "the daemon exited:\n{}", d.log());
+            ended().is_some()
+        },
+    );
+    let end = ended().expect("ended");
+    assert_eq!(end["end"]["outcome"], "ok", "{end}\n{}", d.log());
+    for pc in &o.pcs {
+        let log = pc.log();
+        assert!(
+            log.contains(&format!("magic packet for {}", pc.ns.ns_mac())),
+            "{}: no magic packet: {log}",
+            pc.name
+        );
+    }
+    let out = o.sa(&["list", "--json"], &o.all(), "fresh-cache");
+    assert!(out.status.success(), "{}", shown(&out));
+    let listed = parse_json(&String::from_utf8_lossy(&out.stdout), &shown(&out));
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["volume"] == "office")),
+        "no snapshot of volume office: {listed}"
+    );
 }

@@ -141,16 +141,16 @@ impl Shared {
         *self.notifier.write().unwrap_or_else(|p| p.into_inner()) = notifier;
     }
 
-    /// A fleet for one job or check (the engine's book of agents lives in it, per job).
+    /// A fleet for one job or check (the engine's book of agents lives in it, per job), with
+    /// this machine's copies of the agent book and of the availability history, as every
+    /// command has: when every PC sleeps at backup time, the book's copy is what names the
+    /// members and their MACs to wake.
     pub fn fleet(&self) -> Result<Fleet> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
         let settings = self.settings();
         let client = settings.fleet.client_options()?;
-        // Each member's availability is recorded by every job and check (the daemon's own copy
-        // of the history lives in its cache directory).
-        let history = sa_engine::cache_dir::owner_dir(settings.cache_dir.as_deref(), &keys)
-            .map(|d| d.join("availability"));
-        Ok(Fleet::new(keys, FleetOptions { client }).with_history_cache(history))
+        let owner_dir = sa_engine::cache_dir::owner_dir(settings.cache_dir.as_deref(), &keys);
+        Ok(Fleet::new(keys, FleetOptions { client }).with_cache_dir(owner_dir.as_deref()))
     }
 
     /// Adds a recent event (and logs it).
