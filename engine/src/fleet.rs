@@ -25,6 +25,7 @@
 //! reinstalled, a command still knows the other members and that the PC is a stranger.
 
 pub mod census;
+pub mod each;
 pub mod keepalive;
 pub mod observe;
 pub mod seen;

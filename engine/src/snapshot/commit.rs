@@ -9,11 +9,11 @@ use std::collections::HashSet;
 use sa_core::manifest::{Manifest, StripeRef};
 use sa_core::placement::stripe_margin;
 use sa_core::store::{AgentClient, ShardWrite};
-use tokio::task::JoinSet;
 
 use super::cache::ManifestCache;
 use super::RunContext;
 use crate::error::{Error, Result};
+use crate::fleet::each::on_each;
 
 /// What the commit found.
 pub(super) struct Committed {
@@ -34,21 +34,20 @@ pub(super) async fn commit(
     mcache: Option<&ManifestCache>,
 ) -> Result<Committed> {
     let k = ctx.opts.k as usize;
-    let mut syncs = JoinSet::new();
-    for (slot, c) in clients.iter().enumerate() {
-        if lost.contains(&(slot as u16)) {
-            continue;
-        }
-        let c = c.clone();
-        syncs.spawn(async move { (slot as u16, c.addr().to_string(), c.sync().await) });
-    }
-    while let Some(r) = syncs.join_next().await {
-        let (slot, addr, r) = r.map_err(|e| Error::failed(format!("sync task failed: {e}")))?;
+    let kept = |lost: &HashSet<u16>| {
+        let lost = lost.clone();
+        clients
+            .iter()
+            .enumerate()
+            .filter(move |(slot, _)| !lost.contains(&(*slot as u16)))
+    };
+    for (slot, r) in on_each(kept(&lost), |c| async move { c.sync().await }).await? {
         if let Err(e) = r {
             tracing::warn!(
-                "agent {addr} could not make its shards durable ({e}); counting them as absent"
+                "agent {} could not make its shards durable ({e}); counting them as absent",
+                clients[slot].addr()
             );
-            lost.insert(slot);
+            lost.insert(slot as u16);
         }
     }
     let lost_names = || {
@@ -93,22 +92,16 @@ pub(super) async fn commit(
         tracking_bitmap: ctx.opts.new_bitmap.clone(),
     };
     let sealed = manifest.seal(ctx.fleet.keys())?;
-    let mut puts = JoinSet::new();
-    for (slot, c) in clients.iter().enumerate() {
-        if lost.contains(&(slot as u16)) {
-            continue;
-        }
-        let c = c.clone();
-        let (name, data) = (manifest.blob_name(), sealed.clone());
-        puts.spawn(async move { (c.addr().to_string(), c.put_blob(&name, data).await) });
-    }
-    let mut failures = Vec::new();
-    while let Some(r) = puts.join_next().await {
-        let (addr, r) = r.map_err(|e| Error::failed(format!("catalog task failed: {e}")))?;
-        if let Err(e) = r {
-            failures.push(format!("{addr}: {e}"));
-        }
-    }
+    let name = manifest.blob_name();
+    let puts = on_each(kept(&lost), |c| {
+        let (name, data) = (name.clone(), sealed.clone());
+        async move { c.put_blob(&name, data).await }
+    })
+    .await?;
+    let failures: Vec<String> = puts
+        .into_iter()
+        .filter_map(|(slot, r)| r.err().map(|e| format!("{}: {e}", clients[slot].addr())))
+        .collect();
     if failures.len() == clients.len() - lost.len() {
         return Err(Error::failed(format!(
             "no agent accepted the catalog entry; snapshot not committed: {}",

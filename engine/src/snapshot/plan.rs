@@ -8,25 +8,29 @@ use sa_core::placement::{Budget, Placement, PlacementError};
 use sa_core::shard::SHARD_HEADER_LEN;
 use sa_core::size::format_size;
 use sa_core::store::{AgentClient, ShardRead};
-use tokio::task::JoinSet;
 
 use crate::error::{Error, Result};
+use crate::fleet::each::on_each;
 
 /// Per client, in order, the bytes it can still take (`None`: it did not say).
 pub(crate) async fn agent_rooms(clients: &[AgentClient]) -> Vec<Option<u64>> {
-    let mut set = JoinSet::new();
-    for (i, c) in clients.iter().enumerate() {
-        let c = c.clone();
-        set.spawn(async move { (i, c.addr().to_string(), c.stat().await) });
-    }
+    let answers = on_each(
+        clients.iter().enumerate(),
+        |c| async move { c.stat().await },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        tracing::warn!("{e}; placing as if every agent had unlimited room");
+        Vec::new()
+    });
     let mut out = vec![None; clients.len()];
-    while let Some(r) = set.join_next().await {
-        let Ok((i, addr, r)) = r else { continue };
+    for (i, r) in answers {
         match r {
             Ok(s) => out[i] = s.room(),
-            Err(e) => {
-                tracing::warn!("{addr}: cannot ask its free space ({e}); placing as if unlimited")
-            }
+            Err(e) => tracing::warn!(
+                "{}: cannot ask its free space ({e}); placing as if unlimited",
+                clients[i].addr()
+            ),
         }
     }
     out
