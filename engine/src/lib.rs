@@ -33,9 +33,10 @@
 //!
 //! Underneath: [`read`] (one stripe back from k shards: parity on failure, hedging when serving),
 //! [`volume`] and [`source`] (sources and restore targets, opened safely; a source is a file, a
-//! block device or an NBD export), [`consistency`] (a point in time of a disk in use: refusal
-//! without a method, `--freeze` and `--lvm-snapshot` through a guard process that undoes them on
-//! every exit, pre and post hooks), [`local`] (agents in this process, for the demo and tests).
+//! block device or an NBD export), [`direct`] (restore targets written with `O_DIRECT`),
+//! [`consistency`] (a point in time of a disk in use: refusal without a method, `--freeze` and
+//! `--lvm-snapshot` through a guard process that undoes them on every exit, pre and post hooks),
+//! [`local`] (agents in this process, for the demo and tests).
 //!
 //! Models: [`durability`] (how safe the backup is: the chance a restore finds `k` agents per
 //! stripe, with and without waking sleeping PCs, the chance of losing a snapshot within a year,
@@ -52,6 +53,7 @@ pub mod cache_dir;
 pub mod catalog;
 pub mod clock;
 pub mod consistency;
+pub mod direct;
 pub mod drill;
 pub mod durability;
 pub mod error;

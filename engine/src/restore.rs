@@ -8,7 +8,6 @@
 //! [`RestoreOptions::force`]; a block device is opened exclusively (see [`crate::volume`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +20,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::catalog::{self, clients_for, SlotClients};
+use crate::direct::TargetWriter;
 use crate::error::{Error, IoContext, LostStripe, Result, StripesLost};
 use crate::fleet::keepalive::KeepAlive;
 use crate::fleet::sleepers::{Need, WakeOutcome};
@@ -122,6 +122,7 @@ pub async fn restore(
     )?;
     let (is_device, write_path) = (target.is_device, target.path.clone());
     let file = Arc::new(target.file);
+    let writer = Arc::new(TargetWriter::new(file.clone(), &write_path));
     let codec = Arc::new(StripeCodec::new(fleet.keys().clone(), layout, m.volume)?);
     // Written stripes' buffers are reused for the next ones (see sa_core::pool).
     let pool = Arc::new(BufferPool::new(PARALLEL));
@@ -135,7 +136,7 @@ pub async fn restore(
         ..Default::default()
     };
     let copied = copy_stripes(
-        &reader, &m, &file, is_device, &pool, &slots, &mut tally, progress, shutdown,
+        &reader, &m, &writer, is_device, &pool, &slots, &mut tally, progress, shutdown,
     )
     .await;
     progress.finish();
@@ -189,7 +190,7 @@ pub async fn restore(
 async fn copy_stripes(
     reader: &StripeReader,
     m: &Arc<sa_core::manifest::Manifest>,
-    file: &Arc<std::fs::File>,
+    file: &Arc<TargetWriter>,
     is_device: bool,
     pool: &Arc<BufferPool>,
     slots: &SlotClients,
