@@ -9,9 +9,11 @@
 //! tmp/              files being written; emptied at start
 //! quarantine/VOL.ID.N.T  shard files a scrub found bad (T: when, Unix ns); never deleted here
 //! ```
-//! Crash safety: a file is written under `tmp/`, `fsync`ed, then renamed into place, so it is
-//! visible only whole. Shard renames are made durable in batches by [`DirStore::sync`] (an
-//! `fsync` of every directory touched since the last sync); blobs are made durable at once.
+//! Crash safety: a file is written under `tmp/`, then renamed into place, so it is visible only
+//! whole. Blobs are `fsync`ed before the rename and made durable at once. Shards are made durable
+//! in groups (`dir/pending.rs`): at [`DirStore::sync_blocking`] (the agent's `SYNC`) or when a
+//! group is full, whichever comes first; a torn shard left by a crash before its group fails its
+//! crc32c wherever it is met.
 //! Uses only portable `std` (agents run on Windows and macOS desk PCs too); where the OSes
 //! differ is in one place, `dir/files.rs`.
 //!
@@ -36,7 +38,6 @@
 //! never moved). A quarantined file no longer counts as a shard nor against the quota; it stays
 //! for the PC's owner (or a forensic look) to delete. The agent's scrub task drives these.
 
-use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -52,15 +53,18 @@ use crate::wire::{ShardEntry, SweepStats};
 
 mod files;
 mod lock;
+mod pending;
 mod scrub;
 pub mod space;
 mod traits;
 
 use files::{
     dir_usage, full_if_no_space, io, read_file, read_or_missing, sync_dir, touch, write_durable,
-    write_synced,
+    write_unsynced,
 };
 pub use lock::LOCK_FILE;
+use pending::Pending;
+pub use pending::{GROUP_BYTES, GROUP_FILES};
 pub use space::{Limits, MinFree};
 
 /// What a scrub found in one stored shard file.
@@ -88,7 +92,8 @@ struct Inner {
     used: AtomicU64,
     shards: AtomicU64,
     tmp_seq: AtomicU64,
-    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    /// Shard files written since their last group was made durable (`dir/pending.rs`).
+    pending: Mutex<Pending>,
     /// Read by every shard store, written by each sweep delete (see the module docs).
     sweep_lock: RwLock<()>,
     /// Held while the store is open (one process per directory).
@@ -169,7 +174,7 @@ impl DirStore {
                 used: AtomicU64::new(used_shards + used_blobs),
                 shards: AtomicU64::new(count),
                 tmp_seq: AtomicU64::new(0),
-                dirty_dirs: Mutex::new(HashSet::new()),
+                pending: Mutex::new(Pending::default()),
                 sweep_lock: RwLock::new(()),
                 _lock: lock,
             }),
@@ -219,16 +224,18 @@ impl DirStore {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the directories of a new shard file for the next [`DirStore::sync_blocking`].
-    fn mark_dirty(&self, path: &Path) {
-        let mut dirty = self
-            .inner
-            .dirty_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for dir in path.ancestors().skip(1).take(3) {
-            dirty.insert(dir.to_path_buf());
+    /// Records a shard file written or re-stored at `path` for the next durable group, and makes
+    /// the group durable now when it is full.
+    fn mark_dirty(&self, path: &Path, len: u64) -> Result<()> {
+        let full = self.pending().add(path, len);
+        if full {
+            self.sync_blocking()?;
         }
+        Ok(())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reserves `len` bytes of quota, or fails with [`Error::Full`].
@@ -267,8 +274,7 @@ impl DirStore {
         // A stored copy that differs (corrupt) is replaced.
         if old == Some(file.len() as u64) && read_file(&path).is_ok_and(|stored| stored == file) {
             touch(&path)?;
-            self.mark_dirty(&path);
-            return Ok(());
+            return self.mark_dirty(&path, 0);
         }
         let (len, old_len) = (file.len() as u64, old.unwrap_or(0));
         // Only growth counts against the quota: re-sending a shard replaces it.
@@ -279,7 +285,7 @@ impl DirStore {
         let result = (|| {
             fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
             let tmp = self.tmp_path();
-            write_synced(&tmp, file)?;
+            write_unsynced(&tmp, file)?;
             fs::rename(&tmp, &path).map_err(io(format!("cannot rename into {}", path.display())))
         })();
         match result {
@@ -288,8 +294,7 @@ impl DirStore {
                 if old.is_none() {
                     self.inner.shards.fetch_add(1, Ordering::Relaxed);
                 }
-                self.mark_dirty(&path);
-                Ok(())
+                self.mark_dirty(&path, len)
             }
             Err(e) => {
                 self.release(len.saturating_sub(old_len));
@@ -319,7 +324,7 @@ impl DirStore {
             return Ok(false);
         }
         touch(&path)?;
-        self.mark_dirty(&path);
+        self.mark_dirty(&path, 0)?;
         Ok(true)
     }
 
@@ -394,27 +399,13 @@ impl DirStore {
         Ok(())
     }
 
-    /// Makes every shard stored so far durable: fsync of each directory touched.
+    /// Makes every shard stored so far durable (the group waiting, see `dir/pending.rs`).
     pub fn sync_blocking(&self) -> Result<()> {
-        let dirs: Vec<PathBuf> = {
-            let mut dirty = self
-                .inner
-                .dirty_dirs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            dirty.drain().collect()
-        };
-        for (i, d) in dirs.iter().enumerate() {
-            if let Err(e) = sync_dir(d) {
-                // Put back what we did not sync, so a retry covers it.
-                let mut dirty = self
-                    .inner
-                    .dirty_dirs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                dirty.extend(dirs[i..].iter().cloned());
-                return Err(e);
-            }
+        let group = std::mem::take(&mut *self.pending());
+        if let Err(e) = group.flush(&self.inner.root) {
+            // Put back what was not made durable, so a retry covers it.
+            self.pending().restore(group);
+            return Err(e);
         }
         Ok(())
     }
