@@ -76,7 +76,7 @@ pub struct ShardHeader {
 
 /// Builds a whole shard file: header + payload.
 pub fn encode_shard(key: &ShardKey, k: u8, m: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SHARD_HEADER_LEN + payload.len());
+    let mut out = crate::pool::frames().take(SHARD_HEADER_LEN + payload.len());
     out.extend_from_slice(&SHARD_MAGIC);
     out.extend_from_slice(&SHARD_VERSION.to_le_bytes());
     out.extend_from_slice(&(SHARD_HEADER_LEN as u16).to_le_bytes());

@@ -141,10 +141,12 @@ impl StripeCodec {
         let k = self.layout.k as usize;
         buf.clear();
         buf.reserve(self.layout.shard_len(plain_len) * k);
+        let pool = crate::pool::frames();
         if payloads.iter().take(k).all(Option::is_some) {
             for p in payloads.iter().take(k).flatten() {
                 buf.extend_from_slice(p.as_slice());
             }
+            payloads.into_iter().flatten().for_each(|p| pool.give(p.0));
         } else {
             let mut bare: Vec<Option<Vec<u8>>> = payloads
                 .iter_mut()
@@ -154,6 +156,7 @@ impl StripeCodec {
             for p in bare.iter().take(k) {
                 buf.extend_from_slice(p.as_deref().unwrap_or_default());
             }
+            bare.into_iter().flatten().for_each(|v| pool.give(v));
         }
         buf.truncate(plain_len + TAG_LEN);
         self.keys.open_stripe(id, &mut buf)?;

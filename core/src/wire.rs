@@ -824,9 +824,10 @@ pub async fn read_frame_max<R: AsyncRead + Unpin>(
     r.read_exact(&mut kind)
         .await
         .map_err(|e| Error::io("read frame", e))?;
-    // Read into spare capacity: no zeroing of a megabyte that is overwritten at once.
+    // Read into spare capacity: no zeroing of a megabyte that is overwritten at once; large
+    // bodies in a recycled buffer (see `crate::pool::frames`).
     let want = len - 1;
-    let mut body = Vec::with_capacity(want);
+    let mut body = crate::pool::frames().take(want);
     let got = r
         .take(want as u64)
         .read_to_end(&mut body)

@@ -151,6 +151,9 @@ impl Server {
             write_frame(&mut s, &resp.frame())
                 .await
                 .map_err(|e| Error::io("send", e))?;
+            if let Response::Data(data) = resp {
+                sa_core::pool::frames().give(data);
+            }
         }
     }
 
@@ -216,7 +219,9 @@ impl Server {
         let result = tokio::task::spawn_blocking(move || -> Result<Response> {
             Ok(match req {
                 Request::PutShard { key, data } => {
-                    store.put_shard_blocking(&key, &data)?;
+                    let r = store.put_shard_blocking(&key, &data);
+                    sa_core::pool::frames().give(data);
+                    r?;
                     Response::Ok
                 }
                 Request::GetShard { key } => Response::Data(store.get_shard_blocking(&key)?),

@@ -390,11 +390,15 @@ impl ShardRead for AgentClient {
 #[async_trait]
 impl ShardWrite for AgentClient {
     async fn put_shard(&self, key: &ShardKey, file: Vec<u8>) -> Result<()> {
-        self.expect_ok(&Request::PutShard {
+        let req = Request::PutShard {
             key: *key,
             data: file,
-        })
-        .await
+        };
+        let r = self.expect_ok(&req).await;
+        if let Request::PutShard { data, .. } = req {
+            crate::pool::frames().give(data);
+        }
+        r
     }
     async fn confirm_shard(&self, key: &ShardKey, header: &[u8]) -> Result<bool> {
         let req = Request::ConfirmShard {

@@ -81,7 +81,9 @@ pub(super) fn open_no_follow(opts: &mut OpenOptions, path: &Path) -> std::io::Re
 pub(super) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = open_no_follow(OpenOptions::new().read(true), path)?;
-    let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
+    // A recycled buffer for a shard file (see `crate::pool::frames`).
+    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let mut buf = crate::pool::frames().take(len);
     f.read_to_end(&mut buf)?;
     Ok(buf)
 }
@@ -94,13 +96,17 @@ pub(super) fn read_or_missing(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-pub(super) fn write_synced(tmp: &Path, data: &[u8]) -> Result<()> {
+/// Writes `data` to a new file at `tmp`, made durable (`fdatasync`) before it returns when
+/// `synced`; removes it on failure.
+fn write_new(tmp: &Path, data: &[u8], synced: bool) -> Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(tmp)
         .map_err(io(format!("cannot create {}", tmp.display())))?;
-    let r = f.write_all(data).and_then(|_| f.sync_data());
+    let r = f
+        .write_all(data)
+        .and_then(|_| if synced { f.sync_data() } else { Ok(()) });
     if let Err(e) = r {
         drop(f);
         let _ = fs::remove_file(tmp);
@@ -109,8 +115,13 @@ pub(super) fn write_synced(tmp: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes a new file at `tmp` without waiting for the disk (a shard: made durable with its group).
+pub(super) fn write_unsynced(tmp: &Path, data: &[u8]) -> Result<()> {
+    write_new(tmp, data, false)
+}
+
 pub(super) fn write_durable(dir: &Path, tmp: &Path, path: &Path, data: &[u8]) -> Result<()> {
-    write_synced(tmp, data)?;
+    write_new(tmp, data, true)?;
     fs::rename(tmp, path).map_err(io(format!("cannot rename into {}", path.display())))?;
     sync_dir(dir)
 }
