@@ -47,6 +47,12 @@ impl Pending {
         self.files.len() >= GROUP_FILES || self.bytes >= GROUP_BYTES
     }
 
+    /// Files waiting.
+    #[cfg(test)]
+    pub(super) fn files_len(&self) -> usize {
+        self.files.len()
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.files.is_empty() && self.dirs.is_empty()
     }

@@ -262,3 +262,48 @@ async fn the_floor_refuses_writes_and_shows_in_stat() {
         "the blob counts"
     );
 }
+
+/// A crash before a shard's group is durable may leave it torn at its name (`dir/pending.rs`):
+/// such a file is refused by a confirm and replaced by the next store of the same shard.
+#[tokio::test]
+async fn a_torn_shard_left_by_a_crash_is_refused_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DirStore::open(dir.path(), 0).unwrap();
+    let f = encode_shard(&key(3), 4, 2, &[9; 4096]);
+    s.put_shard(&key(3), f.clone()).await.unwrap();
+    drop(s);
+    // What a crash before the data reached the disk can leave: the name, part of the bytes.
+    let path = dir.path().join("shards").join(key(3).rel_path());
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let s = DirStore::open(dir.path(), 0).unwrap();
+    let header = &f[..crate::shard::SHARD_HEADER_LEN];
+    assert!(
+        !s.confirm_shard(&key(3), header).await.unwrap(),
+        "a torn file is not kept in place of a send"
+    );
+    s.put_shard(&key(3), f.clone()).await.unwrap();
+    s.sync().await.unwrap();
+    assert_eq!(s.get_shard(&key(3)).await.unwrap(), f, "replaced whole");
+}
+
+/// Many writes: groups are made durable on the way (the waiting list stays bounded) and a
+/// SYNC leaves nothing waiting.
+#[tokio::test]
+async fn groups_are_flushed_on_the_way_and_by_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DirStore::open(dir.path(), 0).unwrap();
+    for i in 0..(GROUP_FILES as u8 + 10) {
+        s.put_shard(&key(i), encode_shard(&key(i), 4, 2, &[i; 64]))
+            .await
+            .unwrap();
+        assert!(s.pending().files_len() < GROUP_FILES, "bounded at {i}");
+    }
+    assert_eq!(s.pending().files_len(), 10, "the full group went at 64");
+    s.sync().await.unwrap();
+    assert!(s.pending().is_empty(), "SYNC took the rest");
+}
