@@ -101,11 +101,21 @@ timed() {
 
 snapshot_op() { head -c $((size << 20)) /dev/urandom > "$work/img"; timed "$1" sa snapshot "$work/img" \
   --data-shards 4 --parity-shards 2; }
-restore_op() { rm -f "$work/out.img"; timed "$1" sa restore latest --to "$work/out.img" --wake-wait 0; }
+# Restores and serving reads use one snapshot stored while every PC was healthy (the latest may be
+# one cut short, of which PC 7 holds little).
+head -c $((size << 20)) /dev/urandom > "$work/base.img"
+base=$(sa snapshot "$work/base.img" --data-shards 4 --parity-shards 2 --json \
+  | grep -o '"snapshot": *"[^"]*"' | head -1 | sed 's/.*"\([^"]*\)"$/\1/')
+[ -n "$base" ] || { echo "no snapshot id from the base snapshot" >&2; exit 1; }
+restore_op() {
+  rm -f "$work/out.img"
+  timed "$1" sa restore "$base" --to "$work/out.img" --wake-wait 0
+  cmp -s "$work/out.img" "$work/base.img" || { echo "restored bytes differ" >&2; exit 1; }
+}
 serve_op() {
   local out="$work/serve.out" url spid secs
   rm -f "$out"
-  sa serve latest --listen 127.0.0.1:0 --cache 8MiB --wake-wait 0 > "$out" 2>> "$work/serve.log" &
+  sa serve "$base" --listen 127.0.0.1:0 --cache 8MiB --wake-wait 0 > "$out" 2>> "$work/serve.log" &
   spid=$!; pids+=($spid)
   wait_for "$out" "^serving"
   url=$(grep -o 'nbd://[^ ]*' "$out" | head -1)
