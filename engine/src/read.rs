@@ -13,6 +13,10 @@
 //!   ([`COOL_DOWN`] unless [`StripeReader::with_cool_down`] says otherwise);
 //!   while it is, its shards are asked for last (after parity on healthy agents), so a dead PC
 //!   does not cost every stripe a failed round trip. Shards are otherwise asked for data first.
+//!
+//! An agent whose link went silent costs the first fetch the stall timeout; after that its
+//! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
+//! in plain order, reads every later stripe around it at no cost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -28,6 +28,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "agents",
     "connect_timeout",
     "request_timeout",
+    "stall_timeout",
     "data_shards",
     "parity_shards",
     "stripe_size",
@@ -191,6 +192,11 @@ pub struct FleetArgs {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub request_timeout: Option<String>,
+    /// How long the link to an agent may stay silent (nothing acknowledged, no answer to a
+    /// keepalive probe) while a request is out before the agent counts as gone, e.g. 4s; a PC
+    /// cut off without a reset then costs this, not the request timeout [default: 4s].
+    #[arg(long, value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
     /// Where this machine keeps its manifest cache, a copy of the agent book, agent sightings
     /// and the repair watcher's clock [default: $XDG_CACHE_HOME/sa-image or ~/.cache/sa-image].
     #[arg(long)]
@@ -200,7 +206,7 @@ pub struct FleetArgs {
 impl FleetArgs {
     /// Fills the settings not given as flags from the config file's.
     pub fn merge(&mut self, file: &mut FleetArgs) {
-        merge!(self, file; agents, connect_timeout, request_timeout, cache_dir);
+        merge!(self, file; agents, connect_timeout, request_timeout, stall_timeout, cache_dir);
     }
 
     /// The agent addresses (required), with the default port added where missing.
@@ -226,7 +232,7 @@ impl FleetArgs {
         .with_cache_dir(owner_dir.as_deref()))
     }
 
-    /// The connect and request timeouts of every agent connection.
+    /// The connect, request and stall timeouts of every agent connection.
     pub fn client_options(&self) -> Result<ClientOptions> {
         let mut client = ClientOptions::default();
         if let Some(t) = &self.connect_timeout {
@@ -236,6 +242,9 @@ impl FleetArgs {
         if let Some(t) = &self.request_timeout {
             client.request_timeout =
                 nonzero(duration(t, "--request-timeout")?, "--request-timeout")?;
+        }
+        if let Some(t) = &self.stall_timeout {
+            client.stall_timeout = stall(duration(t, "--stall-timeout")?)?;
         }
         Ok(client)
     }
@@ -277,6 +286,18 @@ impl WakeArgs {
 fn nonzero(d: Duration, flag: &str) -> Result<Duration> {
     if d.is_zero() {
         return Err(usage(format!("{flag} must be more than 0")));
+    }
+    Ok(d)
+}
+
+/// A stall timeout: at least a second (keepalive probes are counted in whole seconds).
+fn stall(d: Duration) -> Result<Duration> {
+    if d < Duration::from_secs(1) {
+        return Err(usage(format!(
+            "--stall-timeout {:.3}s is too short: give at least 1s (keepalive probes go once a \
+             second); 4s is the default, more for links that queue data for long",
+            d.as_secs_f64()
+        )));
     }
     Ok(d)
 }
@@ -334,6 +355,27 @@ mod tests {
         let e = rate("fast", "--hydrate-rate").unwrap_err();
         assert_eq!(crate::exit::code_of(&e), crate::exit::USAGE);
         assert!(e.to_string().contains("--hydrate-rate"), "{e}");
+    }
+
+    #[test]
+    fn stall_timeout_is_read_and_checked() {
+        let mut f = FleetArgs {
+            stall_timeout: Some("2.5s".into()),
+            ..FleetArgs::default()
+        };
+        let o = f.client_options().unwrap();
+        assert_eq!(o.stall_timeout, Duration::from_millis(2500));
+        assert_eq!(
+            FleetArgs::default().client_options().unwrap().stall_timeout,
+            sa_core::store::remote::STALL_TIMEOUT
+        );
+        f.stall_timeout = Some("300ms".into());
+        let e = f.client_options().unwrap_err();
+        assert_eq!(crate::exit::code_of(&e), crate::exit::USAGE);
+        assert!(e.to_string().contains("at least 1s"), "{e}");
+        f.stall_timeout = Some("soon".into());
+        let e = f.client_options().unwrap_err();
+        assert!(e.to_string().contains("--stall-timeout"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,7 @@
 //! - [`qemu_nbd`] serves a raw or qcow2 image with `qemu-nbd` (a dirty bitmap with `--bitmap`),
 //!   and reads an export's block-status map with `nbdinfo`.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
-//!   it off the network without killing it (root only; removed on drop).
+//!   it off the network without killing it, or slow its link down (root only; removed on drop).
 //! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
 //!   test process) and started under Wine in a prefix of the test's own
 //!   ([`agent::Agent::start_with`] a [`agent::Launcher`]); `bcryptprimitives.dll` from
@@ -87,6 +87,9 @@
 //! - `tests/keep_awake.rs`: `--keep-awake` against a real systemd-logind on a private system
 //!   bus: the lock from a request until the hold after it, never outliving a killed agent, and
 //!   held through a snapshot's quiet pre-hook by the engine's keepalive (root on Linux).
+//! - `tests/stall.rs`: a PC cut off the network without a reset in the middle of a snapshot, a
+//!   restore and a serving read (nbdcopy) costs each a few seconds, not the request timeout
+//!   (root: namespaces, tc).
 //! - `tests/packages.rs`: the Debian packages installed, their units verified, the installed
 //!   binaries, man pages, completions and example configs used, `dpkg -r` keeping the shards
 //!   (root on Debian, after `packaging/debian/build.sh`).

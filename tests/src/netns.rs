@@ -162,6 +162,38 @@ impl NetNs {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Limits the pair to `rate` (tc syntax, e.g. `40mbit`) both ways with a token bucket, so an
+    /// operation through it lasts long enough to be cut in the middle.
+    pub fn shape(&self, rate: &str) {
+        let tbf = |dev: &str| {
+            [
+                "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb",
+                "latency", "400ms",
+            ]
+            .map(String::from)
+        };
+        run_tc(Command::new("tc").args(tbf(&self.host_if)));
+        run_tc(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name, "tc"])
+                .args(tbf(&self.ns_if)),
+        );
+    }
+
+    /// Bytes the host end has sent and received so far.
+    pub fn traffic(&self) -> u64 {
+        ["rx_bytes", "tx_bytes"]
+            .iter()
+            .map(|f| {
+                let p = format!("/sys/class/net/{}/statistics/{f}", self.host_if);
+                std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Joins it again.
     pub fn join(&self) {
         self.inside(&["link", "set", &self.ns_if, "up"])
@@ -174,6 +206,18 @@ impl NetNs {
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
+}
+
+fn run_tc(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run tc: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for NetNs {

@@ -10,6 +10,11 @@
 //! [`MAX_CONNECTIONS`] at once), so many shards travel to one agent in parallel. A request that
 //! fails on a pooled connection (the agent restarted, say) is retried once on a fresh one;
 //! after that the failure is the caller's, as [`Error::AgentUnreachable`].
+//!
+//! An agent that vanishes without a reset costs a request the stall timeout
+//! ([`ClientOptions::stall_timeout`]), not the request timeout, and is then not asked again for a
+//! while: see [`health`] for how the kernel notices a silent link and how long an agent stays
+//! down.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,12 +35,20 @@ use crate::wire::{
     PROTOCOL_VERSION,
 };
 
+pub mod health;
+use health::{Health, Verdict};
+
 /// Most connections one client opens to one agent.
 pub const MAX_CONNECTIONS: usize = 8;
 /// How long to wait for a TCP connection and handshake, unless told otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one request may take before the agent counts as gone, unless told otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a link may stay silent (nothing acknowledged) before the agent counts as gone,
+/// unless told otherwise (see [`health`]).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long an agent that stopped answering is not asked, unless told otherwise.
+pub const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// How long a client waits for an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +57,12 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// One request and its whole answer.
     pub request_timeout: Duration,
+    /// How long the link may carry nothing (no acknowledgement of what was sent, no answer to a
+    /// keepalive probe) while a request is out before the connection counts as dead.
+    pub stall_timeout: Duration,
+    /// How long an agent that stopped answering is not asked (calls fail at once); then it is
+    /// reconnected in the background.
+    pub retry_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +70,8 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: CONNECT_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
+            stall_timeout: STALL_TIMEOUT,
+            retry_after: RETRY_AFTER,
         }
     }
 }
@@ -69,6 +90,7 @@ struct Inner {
     key: AgentKey,
     idle: Mutex<Vec<Conn>>,
     slots: Semaphore,
+    health: Health,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -80,7 +102,30 @@ impl std::fmt::Debug for AgentClient {
 /// One authenticated connection.
 type Conn = TlsStream<TcpStream>;
 
-async fn open(addr: &str, keys: &Keys, timeout: Duration) -> Result<(Conn, [u8; 16], AgentKey)> {
+impl Inner {
+    /// A new connection to the same agent: refused when another agent, or another key, answers.
+    async fn open_same(&self) -> Result<Conn> {
+        let (s, id, key) = open(&self.addr, &self.keys, &self.opts).await?;
+        if id != self.agent_id {
+            return Err(Error::Refused {
+                addr: self.addr.clone(),
+                why: "a different agent now answers at this address".into(),
+            });
+        }
+        if key != self.key {
+            return Err(Error::IdentityChanged {
+                addr: self.addr.clone(),
+                id: crate::keys::hex(&id),
+                pinned: self.key.to_string(),
+                presented: key.to_string(),
+            });
+        }
+        Ok(s)
+    }
+}
+
+async fn open(addr: &str, keys: &Keys, opts: &ClientOptions) -> Result<(Conn, [u8; 16], AgentKey)> {
+    let timeout = opts.connect_timeout;
     let unreachable = |why: String| Error::AgentUnreachable {
         addr: addr.to_string(),
         why,
@@ -91,6 +136,7 @@ async fn open(addr: &str, keys: &Keys, timeout: Duration) -> Result<(Conn, [u8; 
             .map_err(|e| unreachable(e.to_string()))?;
         tcp.set_nodelay(true)
             .map_err(|e| unreachable(e.to_string()))?;
+        health::tune(&tcp, opts.stall_timeout).map_err(|e| unreachable(e.to_string()))?;
         let mut s = TlsConnector::from(tls::client_config())
             .connect(tls::server_name(), tcp)
             .await
@@ -180,7 +226,7 @@ impl AgentClient {
 
     /// Connects and authenticates to the agent at `addr` (`host:port`).
     pub async fn connect_with(addr: &str, keys: Arc<Keys>, opts: ClientOptions) -> Result<Self> {
-        let (stream, agent_id, key) = open(addr, &keys, opts.connect_timeout).await?;
+        let (stream, agent_id, key) = open(addr, &keys, &opts).await?;
         Ok(AgentClient {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
@@ -190,6 +236,7 @@ impl AgentClient {
                 key,
                 idle: Mutex::new(vec![stream]),
                 slots: Semaphore::new(MAX_CONNECTIONS),
+                health: Health::default(),
             }),
         })
     }
@@ -230,26 +277,60 @@ impl AgentClient {
     }
 
     /// Sends a request and returns the agent's answer; an agent's error becomes an [`Error`].
+    ///
+    /// An agent that counts as down (see [`health`]) is not asked: the call fails at once with
+    /// [`Error::AgentUnreachable`].
     pub async fn call(&self, req: &Request) -> Result<Response> {
+        self.check_up()?;
         let _slot = self
             .inner
             .slots
             .acquire()
             .await
             .map_err(|_| Error::Protocol("client closed".into()))?;
+        // Requests queued behind ones that found the agent silent fail at once too.
+        self.check_up()?;
         let pooled = self
             .inner
             .idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop();
-        let (resp, stream) = match pooled {
+        let silent_after = health::silent_after(
+            self.inner.opts.connect_timeout,
+            self.inner.opts.stall_timeout,
+        );
+        let started = std::time::Instant::now();
+        let result = match pooled {
             Some(mut s) => match self.exchange(&mut s, req).await {
-                Ok(r) => (r, s),
-                // A pooled connection may have gone stale: retry once on a fresh one.
-                Err(_) => self.fresh_exchange(req).await?,
+                Ok(r) => Ok((r, s)),
+                // A stale pooled connection (the agent restarted, say) fails at once: retry once
+                // on a fresh one. One that failed after a silence is a dead link: do not pay the
+                // connect timeout on top.
+                Err(e) if started.elapsed() >= silent_after => Err(Error::AgentUnreachable {
+                    addr: self.inner.addr.clone(),
+                    why: e.to_string(),
+                }),
+                Err(_) => self.fresh_exchange(req).await,
             },
-            None => self.fresh_exchange(req).await?,
+            None => self.fresh_exchange(req).await,
+        };
+        let (resp, stream) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Error::AgentUnreachable { why, .. } = &e {
+                    if started.elapsed() >= silent_after {
+                        self.inner.health.down(why);
+                        // Its other connections went over the same link.
+                        self.inner
+                            .idle
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clear();
+                    }
+                }
+                return Err(e);
+            }
         };
         self.inner
             .idle
@@ -262,27 +343,44 @@ impl AgentClient {
         }
     }
 
+    /// Whether the agent counts as up; when it is down, the error to fail with (and, once the
+    /// retry time has passed, a reconnection started in the background).
+    fn check_up(&self) -> Result<()> {
+        let why = match self.inner.health.verdict(self.inner.opts.retry_after) {
+            Verdict::Ask => return Ok(()),
+            Verdict::Down(why) => why,
+            Verdict::DownProbe(why) => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    match inner.open_same().await {
+                        Ok(conn) => {
+                            inner
+                                .idle
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(conn);
+                            inner.health.up();
+                            tracing::info!("agent {} answers again", inner.addr);
+                        }
+                        Err(e) => inner.health.down(&e.to_string()),
+                    }
+                });
+                why
+            }
+        };
+        Err(Error::AgentUnreachable {
+            addr: self.inner.addr.clone(),
+            why,
+        })
+    }
+
+    /// Whether this client counts the agent as down (it stopped answering; see [`health`]).
+    pub fn is_down(&self) -> bool {
+        self.inner.health.is_down()
+    }
+
     async fn fresh_exchange(&self, req: &Request) -> Result<(Response, Conn)> {
-        let (mut s, id, key) = open(
-            &self.inner.addr,
-            &self.inner.keys,
-            self.inner.opts.connect_timeout,
-        )
-        .await?;
-        if id != self.inner.agent_id {
-            return Err(Error::Refused {
-                addr: self.inner.addr.clone(),
-                why: "a different agent now answers at this address".into(),
-            });
-        }
-        if key != self.inner.key {
-            return Err(Error::IdentityChanged {
-                addr: self.inner.addr.clone(),
-                id: crate::keys::hex(&id),
-                pinned: self.inner.key.to_string(),
-                presented: key.to_string(),
-            });
-        }
+        let mut s = self.inner.open_same().await?;
         let r = self
             .exchange(&mut s, req)
             .await

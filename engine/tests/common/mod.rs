@@ -64,6 +64,7 @@ impl Rig {
             client: ClientOptions {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(10),
+                ..ClientOptions::default()
             },
         };
         Fleet::new(self.keys.clone(), opts).with_clock(self.clock.clone())

@@ -2,7 +2,7 @@
 //! an `SA_IMAGE_*` environment variable ([`super::env`]), checked into [`Settings`].
 //!
 //! The file's top level holds what every command shares (`key`, `passphrase_file`, `agents`,
-//! `connect_timeout`, `request_timeout`, `cache_dir`, and the layout `data_shards`,
+//! `connect_timeout`, `request_timeout`, `stall_timeout`, `cache_dir`, and the layout `data_shards`,
 //! `parity_shards`, `stripe_size` as defaults for the volumes); other top-level keys of the
 //! commands (`listen` of `serve`, ...) may be there and are passed over. The daemon's own settings
 //! are in tables: `[daemon]` (state, checks, repair, scrub, absence), `[web]` (the status page),
@@ -64,6 +64,7 @@ pub struct FileConfig {
     agents: Option<List>,
     connect_timeout: Option<String>,
     request_timeout: Option<String>,
+    stall_timeout: Option<String>,
     cache_dir: Option<PathBuf>,
     data_shards: Option<u8>,
     parity_shards: Option<u8>,
@@ -343,6 +344,7 @@ fn check(path: &Path, f: FileConfig, over: &Overrides) -> Result<Settings> {
         agents: f.agents.clone().map(|l| l.0),
         connect_timeout: f.connect_timeout.clone(),
         request_timeout: f.request_timeout.clone(),
+        stall_timeout: f.stall_timeout.clone(),
         cache_dir: f.cache_dir.clone(),
     };
     fleet.addrs()?;

@@ -38,6 +38,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("agents", Kind::List),
     ("connect_timeout", Kind::Text),
     ("request_timeout", Kind::Text),
+    ("stall_timeout", Kind::Text),
     ("cache_dir", Kind::Text),
     ("data_shards", Kind::Int),
     ("parity_shards", Kind::Int),
