@@ -443,7 +443,7 @@ fn agent_cut_off_mid_snapshot() {
     );
     ns.cut();
     let cut_at = Instant::now();
-    // The run times requests out after 5 s (--request-timeout): the cut costs about that.
+    // The cut costs about the stall timeout (4 s): the link goes silent and the kernel gives up.
     let st = snap.wait(Duration::from_secs(120));
     eprintln!(
         "[cut snapshot] {st} after {:?}\nstdout: {}\nstderr: {}",
