@@ -78,6 +78,15 @@ impl StripeCache {
         self.lock().slots.contains_key(&i)
     }
 
+    /// Stripe `i` when it is cached and finished, without counting as a use (a copy passing
+    /// through, such as hydration, does not make a stripe recent).
+    pub fn peek(&self, i: u64) -> Option<Stripe> {
+        self.lock()
+            .slots
+            .get(&i)
+            .and_then(|s| s.cell.get().cloned())
+    }
+
     /// Bytes held by finished entries.
     #[cfg(test)]
     pub fn used(&self) -> usize {

@@ -5,10 +5,15 @@
 //! ```text
 //! NBD READ ──▶ block on TARGET? (its stripe filled, or the block written) ──yes──▶ pread TARGET
 //!                                     └─no──▶ Snapshot (cache, agents)
-//! NBD WRITE ─▶ [write lock] read-modify-write partial blocks ─▶ pwrite TARGET ─▶ mark blocks written
-//! copier ────▶ stripe i from the Snapshot ─▶ [write lock] pwrite its unwritten blocks ─▶ mark i filled
+//! NBD WRITE ─▶ [write lock, exclusive] read-modify-write partial blocks ─▶ pwrite TARGET ─▶ mark blocks written
+//! copier ────▶ stripe i from the Snapshot ─▶ [write lock, shared] pwrite its unwritten blocks ─▶ mark i filled
 //! FLUSH / FUA, and the copier every second ─▶ fdatasync TARGET ─▶ write changed bitmap pages ─▶ fdatasync state
 //! ```
+//!
+//! The copier passes by the guest's caches: a stripe already in the stripe cache is used, any
+//! other is fetched without being cached (`ServedSnapshot::stripe_passing`), and its blocks are
+//! written with `O_DIRECT` where the target allows ([`crate::direct`]), so copying the whole disk
+//! evicts neither the stripes nor the pages the guest reads.
 //!
 //! # The state file
 //!
@@ -39,9 +44,10 @@
 //!
 //! # Ordering rules that keep writes safe
 //!
-//! 1. **One lock.** Every NBD write (with its read-modify-write of partial blocks) and the
-//!    copier's write of a stripe hold the export's write lock ([`ServeSource::write_lock`]), so a
-//!    copy and a write of one stripe never interleave. The copier fetches outside the lock and,
+//! 1. **One lock.** Every NBD write (with its read-modify-write of partial blocks) holds the
+//!    export's write lock ([`ServeSource::write_lock`]) exclusively and the copier's write of a
+//!    stripe holds it shared, so a copy and a write never interleave (copies of different
+//!    stripes may: each writes only its own stripe's blocks and sets only its own bit). The copier fetches outside the lock and,
 //!    holding it, writes only the blocks not marked *written*: a guest write is never overwritten.
 //! 2. **Every NBD write marks its blocks written**, also in filled stripes: if the *filled* bit of a
 //!    stripe did not reach the disk before a crash, the resumed copier still skips those blocks.
@@ -80,6 +86,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::direct::TargetWriter;
 use crate::error::{Error, IoContext, Result};
 use async_trait::async_trait;
 use sa_core::layout::Layout;
@@ -99,7 +106,7 @@ use super::source::WriteLayer;
 /// guest reading from the agents over the same link keeps the other half.
 pub const DEFAULT_RATE: u64 = 64 << 20;
 /// Stripes the copier has in flight at most (the guest's reads have `FETCH_PARALLEL` in all).
-pub const PARALLEL: usize = 4;
+pub const PARALLEL: usize = 8;
 /// A guest read answered from the agents this recently makes the copier keep one stripe in flight.
 pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
 /// How often the copier makes its progress durable.
@@ -160,6 +167,9 @@ pub struct HydrateReport {
 /// The target of a live restore and its progress: the [`WriteLayer`] of a hydrating export.
 pub struct Hydrate {
     target: Arc<File>,
+    /// Copied stripes go to the target through this (`O_DIRECT` where it can: a whole-disk copy
+    /// does not push the guest's pages out of the page cache).
+    copy_writer: Arc<TargetWriter>,
     path: PathBuf,
     is_device: bool,
     state: State,
@@ -294,8 +304,10 @@ impl Hydrate {
             }
             f
         };
+        let file = Arc::new(file);
         Ok(Hydrate {
-            target: Arc::new(file),
+            copy_writer: Arc::new(TargetWriter::new(file.clone(), target)),
+            target: file,
             path: target.to_path_buf(),
             is_device,
             state,
@@ -397,7 +409,7 @@ impl Hydrate {
     }
 
     /// Fills stripe `i` from `data` (None: zeroes), sparing the blocks written through NBD.
-    /// The caller holds the write lock. Returns the bytes written.
+    /// The caller holds the write lock (shared). Returns the bytes written.
     async fn fill(&self, i: u64, data: Option<super::cache::Stripe>) -> std::io::Result<u64> {
         let s_off = self.layout.stripe_offset(i);
         let s_len = self.layout.stripe_len(i) as u64;
@@ -408,7 +420,7 @@ impl Hydrate {
             .map(|(at, n, _)| (at, n))
             .collect();
         let bytes: u64 = runs.iter().map(|r| r.1).sum();
-        let f = self.target.clone();
+        let f = self.copy_writer.clone();
         blocking(move || {
             let zeros = if data.is_none() {
                 vec![0u8; s_len as usize]
@@ -546,7 +558,7 @@ enum Filled {
 pub struct Copier {
     hyd: Arc<Hydrate>,
     snapshot: Arc<Snapshot>,
-    writing: Arc<tokio::sync::Mutex<()>>,
+    writing: Arc<tokio::sync::RwLock<()>>,
     rate: Option<u64>,
     announced: AtomicBool,
 }
@@ -557,7 +569,7 @@ impl Copier {
     pub fn new(
         hyd: Arc<Hydrate>,
         snapshot: Arc<Snapshot>,
-        writing: Arc<tokio::sync::Mutex<()>>,
+        writing: Arc<tokio::sync::RwLock<()>>,
         rate: Option<u64>,
     ) -> Copier {
         Copier {
@@ -573,12 +585,13 @@ impl Copier {
         let data = if self.snapshot.is_zero(i) {
             None
         } else {
-            match self.snapshot.stripe(i).await {
+            match self.snapshot.stripe_passing(i).await {
                 Ok(d) => Some(d),
                 Err(e) => return Ok(Filled::Unavailable(i, e.to_string())),
             }
         };
-        let _w = self.writing.lock().await;
+        // Shared with other copies (they fill different stripes), exclusive of guest writes.
+        let _w = self.writing.read().await;
         Ok(Filled::Done(self.hyd.fill(i, data).await?))
     }
 

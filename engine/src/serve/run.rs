@@ -156,7 +156,7 @@ pub struct Served {
     overlay: Option<Arc<Overlay>>,
     hydrate: Option<Arc<Hydrate>>,
     layer: Option<Arc<dyn WriteLayer>>,
-    write_lock: Arc<tokio::sync::Mutex<()>>,
+    write_lock: Arc<tokio::sync::RwLock<()>>,
     stats: Arc<Stats>,
     names: Vec<String>,
     opts: ServeOptions,

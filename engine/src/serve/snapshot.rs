@@ -124,6 +124,22 @@ impl Snapshot {
         }
     }
 
+    /// Stripe `i` (not a zero stripe) for a copy that passes through, such as hydration: from
+    /// the cache when it is there, else fetched from the agents without being cached, so a copy
+    /// of the whole disk does not evict the stripes the guest reads. (A guest read of the same
+    /// stripe at the same moment fetches it again: rare, and only costs a fetch.)
+    pub async fn stripe_passing(&self, i: u64) -> Result<Stripe, SourceError> {
+        if let Some(s) = self.cache.peek(i) {
+            bump(&self.stats.stripes_from_cache);
+            return Ok(s);
+        }
+        let _permit = self.fetches.acquire().await;
+        let r = self.reader.read(i).await;
+        self.note(i, &r);
+        r.map(|d| Arc::new(d.data))
+            .map_err(|lost| self.lost_error(&lost))
+    }
+
     /// Stats and logs for one fetch.
     fn note(&self, i: u64, r: &Result<StripeData, StripeLost>) {
         let problems = match r {

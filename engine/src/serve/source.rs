@@ -80,7 +80,7 @@ pub struct ServeSource {
     snapshot: Arc<Snapshot>,
     layer: Option<Arc<dyn WriteLayer>>,
     stats: Arc<Stats>,
-    writing: Arc<tokio::sync::Mutex<()>>,
+    writing: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl ServeSource {
@@ -94,14 +94,14 @@ impl ServeSource {
             snapshot,
             layer,
             stats,
-            writing: Arc::new(tokio::sync::Mutex::new(())),
+            writing: Arc::new(tokio::sync::RwLock::new(())),
         }
     }
 
-    /// The lock every write holds from its read-modify-write to its return. Whoever else
-    /// writes into the layer (the live-restore copier) takes it too, so it never interleaves
-    /// with a write.
-    pub fn write_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock every write holds, exclusively, from its read-modify-write to its return.
+    /// Whoever else writes into the layer (the live-restore copier) holds it shared, so a copy
+    /// never interleaves with a guest write, while copies of different stripes run side by side.
+    pub fn write_lock(&self) -> Arc<tokio::sync::RwLock<()>> {
         self.writing.clone()
     }
 
@@ -208,7 +208,7 @@ impl BlockSource for ServeSource {
         bump(&self.stats.requests);
         bump(&self.stats.writes);
         {
-            let _one = self.writing.lock().await;
+            let _one = self.writing.write().await;
             self.write_locked(offset, data).await?;
         }
         if fua {
@@ -247,7 +247,7 @@ impl BlockSource for ServeSource {
         let mut at = offset;
         let end = offset + len;
         {
-            let _one = self.writing.lock().await;
+            let _one = self.writing.write().await;
             while at < end {
                 let n = (end - at).min(ZERO_CHUNK);
                 self.write_locked(at, &zeros[..n as usize]).await?;
