@@ -116,6 +116,25 @@ impl Codec {
     /// Fills in the missing *data* shards (indices `0..k`) of `shards` (k + m entries, `None`
     /// for missing), from any `k` present ones. Parity entries may stay `None`.
     pub fn reconstruct_data(&self, shards: &mut [Option<Vec<u8>>]) -> Result<()> {
+        let mut restored = Vec::new();
+        {
+            let refs: Vec<Option<&[u8]>> = shards.iter().map(|s| s.as_deref()).collect();
+            self.reconstruct_with(&refs, |i, data| restored.push((i, data.to_vec())))?;
+        }
+        for (i, data) in restored {
+            shards[i] = Some(data);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds each missing *data* shard of `shards` (k + m entries of equal, even length,
+    /// `None` for missing; any `k` present suffice) and hands it to `restored(index, bytes)`, in
+    /// index order. Nothing is copied out of the shards that are present.
+    pub fn reconstruct_with(
+        &self,
+        shards: &[Option<&[u8]>],
+        mut restored: impl FnMut(usize, &[u8]),
+    ) -> Result<()> {
         let have = shards.iter().filter(|s| s.is_some()).count();
         if shards.len() != self.k + self.m {
             return Err(Error::Invalid(format!(
@@ -131,23 +150,26 @@ impl Codec {
         if missing.is_empty() {
             return Ok(());
         }
+        let len = shards.iter().flatten().next().map_or(0, |s| s.len());
+        if shards.iter().flatten().any(|s| s.len() != len) {
+            return Err(Error::ShardCorrupt("shards of different lengths".into()));
+        }
         if self.m == 1 {
             // XOR: the one missing data shard is the XOR of all others, parity included.
-            let len = shards.iter().flatten().next().map_or(0, |s| s.len());
             let mut out = vec![0u8; len];
             for s in shards.iter().flatten() {
                 xor_into(&mut out, s);
             }
-            shards[missing[0]] = Some(out);
+            restored(missing[0], &out);
             return Ok(());
         }
         if self.k == 1 {
-            let copy = shards.iter().flatten().next().cloned();
-            shards[0] = copy;
+            if let Some(copy) = shards.iter().flatten().next() {
+                restored(0, copy);
+            }
             return Ok(());
         }
         let (k, m) = (self.k, self.m);
-        let len = shards.iter().flatten().next().map_or(0, |s| s.len());
         let failed = |e: reed_solomon_simd::Error| {
             Error::ShardCorrupt(format!("reconstruction failed: {e}"))
         };
@@ -157,7 +179,7 @@ impl Codec {
             || ReedSolomonDecoder::new(k, m, len),
         )
         .map_err(failed)?;
-        let restored = (|| {
+        let result = (|| {
             for (i, s) in shards.iter().enumerate() {
                 match s {
                     Some(s) if i < k => dec.add_original_shard(i, s).map_err(failed)?,
@@ -166,20 +188,16 @@ impl Codec {
                 }
             }
             let out = dec.decode().map_err(failed)?;
-            missing
-                .iter()
-                .map(|&i| {
-                    out.restored_original(i).map(<[u8]>::to_vec).ok_or_else(|| {
-                        Error::ShardCorrupt(format!("reconstruction did not restore shard {i}"))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
+            for &i in &missing {
+                let shard = out.restored_original(i).ok_or_else(|| {
+                    Error::ShardCorrupt(format!("reconstruction did not restore shard {i}"))
+                })?;
+                restored(i, shard);
+            }
+            Ok(())
         })();
         keep(&self.decoders, dec);
-        for (i, shard) in missing.into_iter().zip(restored?) {
-            shards[i] = Some(shard);
-        }
-        Ok(())
+        result
     }
 }
 
@@ -220,7 +238,11 @@ mod tests {
             let data = shards_for(4, len, round);
             let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
             let fresh = reed_solomon_simd::encode(4, 2, &refs).unwrap();
-            assert_eq!(codec.encode(&refs), fresh, "round {round}, {len}-byte shards");
+            assert_eq!(
+                codec.encode(&refs),
+                fresh,
+                "round {round}, {len}-byte shards"
+            );
         }
     }
 

@@ -135,7 +135,7 @@ impl StripeCodec {
         &self,
         id: &StripeId,
         plain_len: usize,
-        mut payloads: Vec<Option<Payload>>,
+        payloads: Vec<Option<Payload>>,
         mut buf: Vec<u8>,
     ) -> Result<Vec<u8>> {
         let k = self.layout.k as usize;
@@ -148,15 +148,22 @@ impl StripeCodec {
             }
             payloads.into_iter().flatten().for_each(|p| pool.give(p.0));
         } else {
-            let mut bare: Vec<Option<Vec<u8>>> = payloads
-                .iter_mut()
-                .map(|p| p.take().map(Payload::into_vec))
+            // Present payloads are read in place, missing ones rebuilt straight into `buf`.
+            let len = self.layout.shard_len(plain_len);
+            buf.resize(len * k, 0);
+            let refs: Vec<Option<&[u8]>> = payloads
+                .iter()
+                .map(|p| p.as_ref().map(Payload::as_slice))
                 .collect();
-            self.codec.reconstruct_data(&mut bare)?;
-            for p in bare.iter().take(k) {
-                buf.extend_from_slice(p.as_deref().unwrap_or_default());
+            for (i, p) in refs.iter().take(k).enumerate() {
+                if let Some(p) = p {
+                    buf[i * len..(i + 1) * len].copy_from_slice(p);
+                }
             }
-            bare.into_iter().flatten().for_each(|v| pool.give(v));
+            self.codec.reconstruct_with(&refs, |i, shard| {
+                buf[i * len..(i + 1) * len].copy_from_slice(shard);
+            })?;
+            payloads.into_iter().flatten().for_each(|p| pool.give(p.0));
         }
         buf.truncate(plain_len + TAG_LEN);
         self.keys.open_stripe(id, &mut buf)?;
