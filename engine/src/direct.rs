@@ -78,6 +78,20 @@ impl TargetWriter {
     }
 }
 
+impl TargetWriter {
+    /// Makes `len` bytes at `offset` read as zeroes (a zero stripe on a block device):
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)` where the target takes it (a disk's WRITE ZEROES, or the
+    /// kernel writing zeroes for us; a loop device passes it to its backing file), else by
+    /// writing zeroes.
+    pub fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if len == 0 || fallocate(&*self.buffered, FallocateFlags::ZERO_RANGE, offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_all_at(&vec![0u8; len as usize], offset)
+    }
+}
+
 /// Bytes from the start of `buf`'s allocation to the first [`ALIGN`]ed address in it.
 pub fn misalignment(buf: &[u8]) -> usize {
     (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN

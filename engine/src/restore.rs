@@ -26,7 +26,7 @@ use crate::fleet::keepalive::KeepAlive;
 use crate::fleet::sleepers::{Need, WakeOutcome};
 use crate::fleet::{Access, Fleet};
 use crate::progress::Progress;
-use crate::read::{Problem, StripeLost, StripeReader};
+use crate::read::{Problem, ShardProblem, StripeLost, StripeReader};
 use crate::shutdown::Shutdown;
 use crate::volume::{open_target, TargetOptions};
 
@@ -184,6 +184,28 @@ pub async fn restore(
     })
 }
 
+/// One stripe's write as the restore loop counts it: its shard problems and whether it was
+/// rebuilt from parity, or the stripe lost with the write's error. (The loop's task result;
+/// the lost stripe travels by value as the reader returns it.)
+#[allow(clippy::result_large_err)]
+fn result_of(
+    i: u64,
+    written: std::result::Result<std::io::Result<()>, tokio::task::JoinError>,
+    problems: Vec<ShardProblem>,
+    rebuilt: bool,
+) -> std::result::Result<(u64, Vec<ShardProblem>, bool), StripeLost> {
+    let lost = |error| StripeLost {
+        stripe: i,
+        problems: vec![],
+        error,
+    };
+    match written {
+        Ok(Ok(())) => Ok((i, problems, rebuilt)),
+        Ok(Err(e)) => Err(lost(sa_core::Error::io("write target", e))),
+        Err(e) => Err(lost(sa_core::Error::Protocol(e.to_string()))),
+    }
+}
+
 /// Reads every stripe and writes it to `file` ([`PARALLEL`] at once); lost stripes go to the
 /// tally, so the error can name them all.
 #[allow(clippy::too_many_arguments)]
@@ -212,25 +234,22 @@ async fn copy_stripes(
                 if matches!(m.stripes[i as usize], StripeRef::Zero) && !is_device {
                     return Ok((i, vec![], false));
                 }
-                let sd = reader.read(i).await?;
                 let off = m.layout.stripe_offset(i);
-                let (problems, rec, data) = (sd.problems, sd.reconstructed, sd.data);
-                let written = tokio::task::spawn_blocking(move || {
-                    let r = file.write_all_at(&data, off);
-                    pool.give(data);
-                    r
-                })
-                .await;
-                let lost = |error| StripeLost {
-                    stripe: i,
-                    problems: vec![],
-                    error,
+                let written = if matches!(m.stripes[i as usize], StripeRef::Zero) {
+                    let len = m.layout.stripe_len(i) as u64;
+                    tokio::task::spawn_blocking(move || file.zero_range(off, len)).await
+                } else {
+                    let sd = reader.read(i).await?;
+                    let data = sd.data;
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = file.write_all_at(&data, off);
+                        pool.give(data);
+                        r
+                    })
+                    .await;
+                    return result_of(i, r, sd.problems, sd.reconstructed);
                 };
-                match written {
-                    Ok(Ok(())) => Ok((i, problems, rec)),
-                    Ok(Err(e)) => Err(lost(sa_core::Error::io("write target", e))),
-                    Err(e) => Err(lost(sa_core::Error::Protocol(e.to_string()))),
-                }
+                result_of(i, written, vec![], false)
             });
         }
         let Some(joined) = set.join_next().await else {
