@@ -151,6 +151,24 @@ fn assert_quick(after_cut: Duration, what: &str, log: &str) {
     );
 }
 
+/// Runs `sa-image ARGS` as `name`, cuts PC `victim` once 2 MiB crossed its link, waits for the
+/// command, and checks that it succeeded within [`AFTER_CUT`] of the cut; its stdout file.
+fn run_cut(o: &Office, args: &[&OsStr], name: &str, victim: usize) -> PathBuf {
+    let started = Instant::now();
+    let (mut op, out, err) = spawn(o, args, name);
+    let what = format!("the {name}");
+    let cut = o.cut_during(victim, &mut op, &what, 2 * MIB);
+    let st = op.wait(Duration::from_secs(180));
+    let after_cut = cut.elapsed();
+    eprintln!(
+        "[stall] {name}: cut after {:?}, ended {after_cut:?} after the cut ({st})",
+        cut - started
+    );
+    assert!(st.success(), "{what} failed: {st}\n{}", read(&err));
+    assert_quick(after_cut, &what, &read(&err));
+    out
+}
+
 /// A snapshot whose PC is cut mid-run (seven PCs for k=4 m=2: the lost PC's part of the run goes
 /// to the one outside each stripe) commits, without the lost PC in its manifest's fresh shards,
 /// within seconds of the cut; the snapshot restores byte-identical.
@@ -171,17 +189,7 @@ fn snapshot_with_a_pc_cut_mid_run_commits_within_seconds() {
         OsStr::new("2"),
         OsStr::new("--json"),
     ];
-    let started = Instant::now();
-    let (mut snap, out, err) = spawn(&o, &args, "snapshot");
-    let cut = o.cut_during(victim, &mut snap, "the snapshot", 2 * MIB);
-    let st = snap.wait(Duration::from_secs(180));
-    let after_cut = cut.elapsed();
-    eprintln!(
-        "[stall] snapshot: cut after {:?}, ended {after_cut:?} after the cut ({st})",
-        cut - started
-    );
-    assert!(st.success(), "the snapshot failed: {st}\n{}", read(&err));
-    assert_quick(after_cut, "the snapshot", &read(&err));
+    let out = run_cut(&o, &args, "snapshot", victim);
     let v = parse_json(&read(&out), "snapshot report");
     assert_eq!(
         v["agents_lost"],
@@ -223,17 +231,7 @@ fn restore_with_a_pc_cut_mid_run_completes_within_seconds() {
         target.as_os_str(),
         OsStr::new("--json"),
     ];
-    let started = Instant::now();
-    let (mut restore, out, err) = spawn(&o, &args, "restore");
-    let cut = o.cut_during(victim, &mut restore, "the restore", 2 * MIB);
-    let st = restore.wait(Duration::from_secs(180));
-    let after_cut = cut.elapsed();
-    eprintln!(
-        "[stall] restore: cut after {:?}, ended {after_cut:?} after the cut ({st})",
-        cut - started
-    );
-    assert!(st.success(), "the restore failed: {st}\n{}", read(&err));
-    assert_quick(after_cut, "the restore", &read(&err));
+    let out = run_cut(&o, &args, "restore", victim);
     assert_eq!(sha256(&target), img.sha256(), "restored bytes differ");
     let v: Value = parse_json(&read(&out), "restore report");
     assert!(
