@@ -19,6 +19,9 @@ cut_mib=${CUT_MIB:-4}
 rounds=${ROUNDS:-3}
 tag=$(( $$ % 100000 ))
 net=198
+pc=s
+# shellcheck source=bench/pcs.sh
+. "$here/bench/pcs.sh"
 pcs="1 2 3 4 5 6 7"
 victim=7
 mkdir -p "$work"
@@ -26,11 +29,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for i in $pcs; do
-    ip netns del "sas$tag-$i" 2>/dev/null || true
-    ip link del "ssh$tag$i" 2>/dev/null || true
-    ip route del blackhole "10.$net.$i.0/30" metric 4000 2>/dev/null || true
-  done
+  for i in $pcs; do del_pc "$i"; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -42,23 +41,13 @@ wait_for() { # FILE PATTERN: poll until FILE has a line matching PATTERN (10 ms 
 now() { date +%s.%N; }
 since() { echo "$(now) $1" | awk '{printf "%.2f", $1 - $2}'; }
 
-for i in $pcs; do
-  ns="sas$tag-$i"; h="ssh$tag$i"; n="ssn$tag$i"
-  ip netns add "$ns"
-  ip link add "$h" type veth peer name "$n"
-  ip link set "$n" netns "$ns"
-  ip addr add "10.$net.$i.1/30" dev "$h"; ip link set "$h" up
-  ip netns exec "$ns" ip link set lo up
-  ip netns exec "$ns" ip addr add "10.$net.$i.2/30" dev "$n"
-  ip netns exec "$ns" ip link set "$n" up
-  ip route add blackhole "10.$net.$i.0/30" metric 4000
-done
+for i in $pcs; do add_pc "$i"; done
 
 "$bin/sa-image" keygen --out "$work/key" > /dev/null
 owner=$("$bin/sa-image" owner-id --key "$work/key" | tail -1)
 for i in $pcs; do
   mkdir -p "$work/a$i"
-  ip netns exec "sas$tag-$i" "$bin/shard-agent" --dir "$work/a$i" --listen "10.$net.$i.2:7710" \
+  ip netns exec "$(pc_ns "$i")" "$bin/shard-agent" --dir "$work/a$i" --listen "10.$net.$i.2:7710" \
     --owner "$owner" --min-free 0 > "$work/a$i.out" 2>> "$work/a$i.log" &
   pids+=($!)
   wait_for "$work/a$i.out" "listening on"
@@ -67,12 +56,12 @@ all=$(for i in $pcs; do printf '10.%s.%s.2:7710,' "$net" "$i"; done); all=${all%
 sa() { "$bin/sa-image" "$@" --key "$work/key" --agents "$all" --cache-dir "$work/cache"; }
 
 traffic() { # bytes through PC 7's link so far
-  local h="/sys/class/net/ssh$tag$victim/statistics"
+  local h; h="/sys/class/net/$(pc_host $victim)/statistics"
   echo $(( $(cat "$h/rx_bytes") + $(cat "$h/tx_bytes") ))
 }
-cut() { ip netns exec "sas$tag-$victim" ip link set "ssn$tag$victim" down; }
+cut() { ip netns exec "$(pc_ns $victim)" ip link set "$(pc_if $victim)" down; }
 join() { # the link up again, and the agent reachable through it
-  ip netns exec "sas$tag-$victim" ip link set "ssn$tag$victim" up
+  ip netns exec "$(pc_ns $victim)" ip link set "$(pc_if $victim)" up
   for _ in $(seq 1000); do
     timeout 1 bash -c "exec 3<>/dev/tcp/10.$net.$victim.2/7710" 2>/dev/null && return 0
     sleep 0.01

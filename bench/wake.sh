@@ -17,17 +17,16 @@ size=${SIZE_MIB:-64}
 runs=${RUNS:-3}
 tag=$(( $$ % 100000 ))
 net=199
+pc=b
+# shellcheck source=bench/pcs.sh
+. "$here/bench/pcs.sh"
 mkdir -p "$work"
 pids=()
 ns_names=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for i in 1 2 3 4 5 6; do
-    ip netns del "sab$tag-$i" 2>/dev/null || true
-    ip link del "sbh$tag$i" 2>/dev/null || true
-    ip route del blackhole "10.$net.$i.0/30" metric 4000 2>/dev/null || true
-  done
+  for i in 1 2 3 4 5 6; do del_pc "$i"; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -38,18 +37,8 @@ wait_for() { # FILE PATTERN [TRIES]: poll until FILE has a line matching PATTERN
 }
 now() { date +%s.%N; }
 
-# Six PCs: namespace sab<tag>-i, 10.199.i.2/30 inside, 10.199.i.1/30 on this side.
-for i in 1 2 3 4 5 6; do
-  ns="sab$tag-$i"; h="sbh$tag$i"; n="sbn$tag$i"
-  ip netns add "$ns"
-  ip link add "$h" type veth peer name "$n"
-  ip link set "$n" netns "$ns"
-  ip addr add "10.$net.$i.1/30" dev "$h"; ip link set "$h" up
-  ip netns exec "$ns" ip link set lo up
-  ip netns exec "$ns" ip addr add "10.$net.$i.2/30" dev "$n"
-  ip netns exec "$ns" ip link set "$n" up
-  ip route add blackhole "10.$net.$i.0/30" metric 4000
-done
+# Six PCs (bench/pcs.sh): namespace sab<tag>-i, 10.199.i.2/30 inside, 10.199.i.1/30 on this side.
+for i in 1 2 3 4 5 6; do add_pc "$i"; done
 
 "$bin/sa-image" keygen --out "$work/key" > /dev/null
 owner=$("$bin/sa-image" owner-id --key "$work/key" | tail -1)
@@ -57,16 +46,16 @@ agent_cmd() { echo "$bin/shard-agent --dir $work/a$1 --listen 10.$net.$1.2:7710 
 agent_pid=()
 start_agent() { # I: the agent of PC I, awake
   # shellcheck disable=SC2046
-  ip netns exec "sab$tag-$1" $(agent_cmd "$1") > "$work/a$1.out" 2>> "$work/a$1.log" &
+  ip netns exec "$(pc_ns "$1")" $(agent_cmd "$1") > "$work/a$1.out" 2>> "$work/a$1.log" &
   agent_pid[$1]=$!; pids+=($!)
   wait_for "$work/a$1.out" "listening on"
 }
 sleep_pc() { # I: PC I goes to sleep: its agent stops, the harness waits for its magic packet
   kill "${agent_pid[$1]}" 2>/dev/null || true; wait "${agent_pid[$1]}" 2>/dev/null || true
-  local mac; mac=$(ip netns exec "sab$tag-$1" cat "/sys/class/net/sbn$tag$1/address")
+  local mac; mac=$(ip netns exec "$(pc_ns "$1")" cat "/sys/class/net/$(pc_if "$1")/address")
   rm -f "$work/h$1.ready" "$work/a$1.out"
   # shellcheck disable=SC2046
-  ip netns exec "sab$tag-$1" python3 "$here/tests/wake-harness.py" "$mac" "$delay" "$work/h$1.ready" \
+  ip netns exec "$(pc_ns "$1")" python3 "$here/tests/wake-harness.py" "$mac" "$delay" "$work/h$1.ready" \
     -- $(agent_cmd "$1") > "$work/a$1.out" 2>> "$work/a$1.log" &
   agent_pid[$1]=$!; pids+=($!)
   wait_for "$work/h$1.ready" listening
