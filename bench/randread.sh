@@ -22,20 +22,9 @@ mkdir -p "$work"
 trap cleanup EXIT
 command -v fio > /dev/null || { echo "needs fio (apt-get install fio)" >&2; exit 1; }
 
-# fio URI -> "IOPS P50_MS P99_MS" (completion latency percentiles)
-fio_run() {
-  fio --name=randread --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=16 \
-    --size="${size_mib}m" --time_based --runtime="$secs" --randrepeat=0 --norandommap \
-    --output-format=json > "$work/fio.json" 2> "$work/fio.err" || { cat "$work/fio.err" >&2; return 1; }
-  python3 -c '
-import json, sys
-text = open(sys.argv[1]).read()  # fio prints "connected to NBD server" before its JSON
-j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
-p = j["clat_ns"]["percentile"]
-print("%.0f %.3f %.3f" % (j["iops"], p["50.000000"] / 1e6, p["99.000000"] / 1e6))
-' "$work/fio.json"
-}
-
+# shellcheck source=bench/fio.sh
+. "$here/bench/fio.sh"
+fio_run() { fio_randread "$1" "$size_mib" "$secs" "$work/fio.json"; }
 serve_fio() { # -> fio line, after a cold serve start; serve's JSON in $work/serve.json
   local out="$work/serve.out" pid url r
   "$bin/sa-image" serve latest --key "$work/key" --agents "$addrs" --listen 127.0.0.1:0 --json \

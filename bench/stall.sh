@@ -53,7 +53,8 @@ for i in $pcs; do
   wait_for "$work/a$i.out" "listening on"
 done
 all=$(for i in $pcs; do printf '10.%s.%s.2:7710,' "$net" "$i"; done); all=${all%,}
-sa() { "$bin/sa-image" "$@" --key "$work/key" --agents "$all" --cache-dir "$work/cache"; }
+sa_args=(--key "$work/key" --agents "$all" --cache-dir "$work/cache")
+sa() { "$bin/sa-image" "$@" "${sa_args[@]}"; }
 
 traffic() { # bytes through PC 7's link so far
   local h; h="/sys/class/net/$(pc_host $victim)/statistics"
@@ -104,7 +105,9 @@ restore_op() {
 serve_op() {
   local out="$work/serve.out" url spid secs
   rm -f "$out"
-  sa serve "$base" --listen 127.0.0.1:0 --cache 8MiB --wake-wait 0 > "$out" 2>> "$work/serve.log" &
+  # Not through `sa`: the pid must be serve's own, for the kill below to reach it.
+  "$bin/sa-image" serve "$base" --listen 127.0.0.1:0 --cache 8MiB --wake-wait 0 "${sa_args[@]}" \
+    > "$out" 2>> "$work/serve.log" &
   spid=$!; pids+=($spid)
   wait_for "$out" "^serving"
   url=$(grep -o 'nbd://[^ ]*' "$out" | head -1)
