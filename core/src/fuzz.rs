@@ -188,6 +188,11 @@ fn frame_seeds() -> Vec<Vec<u8>> {
             data: shard::encode_shard(&key(), 4, 2, b"payload"),
         },
         Request::GetShard { key: key() },
+        Request::GetRange {
+            key: key(),
+            offset: 96,
+            len: 4112,
+        },
         Request::ConfirmShard {
             key: key(),
             header: vec![7; shard::SHARD_HEADER_LEN],

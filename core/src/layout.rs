@@ -3,7 +3,7 @@
 //! stripe go.
 
 use crate::error::{Error, Result};
-use crate::seal::TAG_LEN;
+use crate::seal::{sealed_len, CHUNK_LEN, SEALED_CHUNK_LEN, SEAL_CHUNKED, SEAL_WHOLE};
 
 /// Sector size: volumes and stripes are whole multiples of it.
 pub const SECTOR: u64 = 512;
@@ -21,10 +21,28 @@ pub struct Layout {
     pub k: u8,
     /// Parity shards per stripe.
     pub m: u8,
+    /// How stripes are sealed ([`crate::seal`]: [`SEAL_WHOLE`] or [`SEAL_CHUNKED`]).
+    pub seal: u8,
+}
+
+/// Where a byte range of a stripe lies in its data shards (seal format 2): the sealed chunks
+/// that cover it, and the pieces of data shards that hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangePlan {
+    /// First chunk covered.
+    pub first_chunk: usize,
+    /// Chunks in the stripe.
+    pub chunks: usize,
+    /// Offset of the range's first byte in the plaintext of the covered chunks.
+    pub skip: usize,
+    /// `(data shard index, offset in its payload, length)`, in stripe order; their bytes back to
+    /// back are the covered sealed chunks.
+    pub pieces: Vec<(usize, usize, usize)>,
 }
 
 impl Layout {
-    /// Checks the parameters and builds a layout.
+    /// Checks the parameters and builds a layout, sealed in the current format
+    /// ([`SEAL_CHUNKED`]; [`Layout::with_seal`] picks another).
     pub fn new(volume_size: u64, stripe_size: u32, k: u8, m: u8) -> Result<Self> {
         if k == 0 {
             return Err(Error::Invalid("data shards (k) must be at least 1".into()));
@@ -56,6 +74,45 @@ impl Layout {
             stripe_size,
             k,
             m,
+            seal: SEAL_CHUNKED,
+        })
+    }
+
+    /// The same layout with seal format `seal` (1 or 2).
+    pub fn with_seal(self, seal: u8) -> Result<Self> {
+        if seal != SEAL_WHOLE && seal != SEAL_CHUNKED {
+            return Err(Error::Invalid(format!(
+                "stripe seal format {seal} is unknown (this build knows {SEAL_WHOLE} and {SEAL_CHUNKED})"
+            )));
+        }
+        Ok(Layout { seal, ..self })
+    }
+
+    /// Where plaintext bytes `from..to` of a stripe of `plain_len` bytes lie in its data shards
+    /// (seal format 2 only: None for format 1, whose stripes are read whole).
+    pub fn range_plan(&self, plain_len: usize, from: usize, to: usize) -> Option<RangePlan> {
+        if self.seal != SEAL_CHUNKED || from >= to || to > plain_len {
+            return None;
+        }
+        let chunks = plain_len.div_ceil(CHUNK_LEN);
+        let first_chunk = from / CHUNK_LEN;
+        let last_chunk = (to - 1) / CHUNK_LEN;
+        let start = first_chunk * SEALED_CHUNK_LEN;
+        let end = ((last_chunk + 1) * SEALED_CHUNK_LEN).min(sealed_len(self.seal, plain_len));
+        let shard = self.shard_len(plain_len);
+        let mut pieces = Vec::new();
+        let mut at = start;
+        while at < end {
+            let (idx, off) = (at / shard, at % shard);
+            let len = (shard - off).min(end - at);
+            pieces.push((idx, off, len));
+            at += len;
+        }
+        Some(RangePlan {
+            first_chunk,
+            chunks,
+            skip: from - first_chunk * CHUNK_LEN,
+            pieces,
         })
     }
 
@@ -80,12 +137,12 @@ impl Layout {
         (self.volume_size - start).min(self.stripe_size as u64) as usize
     }
 
-    /// Length of each shard of a stripe whose plaintext is `plain_len` bytes: the
-    /// ciphertext (plaintext + AEAD tag) split in `k` equal parts, rounded up to a multiple of
-    /// 64 bytes (the codec needs even lengths and runs fastest on 64-byte multiples), the tail
-    /// zero-padded.
+    /// Length of each shard of a stripe whose plaintext is `plain_len` bytes: the sealed
+    /// stripe (plaintext + AEAD tags, [`sealed_len`]) split in `k` equal parts, rounded up to a
+    /// multiple of 64 bytes (the codec needs even lengths and runs fastest on 64-byte
+    /// multiples), the tail zero-padded.
     pub fn shard_len(&self, plain_len: usize) -> usize {
-        (plain_len + TAG_LEN)
+        sealed_len(self.seal, plain_len)
             .div_ceil(self.k as usize)
             .next_multiple_of(64)
     }
@@ -115,11 +172,63 @@ mod tests {
 
     #[test]
     fn stripes_cover_volume() {
-        let l = Layout::new(10 * 1024 * 1024 + 512, 4 << 20, 4, 2).unwrap();
+        let l = Layout::new(10 * 1024 * 1024 + 512, 4 << 20, 4, 2)
+            .unwrap()
+            .with_seal(SEAL_WHOLE)
+            .unwrap();
         assert_eq!(l.stripe_count(), 3);
         assert_eq!(l.stripe_len(2), 2 * 1024 * 1024 + 512);
         assert_eq!(l.shard_len(4 << 20), (4 << 20) / 4 + 64);
         assert_eq!(l.stripe_of(8 << 20), 2);
+        let c = l.with_seal(SEAL_CHUNKED).unwrap();
+        // 1024 tags of 16 bytes over 4 data shards.
+        assert_eq!(c.shard_len(4 << 20), (4 << 20) / 4 + 4096);
+        assert!(l.with_seal(3).is_err());
+    }
+
+    #[test]
+    fn range_plans_cover_the_sealed_chunks() {
+        let l = Layout::new(16 << 20, 4 << 20, 4, 2).unwrap();
+        let plain = 4 << 20;
+        let shard = l.shard_len(plain);
+        assert!(Layout::new(16 << 20, 4 << 20, 4, 2)
+            .unwrap()
+            .with_seal(SEAL_WHOLE)
+            .unwrap()
+            .range_plan(plain, 0, 4096)
+            .is_none());
+        // One 4 KiB block at a chunk boundary: one sealed chunk from one shard.
+        let p = l.range_plan(plain, 8192, 12288).unwrap();
+        assert_eq!((p.first_chunk, p.chunks, p.skip), (2, 1024, 0));
+        assert_eq!(p.pieces, vec![(0, 2 * SEALED_CHUNK_LEN, SEALED_CHUNK_LEN)]);
+        // Unaligned: two chunks.
+        let p = l.range_plan(plain, 4000, 4200).unwrap();
+        assert_eq!(p.skip, 4000);
+        assert_eq!(p.pieces, vec![(0, 0, 2 * SEALED_CHUNK_LEN)]);
+        // With k = 4 the chunks fit the shards exactly; with k = 3 one lies astride two.
+        assert_eq!(shard % SEALED_CHUNK_LEN, 0);
+        let l3 = Layout::new(16 << 20, 4 << 20, 3, 2).unwrap();
+        let shard3 = l3.shard_len(plain);
+        let j = shard3 / SEALED_CHUNK_LEN;
+        let p = l3
+            .range_plan(plain, j * CHUNK_LEN, j * CHUNK_LEN + 10)
+            .unwrap();
+        let before = shard3 - j * SEALED_CHUNK_LEN;
+        assert!(before > 0);
+        assert_eq!(
+            p.pieces,
+            vec![
+                (0, j * SEALED_CHUNK_LEN, before),
+                (1, 0, SEALED_CHUNK_LEN - before)
+            ]
+        );
+        // The last chunk of a short stripe.
+        let p = l.range_plan(6144, 5000, 6144).unwrap();
+        assert_eq!((p.first_chunk, p.chunks), (1, 2));
+        let total: usize = p.pieces.iter().map(|x| x.2).sum();
+        assert_eq!(total, 2048 + crate::seal::TAG_LEN);
+        assert!(l.range_plan(plain, 10, 10).is_none());
+        assert!(l.range_plan(plain, 0, plain + 1).is_none());
     }
 
     #[test]

@@ -26,6 +26,13 @@
 //! the stripes, a `u8` tag (1: a bitmap name follows as a string; 0: none). A manifest without a
 //! bitmap is still written as version 1 or 2, byte for byte as before, so older readers read it;
 //! all three versions are read.
+//!
+//! **Seal format** (body version 4). A snapshot whose stripes are sealed in chunks
+//! ([`crate::seal::SEAL_CHUNKED`], the default since) is written as version 4: version 3 (the
+//! revision always present, the bitmap tag after the stripes) plus a `u8` seal format right after
+//! `k` and `m`. Versions 1 to 3 are whole-stripe sealed ([`crate::seal::SEAL_WHOLE`]), and a
+//! manifest of that format is still written in them, byte for byte as before. Readers built
+//! before version 4 refuse a version-4 manifest with "unsupported version": upgrade `sa-image`.
 
 use crate::enc::{Reader, Writer};
 use crate::envelope;
@@ -44,6 +51,9 @@ pub const MANIFEST_REVISED_VERSION: u16 = 2;
 /// Body version of a manifest that names its tracking bitmap (version 2, any revision, plus
 /// the bitmap after the stripes).
 pub const MANIFEST_TRACKED_VERSION: u16 = 3;
+/// Body version of a manifest whose stripes are sealed in chunks (version 3 plus the seal
+/// format after `k` and `m`).
+pub const MANIFEST_SEALED_VERSION: u16 = 4;
 /// Longest dirty bitmap name recorded (QEMU limits bitmap names to 1023 bytes).
 pub const MAX_BITMAP_NAME: usize = 1023;
 /// Prefix of catalog blob names that hold manifests.
@@ -127,7 +137,9 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         let shards = self.layout.shards();
         let mut w = Writer::with_capacity(256 + self.stripes.len() * (33 + 2 * shards));
-        let version = if self.tracking_bitmap.is_some() {
+        let version = if self.layout.seal != crate::seal::SEAL_WHOLE {
+            MANIFEST_SEALED_VERSION
+        } else if self.tracking_bitmap.is_some() {
             MANIFEST_TRACKED_VERSION
         } else if self.revision == 0 {
             MANIFEST_VERSION
@@ -146,8 +158,11 @@ impl Manifest {
         w.u64(self.layout.volume_size)
             .u32(self.layout.stripe_size)
             .u8(self.layout.k)
-            .u8(self.layout.m)
-            .u16(self.agents.len() as u16);
+            .u8(self.layout.m);
+        if version == MANIFEST_SEALED_VERSION {
+            w.u8(self.layout.seal);
+        }
+        w.u16(self.agents.len() as u16);
         for a in &self.agents {
             w.bytes(&a.id).str(&a.addr);
         }
@@ -165,8 +180,14 @@ impl Manifest {
                 }
             }
         }
-        if let Some(b) = &self.tracking_bitmap {
-            w.u8(1).str(b);
+        match &self.tracking_bitmap {
+            Some(b) => {
+                w.u8(1).str(b);
+            }
+            None if version == MANIFEST_SEALED_VERSION => {
+                w.u8(0);
+            }
+            None => {}
         }
         w.buf
     }
@@ -174,7 +195,7 @@ impl Manifest {
     /// Parses a manifest body and checks it is consistent.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let mut r = Reader::new(b, "manifest");
-        let version = r.version(MANIFEST_VERSION..=MANIFEST_TRACKED_VERSION)?;
+        let version = r.version(MANIFEST_VERSION..=MANIFEST_SEALED_VERSION)?;
         let snapshot = r.str()?;
         let volume_name = r.str()?;
         let volume = r.array()?;
@@ -192,7 +213,13 @@ impl Manifest {
         let stripe_size = r.u32()?;
         let k = r.u8()?;
         let m = r.u8()?;
+        let seal = if version == MANIFEST_SEALED_VERSION {
+            r.u8()?
+        } else {
+            crate::seal::SEAL_WHOLE
+        };
         let layout = Layout::new(volume_size, stripe_size, k, m)
+            .and_then(|l| l.with_seal(seal))
             .map_err(|e| Error::malformed("manifest", format!("bad layout: {e}")))?;
         let n_agents = r.u16()? as usize;
         let mut agents = Vec::with_capacity(n_agents);
@@ -237,7 +264,7 @@ impl Manifest {
                 }
             }
         }
-        let tracking_bitmap = if version == MANIFEST_TRACKED_VERSION {
+        let tracking_bitmap = if version >= MANIFEST_TRACKED_VERSION {
             match r.u8()? {
                 0 => None,
                 1 => {
@@ -370,7 +397,11 @@ pub(crate) mod tests {
     use crate::keys::MasterKey;
 
     pub(crate) fn sample() -> Manifest {
-        let layout = Layout::new(3 * (4 << 20), 4 << 20, 4, 2).unwrap();
+        // Whole-stripe sealed, as every manifest was before version 4.
+        let layout = Layout::new(3 * (4 << 20), 4 << 20, 4, 2)
+            .unwrap()
+            .with_seal(crate::seal::SEAL_WHOLE)
+            .unwrap();
         Manifest {
             snapshot: "0123456789abcdef".into(),
             volume_name: "sda".into(),
@@ -506,6 +537,33 @@ pub(crate) mod tests {
         assert!(Manifest::from_bytes(&empty.to_bytes()).is_err());
         for cut in 0..v3.len() {
             assert!(Manifest::from_bytes(&v3[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn chunked_stripes_are_version_4_with_the_seal_format() {
+        let keys = MasterKey::from_bytes([9; 32]).derive();
+        let v1 = sample().to_bytes();
+        let mut m = sample();
+        m.layout = m.layout.with_seal(crate::seal::SEAL_CHUNKED).unwrap();
+        let v4 = m.to_bytes();
+        assert_eq!(u16::from_le_bytes([v4[0], v4[1]]), MANIFEST_SEALED_VERSION);
+        // Version 1 plus the revision (4), the seal format (1) and the "no bitmap" tag (1).
+        assert_eq!(v4.len(), v1.len() + 4 + 1 + 1);
+        let sealed = m.seal(&keys).unwrap();
+        assert_eq!(Manifest::open(&keys, &m.blob_name(), &sealed).unwrap(), m);
+        m.tracking_bitmap = Some("b1".into());
+        m.revision = 3;
+        let back = Manifest::from_bytes(&m.to_bytes()).unwrap();
+        assert_eq!(back, m);
+        // An unknown seal format is refused. It sits after the fixed fields and the revision.
+        let seal_at = 2 + (2 + 16) + (2 + 3) + 16 + 8 + 4 + 4 + 8 + 4 + 1 + 1;
+        assert_eq!(v4[seal_at], crate::seal::SEAL_CHUNKED);
+        let mut bad = v4.clone();
+        bad[seal_at] = 9;
+        assert!(Manifest::from_bytes(&bad).is_err());
+        for cut in 0..v4.len() {
+            assert!(Manifest::from_bytes(&v4[..cut]).is_err());
         }
     }
 

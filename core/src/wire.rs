@@ -13,6 +13,7 @@
 //! agent  -> client OK | ERROR (then closes)
 //! then requests, each answered in order on that connection:
 //!   PUT_SHARD key data | GET_SHARD key | DELETE_SHARD key | CONFIRM_SHARD key header
+//!   GET_RANGE key, offset u32, len u32 -> DATA: bytes offset..offset+len of the shard's payload
 //!   PUT_BLOB name data | GET_BLOB name | LIST_BLOBS prefix | DELETE_BLOB name
 //!   SYNC (make every shard written so far durable) | STAT
 //!   LIST_VOLUMES                      -> NAMES (volume ids, hex)
@@ -49,6 +50,11 @@
 //! shard only if its file is at least `min_age` seconds old *by the agent's clock* at the moment of
 //! deletion, under a lock that excludes concurrent stores: a shard just stored (or re-stored,
 //! which refreshes its age) survives, whatever the clocks of the imager and agent say.
+//! `GET_RANGE` (kind 24) was added to version 2 for reads smaller than a stripe (seal format 2,
+//! [`crate::seal`]): the agent checks the shard's header (magic, crc, that it is the shard asked
+//! for, that the range lies inside its payload) but not the payload's crc, which would mean
+//! reading it all; the reader checks the bytes by their AEAD tags. At most [`MAX_RANGE`] bytes.
+//! An older agent closes the connection on it (unknown kind): readers then read whole stripes.
 //! A shard key is `volume id [16] | stripe id [32] | index u8`. The agent holds only the owner's
 //! public id: it can check a signature but cannot decrypt anything.
 
@@ -66,6 +72,8 @@ pub const AGENT_MAGIC: [u8; 8] = *b"SA-AGENT";
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted (a 64 MiB stripe's shard plus headers).
 pub const MAX_FRAME: usize = (64 << 20) + 4096;
+/// Largest range one `GET_RANGE` may ask for.
+pub const MAX_RANGE: u32 = 16 << 20;
 /// Largest frame accepted before authentication: handshake messages are under 200 bytes, so a
 /// stranger cannot make an agent set aside a 64 MiB buffer per connection.
 pub const MAX_HANDSHAKE_FRAME: usize = 4096;
@@ -90,6 +98,7 @@ mod kind {
     pub const SWEEP_SHARDS: u8 = 21;
     pub const CONFIRM_SHARD: u8 = 22;
     pub const SCRUB: u8 = 23;
+    pub const GET_RANGE: u8 = 24;
     pub const OK: u8 = 100;
     pub const DATA: u8 = 101;
     pub const NAMES: u8 = 102;
@@ -309,6 +318,15 @@ pub enum Request {
         /// Which shard.
         key: ShardKey,
     },
+    /// Fetch bytes `offset..offset + len` of a shard's payload (no payload crc check).
+    GetRange {
+        /// Which shard.
+        key: ShardKey,
+        /// Offset in the payload (after the header).
+        offset: u32,
+        /// Bytes wanted, at most [`MAX_RANGE`].
+        len: u32,
+    },
     /// Keep a stored shard instead of receiving it again: OK when the agent holds a sound shard
     /// file with exactly this header (it then counts as written by this run: its time is
     /// refreshed and the next SYNC makes it durable), NOT_FOUND otherwise.
@@ -490,6 +508,11 @@ impl Request {
                 put_key(&mut w, key);
                 (kind::GET_SHARD, &[])
             }
+            Request::GetRange { key, offset, len } => {
+                put_key(&mut w, key);
+                w.u32(*offset).u32(*len);
+                (kind::GET_RANGE, &[])
+            }
             Request::ConfirmShard { key, header } => {
                 put_key(&mut w, key);
                 (kind::CONFIRM_SHARD, header)
@@ -593,6 +616,16 @@ impl Request {
             kind::SCRUB => Request::Scrub {
                 start: r.u8()? != 0,
             },
+            kind::GET_RANGE => {
+                let key = get_key(&mut r)?;
+                let (offset, len) = (r.u32()?, r.u32()?);
+                if len == 0 || len > MAX_RANGE {
+                    return Err(Error::Protocol(format!(
+                        "GET_RANGE of {len} bytes: 1 to {MAX_RANGE} may be asked at once"
+                    )));
+                }
+                Request::GetRange { key, offset, len }
+            }
             k => return Err(Error::Protocol(format!("unknown request kind {k}"))),
         };
         r.finish()?;
@@ -879,6 +912,12 @@ mod tests {
         })
         .await;
         round_trip_req(Request::GetShard { key }).await;
+        round_trip_req(Request::GetRange {
+            key,
+            offset: 4112,
+            len: 4112,
+        })
+        .await;
         round_trip_req(Request::ConfirmShard {
             key,
             header: vec![9; crate::shard::SHARD_HEADER_LEN],
@@ -1142,6 +1181,34 @@ mod tests {
         assert!(Response::parse(kind::SHARDS, vec![5, 0, 0, 0, 1]).is_err());
         assert!(Response::parse(kind::SCRUBBED, vec![0; 20]).is_err());
         assert!(Request::parse(kind::SCRUB, vec![]).is_err());
+        // A range of nothing, or past the bound, or cut short.
+        for (offset, len) in [(0u32, 0u32), (0, MAX_RANGE + 1)] {
+            let mut w = Writer::default();
+            put_key(
+                &mut w,
+                &ShardKey {
+                    volume: [1; 16],
+                    stripe: [2; 32],
+                    index: 0,
+                },
+            );
+            w.u32(offset).u32(len);
+            assert!(
+                Request::parse(kind::GET_RANGE, w.buf).is_err(),
+                "{offset} {len}"
+            );
+        }
+        let mut w = Writer::default();
+        put_key(
+            &mut w,
+            &ShardKey {
+                volume: [1; 16],
+                stripe: [2; 32],
+                index: 0,
+            },
+        );
+        w.u32(7);
+        assert!(Request::parse(kind::GET_RANGE, w.buf).is_err());
         assert!(Handshake::parse(kind::HELLO, b"NOTMAGIC\x01\x00".to_vec().as_slice()).is_err());
     }
 

@@ -14,6 +14,13 @@
 //!   while it is, its shards are asked for last (after parity on healthy agents), so a dead PC
 //!   does not cost every stripe a failed round trip. Shards are otherwise asked for data first.
 //!
+//! **Ranged reads** ([`StripeReader::read_range`], seal format 2): a small read fetches only the
+//! sealed chunks that hold its bytes (`GET_RANGE` on the data shards that hold them; usually one
+//! agent, 4,112 bytes for 4 KiB) and checks each chunk's tag. It does not reconstruct: when a
+//! data shard it needs is on an agent that is down, cooling, slower than the hedge delay, too old
+//! for `GET_RANGE`, or answers without the shard, it fails and the caller reads the whole stripe
+//! (which hedges, reconstructs and reports the problem).
+//!
 //! An agent whose link went silent costs the first fetch the stall timeout; after that its
 //! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
 //! in plain order, reads every later stripe around it at no cost.
@@ -110,7 +117,13 @@ pub struct StripeReader {
     cool_down: Duration,
     /// Where decoded stripes' buffers come from (serve recycles evicted cache entries).
     pool: Option<Arc<BufferPool>>,
+    /// Per slot: until when (ms since `epoch`) ranged reads skip the agent (it failed one for a
+    /// reason other than a missing or corrupt shard, e.g. an agent too old for `GET_RANGE`).
+    no_ranges: Arc<Vec<AtomicU64>>,
 }
+
+/// How long ranged reads skip an agent that failed one (not for a missing or bad shard).
+pub const NO_RANGES_FOR: Duration = Duration::from_secs(60);
 
 /// Fetches and checks one shard file.
 pub async fn fetch_shard(
@@ -135,7 +148,9 @@ impl StripeReader {
         slots: Vec<Option<AgentClient>>,
     ) -> Self {
         let cooling = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
+        let no_ranges = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
         StripeReader {
+            no_ranges,
             codec,
             manifest,
             slots: Arc::new(
@@ -206,6 +221,132 @@ impl StripeReader {
                 self.now_ms() + self.cool_down.as_millis() as u64,
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    /// Reads plaintext bytes `from..to` of stripe `i` through its sealed chunks alone (see the
+    /// module docs); an error means: read the whole stripe instead.
+    pub async fn read_range(&self, i: u64, from: usize, to: usize) -> Result<Vec<u8>, Error> {
+        let layout = *self.codec.layout();
+        let plain_len = layout.stripe_len(i);
+        let (id, slots) = match &self.manifest.stripes[i as usize] {
+            StripeRef::Zero => return Ok(vec![0; to.saturating_sub(from)]),
+            StripeRef::Data { id, slots } => (*id, slots),
+        };
+        let plan = layout
+            .range_plan(plain_len, from, to)
+            .ok_or_else(|| Error::Invalid("this snapshot's stripes are read whole".into()))?;
+        let usable: Vec<Option<AgentClient>> = slots
+            .iter()
+            .map(|&s| self.range_client(s as usize))
+            .collect();
+        let mut pieces = JoinSet::new();
+        for (n, &(idx, off, len)) in plan.pieces.iter().enumerate() {
+            if let Some(c) = &usable[idx] {
+                let fetch = self.fetch_range(c.clone(), slots[idx] as usize, &id, idx, off, len);
+                pieces.spawn(async move { (n, fetch.await) });
+                continue;
+            }
+            // Rebuilt from the same bytes of k other shards; the codec works on 64-byte
+            // blocks, so the range is widened to them (shard lengths are multiples of 64).
+            let (a, b) = (off / 64 * 64, (off + len).next_multiple_of(64));
+            let helpers: Vec<usize> = (0..layout.shards())
+                .filter(|&j| j != idx && usable[j].is_some())
+                .take(layout.k as usize)
+                .collect();
+            if helpers.len() < layout.k as usize {
+                return Err(Error::NotEnoughShards {
+                    have: helpers.len(),
+                    need: layout.k as usize,
+                });
+            }
+            let mut parts = JoinSet::new();
+            for &j in &helpers {
+                if let Some(c) = &usable[j] {
+                    let fetch = self.fetch_range(c.clone(), slots[j] as usize, &id, j, a, b - a);
+                    parts.spawn(async move { (j, fetch.await) });
+                }
+            }
+            let codec = self.codec.clone();
+            let shards = layout.shards();
+            pieces.spawn(async move {
+                let mut got: Vec<Option<Vec<u8>>> = vec![None; shards];
+                while let Some(joined) = parts.join_next().await {
+                    match joined {
+                        Ok((j, Ok(bytes))) => got[j] = Some(bytes),
+                        Ok((_, Err(e))) => return (n, Err(e)),
+                        Err(e) => return (n, Err(Error::Protocol(format!("range fetch: {e}")))),
+                    }
+                }
+                let refs: Vec<Option<&[u8]>> = got.iter().map(|g| g.as_deref()).collect();
+                let r = codec
+                    .rebuild_shard_range(&refs, idx)
+                    .map(|whole| whole[off - a..off - a + len].to_vec());
+                (n, r)
+            });
+        }
+        let mut parts: Vec<Vec<u8>> = vec![Vec::new(); plan.pieces.len()];
+        while let Some(joined) = pieces.join_next().await {
+            match joined {
+                Ok((n, Ok(bytes))) => parts[n] = bytes,
+                Ok((_, Err(e))) => return Err(e),
+                Err(e) => return Err(Error::Protocol(format!("range fetch task: {e}"))),
+            }
+        }
+        let sealed = if parts.len() == 1 {
+            parts.pop().unwrap_or_default()
+        } else {
+            parts.concat()
+        };
+        self.codec.open_range(&id, &plan, to - from, sealed)
+    }
+
+    /// The connection to use for ranged reads from `slot`: none when the agent is absent, down
+    /// or cooling, or failed a ranged read lately.
+    fn range_client(&self, slot: usize) -> Option<AgentClient> {
+        let skip = self
+            .no_ranges
+            .get(slot)
+            .is_some_and(|t| t.load(Ordering::Relaxed) > self.now_ms());
+        if skip || self.slot_down(slot) {
+            return None;
+        }
+        self.slots.get(slot).and_then(OnceLock::get).cloned()
+    }
+
+    /// Fetches bytes `off..off + len` of shard `idx` from `client` (table slot `slot`) within
+    /// the hedge delay. Slower: the agent cools down, like one a hedged fetch left behind. A
+    /// failure other than a missing or corrupt shard (an agent too old for `GET_RANGE`, say)
+    /// keeps ranged reads off the agent for [`NO_RANGES_FOR`].
+    fn fetch_range(
+        &self,
+        client: AgentClient,
+        slot: usize,
+        id: &sa_core::seal::StripeId,
+        idx: usize,
+        off: usize,
+        len: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, Error>> + Send + 'static {
+        let me = self.clone();
+        let key = self.codec.key(id, idx);
+        let wait = self.hedge.unwrap_or(Duration::from_secs(3600));
+        async move {
+            match tokio::time::timeout(wait, client.get_range(&key, off as u32, len as u32)).await {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Err(_) => {
+                    me.cool_down(slot);
+                    Err(Error::AgentDown)
+                }
+                Ok(Err(e)) => {
+                    if !matches!(e, Error::ShardMissing | Error::ShardCorrupt(_)) {
+                        if let Some(t) = me.no_ranges.get(slot) {
+                            let until = me.now_ms() + NO_RANGES_FOR.as_millis() as u64;
+                            t.store(until, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e)
+                }
+            }
         }
     }
 

@@ -114,6 +114,8 @@ pub struct SnapshotOptions {
     pub m: u8,
     /// Stripe size in bytes.
     pub stripe_size: u32,
+    /// How stripes are sealed ([`sa_core::seal`]: 2 = in chunks, the default; 1 = whole).
+    pub seal: u8,
     /// Store with fewer than k + m agents (see the module docs).
     pub allow_degraded: bool,
     /// Manifest cache root (None: the default).
@@ -141,6 +143,7 @@ impl SnapshotOptions {
             k: crate::DEFAULT_K,
             m: crate::DEFAULT_M,
             stripe_size: crate::DEFAULT_STRIPE_SIZE,
+            seal: sa_core::seal::SEAL_CHUNKED,
             allow_degraded: false,
             cache_dir: None,
             changed: None,
@@ -172,7 +175,8 @@ pub async fn snapshot(
     // The PCs stay awake until the snapshot is committed or fails, hooks and freezes included.
     let _awake = KeepAlive::start(&targets.clients);
     let source = Arc::new(opened.source);
-    let layout = Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?;
+    let layout =
+        Layout::new(source.size(), opts.stripe_size, opts.k, opts.m)?.with_seal(opts.seal)?;
     let mut phases = Phases {
         reached: started.elapsed().as_secs_f64(),
         ..Phases::default()

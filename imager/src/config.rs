@@ -32,6 +32,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "data_shards",
     "parity_shards",
     "stripe_size",
+    "seal_format",
     "volume",
     "json",
     "to",

@@ -225,6 +225,9 @@ impl Server {
                     Response::Ok
                 }
                 Request::GetShard { key } => Response::Data(store.get_shard_blocking(&key)?),
+                Request::GetRange { key, offset, len } => {
+                    Response::Data(store.get_range_blocking(&key, offset, len)?)
+                }
                 Request::ConfirmShard { key, header } => {
                     if store.confirm_shard_blocking(&key, &header)? {
                         Response::Ok

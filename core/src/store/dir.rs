@@ -47,7 +47,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::keys::{hex, random_bytes, unhex};
-use crate::shard::{check_shard, ShardKey};
+use crate::shard::{check_shard, ShardKey, SHARD_HEADER_LEN};
 use crate::store::StoreStat;
 use crate::wire::{ShardEntry, SweepStats};
 
@@ -306,6 +306,51 @@ impl DirStore {
     /// Reads a shard file.
     pub fn get_shard_blocking(&self, key: &ShardKey) -> Result<Vec<u8>> {
         read_or_missing(&self.shard_path(key))
+    }
+
+    /// Reads bytes `offset..offset + len` of a shard's payload, after checking its header: that
+    /// it is sound, names `key`, and that the range lies inside the payload. The payload's crc
+    /// is not checked (that would mean reading all of it): the reader checks these bytes itself.
+    pub fn get_range_blocking(&self, key: &ShardKey, offset: u32, len: u32) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.shard_path(key);
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::ShardMissing),
+            Err(e) => return Err(Error::io(format!("cannot open {}", path.display()), e)),
+        };
+        let read = |f: &mut fs::File, buf: &mut [u8]| {
+            f.read_exact(buf).map_err(|e| {
+                if e.kind() == ErrorKind::UnexpectedEof {
+                    Error::ShardCorrupt(format!("{} is cut short", key.short()))
+                } else {
+                    Error::io(format!("cannot read {}", path.display()), e)
+                }
+            })
+        };
+        let mut header = [0u8; SHARD_HEADER_LEN];
+        read(&mut f, &mut header)?;
+        let h = crate::shard::parse_header(&header)?;
+        if h.key != *key {
+            return Err(Error::ShardCorrupt(format!(
+                "{} holds shard {}",
+                key.short(),
+                h.key.short()
+            )));
+        }
+        if offset as u64 + len as u64 > h.payload_len as u64 {
+            return Err(Error::Invalid(format!(
+                "range {offset}+{len} lies outside the {}-byte payload of shard {}",
+                h.payload_len,
+                key.short()
+            )));
+        }
+        f.seek(SeekFrom::Start((SHARD_HEADER_LEN + offset as usize) as u64))
+            .map_err(|e| Error::io(format!("cannot seek in {}", path.display()), e))?;
+        let mut out = crate::pool::frames().take(len as usize);
+        out.resize(len as usize, 0);
+        read(&mut f, &mut out)?;
+        Ok(out)
     }
 
     /// Keeps a stored shard instead of receiving it again: true when a sound shard file with

@@ -414,6 +414,27 @@ impl AgentClient {
         }
     }
 
+    /// Bytes `offset..offset + len` of a shard's payload (`GET_RANGE`; see [`crate::wire`]),
+    /// unchecked: the caller checks them (by their AEAD tags).
+    pub async fn get_range(&self, key: &ShardKey, offset: u32, len: u32) -> Result<Vec<u8>> {
+        let d = self
+            .expect_data(&Request::GetRange {
+                key: *key,
+                offset,
+                len,
+            })
+            .await?;
+        if d.len() != len as usize {
+            return Err(Error::Protocol(format!(
+                "{}: asked {len} bytes of shard {}, got {}",
+                self.inner.addr,
+                key.short(),
+                d.len()
+            )));
+        }
+        Ok(d)
+    }
+
     async fn expect_data(&self, req: &Request) -> Result<Vec<u8>> {
         match self.call(req).await? {
             Response::Data(d) => Ok(d),

@@ -46,6 +46,11 @@ pub struct Stats {
     pub readahead: AtomicU64,
     /// Extra shard fetches started because an agent was slow.
     pub hedged_shards: AtomicU64,
+    /// Reads served from only the sealed chunks they needed (seal format 2), without the stripe.
+    pub ranged_reads: AtomicU64,
+    /// Ranged reads that gave up (agent down, slow or old, a shard missing or corrupt) and read
+    /// the whole stripe instead.
+    pub ranged_fallbacks: AtomicU64,
     per_slot: Mutex<BTreeMap<usize, AgentProblems>>,
 }
 
@@ -95,6 +100,8 @@ impl Stats {
             stripes_lost: get(&self.stripes_lost),
             readahead: get(&self.readahead),
             hedged_shards: get(&self.hedged_shards),
+            ranged_reads: get(&self.ranged_reads),
+            ranged_fallbacks: get(&self.ranged_fallbacks),
             shard_problems: per_slot
                 .into_iter()
                 .map(|(slot, p)| {
@@ -138,6 +145,10 @@ pub struct Counters {
     pub readahead: u64,
     /// Extra shard fetches for slow agents.
     pub hedged_shards: u64,
+    /// Reads served from the chunks they needed, without fetching the stripe.
+    pub ranged_reads: u64,
+    /// Ranged reads that fell back to reading the whole stripe.
+    pub ranged_fallbacks: u64,
     /// Shard problems per agent (`addr (id)`).
     pub shard_problems: BTreeMap<String, AgentProblems>,
 }

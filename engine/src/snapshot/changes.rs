@@ -111,6 +111,13 @@ pub(super) async fn find(
 
 /// Why the export's bitmap `name` must not be trusted against the base `m`; None when it may.
 fn bitmap_refusal(m: &Manifest, name: &str, layout: &Layout, offered: bool) -> Option<String> {
+    if m.layout.seal != layout.seal {
+        return Some(format!(
+            "snapshot {} seals its stripes in format {}, this run in format {}: no stripe of it \
+             can be reused",
+            m.snapshot, m.layout.seal, layout.seal
+        ));
+    }
     if m.layout != *layout {
         return Some(format!(
             "the volume is {} now and was {} in snapshot {}",
@@ -167,6 +174,14 @@ async fn changed_map(
             "--changed-since {since}: snapshot {} is of volume '{}', not '{}': a changed map only \
              makes sense against an earlier snapshot of the same volume",
             bm.snapshot, bm.volume_name, opts.volume
+        )));
+    }
+    if bm.layout.seal != layout.seal {
+        return Err(Error::invalid(format!(
+            "--changed-since {since}: snapshot {} seals its stripes in format {}, this run in \
+             format {}: none of its stripes can be reused (snapshot without a changed map, or \
+             with --seal-format {})",
+            bm.snapshot, bm.layout.seal, layout.seal, bm.layout.seal
         )));
     }
     if bm.layout != *layout {

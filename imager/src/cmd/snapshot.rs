@@ -44,6 +44,11 @@ pub struct SnapshotArgs {
     /// Stripe size, e.g. 4MiB [default: 4MiB].
     #[arg(long)]
     pub stripe_size: Option<String>,
+    /// How stripes are sealed: 2 = in 4 KiB chunks, each with its own tag, so a small read
+    /// fetches and decrypts only the chunks it needs; 1 = one tag per stripe (every snapshot
+    /// before format 2; readers older than format 2 read only these) [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub seal_format: Option<u8>,
     /// Volume name [default: the source's file name].
     #[arg(long)]
     pub volume: Option<String>,
@@ -114,7 +119,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
-    merge!(args, file; data_shards, parity_shards, stripe_size, volume, changed_since,
+    merge!(args, file; data_shards, parity_shards, stripe_size, seal_format, volume, changed_since,
         changed_map, dirty_bitmap, new_bitmap, freeze, freeze_timeout, lvm_snapshot_size, pre_hook,
         post_hook, hook_timeout; bools json, allow_degraded, lvm_snapshot, inconsistent_ok);
     if args.changed_since.is_some() != args.changed_map.is_some() {
@@ -136,6 +141,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     opts.k = args.data_shards.unwrap_or(sa_engine::DEFAULT_K);
     opts.m = args.parity_shards.unwrap_or(sa_engine::DEFAULT_M);
     opts.stripe_size = stripe_size;
+    opts.seal = args.seal_format.unwrap_or(sa_core::seal::SEAL_CHUNKED);
     opts.allow_degraded = args.allow_degraded;
     opts.cache_dir = args.fleet.cache_dir.clone();
     opts.changed = args.changed_since.clone().zip(args.changed_map.clone());

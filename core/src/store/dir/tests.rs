@@ -51,6 +51,53 @@ async fn put_get_delete_and_persisted_usage() {
     assert_eq!(s.stat().await.unwrap().shards, 0);
 }
 
+#[test]
+fn ranges_are_read_inside_the_payload_of_the_shard_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DirStore::open(dir.path(), 0).unwrap();
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    s.put_shard_blocking(&key(1), &encode_shard(&key(1), 4, 2, &payload))
+        .unwrap();
+    assert_eq!(
+        s.get_range_blocking(&key(1), 4112, 4112).unwrap(),
+        &payload[4112..8224]
+    );
+    assert_eq!(
+        s.get_range_blocking(&key(1), 9999, 1).unwrap(),
+        &payload[9999..]
+    );
+    assert!(matches!(
+        s.get_range_blocking(&key(2), 0, 10),
+        Err(Error::ShardMissing)
+    ));
+    // Past the payload's end: refused, not padded.
+    assert!(matches!(
+        s.get_range_blocking(&key(1), 9999, 2),
+        Err(Error::Invalid(_))
+    ));
+    // A shard stored under another's name, a damaged header, a file cut inside the header:
+    // corrupt.
+    let path = s.shard_path(&key(3));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, encode_shard(&key(1), 4, 2, &payload)).unwrap();
+    assert!(matches!(
+        s.get_range_blocking(&key(3), 0, 10),
+        Err(Error::ShardCorrupt(_))
+    ));
+    let mut bad = encode_shard(&key(3), 4, 2, &payload);
+    bad[20] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        s.get_range_blocking(&key(3), 0, 10),
+        Err(Error::ShardCorrupt(_))
+    ));
+    std::fs::write(&path, &bad[..50]).unwrap();
+    assert!(matches!(
+        s.get_range_blocking(&key(3), 0, 10),
+        Err(Error::ShardCorrupt(_))
+    ));
+}
+
 #[tokio::test]
 async fn quota_is_enforced_and_bad_input_refused() {
     let dir = tempfile::tempdir().unwrap();
