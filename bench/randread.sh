@@ -6,8 +6,10 @@
 #   agents' shard files are). Ours: `sa-image serve` from 6 local agents (k=4 m=2), a new
 #   process per run (its stripe cache empty), healthy and with 2 of 6 agents killed.
 # Every run is printed; the best run (by IOPS) of each is compared. Goal of issue 18: IOPS ratio
-# >= 0.25 and p99 <= 20 ms, healthy and degraded. serve reads whole stripes (k shards of 1 MiB
-# for a 4 KiB miss): there are no reads smaller than a stripe yet.
+# >= 0.25 and p99 <= 20 ms, healthy and degraded. The snapshot is sealed in 4 KiB chunks (seal
+# format 2, the default): a 4 KiB miss fetches its 4,112-byte sealed chunk from one agent, or with
+# that agent down the same bytes of 4 other shards to rebuild it. SEAL_FORMAT=1 measures the old
+# format, where every miss fetches a whole 4 MiB stripe.
 # Usage: bench/randread.sh [WORKDIR]   (needs: cargo build --release; fio; libnbd-bin; qemu-utils)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,7 +54,7 @@ runs_of() { # LABEL CMD... : prints each run, leaves "IOPS P50 P99" lines in $wo
 make_key
 head -c $((size_mib << 20)) /dev/urandom > "$work/img"
 start_agents 6 "$work/agents"
-"$bin/sa-image" snapshot "$work/img" --key "$work/key" --agents "$addrs" --volume bench --json > /dev/null
+"$bin/sa-image" snapshot "$work/img" --key "$work/key" --agents "$addrs" --volume bench --seal-format "${SEAL_FORMAT:-2}" --json > /dev/null
 cat "$work/img" > /dev/null
 
 port=$((20000 + RANDOM % 20000))

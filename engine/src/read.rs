@@ -491,7 +491,7 @@ impl StripeReader {
         let buf = self
             .pool
             .as_ref()
-            .map(|p| p.take(layout.stripe_size as usize + 64 * k))
+            .map(|p| p.take(layout.shard_len(layout.stripe_size as usize) * k))
             .unwrap_or_default();
         let decoded =
             tokio::task::spawn_blocking(move || codec.decode_into(&id, plain_len, payloads, buf))
