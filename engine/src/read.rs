@@ -16,10 +16,11 @@
 //!
 //! **Ranged reads** ([`StripeReader::read_range`], seal format 2): a small read fetches only the
 //! sealed chunks that hold its bytes (`GET_RANGE` on the data shards that hold them; usually one
-//! agent, 4,112 bytes for 4 KiB) and checks each chunk's tag. It does not reconstruct: when a
-//! data shard it needs is on an agent that is down, cooling, slower than the hedge delay, too old
-//! for `GET_RANGE`, or answers without the shard, it fails and the caller reads the whole stripe
-//! (which hedges, reconstructs and reports the problem).
+//! agent, 4,112 bytes for 4 KiB) and checks each chunk's tag. A data shard on an agent that is
+//! down, cooling or lately failed a range is rebuilt from the same bytes (widened to 64-byte
+//! blocks) of `k` other shards. When a fetch is slower than the hedge delay, an agent is too old
+//! for `GET_RANGE`, or a shard is missing or corrupt, it fails and the caller reads the whole
+//! stripe (which hedges, reconstructs and reports the problem).
 //!
 //! An agent whose link went silent costs the first fetch the stall timeout; after that its
 //! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
