@@ -132,6 +132,9 @@ pub enum Error {
     /// The agent reported an error of its own.
     #[error("agent error: {0}")]
     Remote(String),
+    /// The offsite object store failed a request (its words, and which store).
+    #[error("{0}")]
+    Offsite(String),
     /// Invalid parameters (layout, sizes, key text).
     #[error("{0}")]
     Invalid(String),

@@ -31,9 +31,8 @@ impl Payload {
         &self.0[SHARD_HEADER_LEN..]
     }
 
-    /// The payload as its own vector (moves the bytes down over the header).
-    pub fn into_vec(mut self) -> Vec<u8> {
-        self.0.drain(..SHARD_HEADER_LEN);
+    /// The whole checked shard file, header and payload (to store it elsewhere as it is).
+    pub fn into_file(self) -> Vec<u8> {
         self.0
     }
 }

@@ -28,8 +28,31 @@ pub struct Catalog {
 /// Reaches the fleet through `addrs` and reads the catalog. When no agent answers and the
 /// fleet wakes sleepers, the book's members (as this machine's copy knows them) are woken
 /// until one answers.
+///
+/// With an offsite tier ([`Fleet::with_offsite`]): `--offsite-only` reads the catalog from the
+/// bucket and reaches no agent; otherwise the bucket's catalog is used only when no agent
+/// answers (with a warning: the bucket may lag the agents by the last push).
 pub async fn open(fleet: &Fleet, addrs: &[String], access: Access) -> Result<Catalog> {
+    if let (Some(offsite), true) = (fleet.offsite(), fleet.offsite_only()) {
+        return from_offsite(fleet, offsite).await;
+    }
     let mut reach = fleet.reach(addrs, access).await;
+    if reach.live().is_empty() {
+        if let (Some(offsite), Access::Read) = (fleet.offsite(), access) {
+            tracing::warn!(
+                "no agent answers ({}); reading the catalog from the offsite copy {}",
+                reach
+                    .live_or_none()
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+                offsite.name()
+            );
+            let mut cat = from_offsite(fleet, offsite).await?;
+            cat.reach = reach;
+            return Ok(cat);
+        }
+    }
     if reach.live().is_empty() {
         fleet
             .wake_sleepers(
@@ -42,6 +65,30 @@ pub async fn open(fleet: &Fleet, addrs: &[String], access: Access) -> Result<Cat
     let live = reach.live_or_none()?;
     let manifests = read(fleet, &live).await?;
     Ok(Catalog { manifests, reach })
+}
+
+/// The catalog as the bucket holds it.
+async fn from_offsite(fleet: &Fleet, offsite: &crate::offsite::OffsiteStore) -> Result<Catalog> {
+    let (mut manifests, bad) = sa_core::catalog::load_catalog(offsite, fleet.keys())
+        .await
+        .map_err(|e| Error::failed(format!("cannot read the offsite catalog: {e}")))?;
+    if manifests.is_empty() && !bad.is_empty() {
+        return Err(Error::failed(format!(
+            "the offsite copy {} holds {} snapshot(s) but none opens with this key ({}): is \
+             this the key file these backups were made with?",
+            offsite.name(),
+            bad.len(),
+            bad[0].1
+        )));
+    }
+    for (name, e) in &bad {
+        tracing::warn!("offsite catalog copy {name} unusable: {e}");
+    }
+    sort_by_creation(&mut manifests);
+    Ok(Catalog {
+        manifests,
+        reach: Reach::default(),
+    })
 }
 
 /// Reads the catalog from `live` (see the module docs).
@@ -209,6 +256,19 @@ pub fn used_slots(m: &Manifest) -> HashSet<u16> {
 pub async fn clients_for(fleet: &Fleet, m: &Manifest, reach: &Reach) -> SlotClients {
     let used = used_slots(m);
     let mut slots: Vec<Option<AgentClient>> = vec![None; m.agents.len()];
+    let names = m
+        .agents
+        .iter()
+        .map(|a| agent_name(&a.addr, &a.id))
+        .collect();
+    if fleet.offsite_only() {
+        // Not one agent is asked: every slot reads from the bucket.
+        return SlotClients {
+            slots,
+            names,
+            down: Vec::new(),
+        };
+    }
     let mut to_try = Vec::new();
     for (i, entry) in m.agents.iter().enumerate() {
         if !used.contains(&(i as u16)) {
@@ -250,10 +310,5 @@ pub async fn clients_for(fleet: &Fleet, m: &Manifest, reach: &Reach) -> SlotClie
         }
     }
     down.sort_by_key(|d| d.0);
-    let names = m
-        .agents
-        .iter()
-        .map(|a| agent_name(&a.addr, &a.id))
-        .collect();
     SlotClients { slots, names, down }
 }

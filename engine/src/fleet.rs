@@ -171,6 +171,9 @@ pub struct Fleet {
     wake: Option<sleepers::WakeOptions>,
     /// Each member's availability as this machine knows it ([`observe`]).
     history: Mutex<observe::HistoryCache>,
+    /// The offsite tier readers fall back on, and whether it is the only source
+    /// ([`Fleet::with_offsite`]).
+    offsite: Option<(crate::offsite::OffsiteStore, bool)>,
 }
 
 impl Fleet {
@@ -185,7 +188,26 @@ impl Fleet {
             cache: None,
             wake: None,
             history: Mutex::new(observe::HistoryCache::new(None)),
+            offsite: None,
         }
+    }
+
+    /// Readers (`restore`, `serve`, `verify`, `repair`) take shards their agents cannot give
+    /// from `store`; with `only`, no agent is asked at all and the catalog comes from the bucket
+    /// (the office is gone: the key and the bucket are enough).
+    pub fn with_offsite(mut self, store: crate::offsite::OffsiteStore, only: bool) -> Fleet {
+        self.offsite = Some((store, only));
+        self
+    }
+
+    /// The offsite tier readers fall back on, if any.
+    pub fn offsite(&self) -> Option<&crate::offsite::OffsiteStore> {
+        self.offsite.as_ref().map(|o| &o.0)
+    }
+
+    /// True when the offsite tier is the only source (`--offsite-only`).
+    pub fn offsite_only(&self) -> bool {
+        self.offsite.as_ref().is_some_and(|o| o.1)
     }
 
     /// Wakes members that do not answer by Wake-on-LAN, and waits for them (see [`sleepers`]);

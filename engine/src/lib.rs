@@ -28,6 +28,8 @@
 //! * [`repair`] (+ [`repair::watch`]): rebuild absent and crowded shards, new manifest revisions.
 //! * [`retention`] (prune, forget) over [`gc`] (tombstones, leases, mark and sweep).
 //! * [`serve`]: a snapshot as a live NBD export, with an overlay or a live restore (hydrate).
+//! * [`offsite`]: a copy in S3-compatible object storage: push after a snapshot, a bucket
+//!   collection, and the bucket as a last source (or the only one) for every reader.
 //! * [`drill`]: a recovery drill: the snapshot served with m agents withheld, booted in QEMU,
 //!   judged (console line, guest port, screenshot), the result sealed on the agents.
 //!
@@ -62,6 +64,7 @@ pub mod gc;
 pub mod limits;
 pub mod list;
 pub mod local;
+pub mod offsite;
 pub mod progress;
 pub mod read;
 pub mod repair;

@@ -85,6 +85,8 @@ pub struct StripeData {
     pub reconstructed: bool,
     /// Extra shard fetches started because others were slow (see [`StripeReader::with_hedge`]).
     pub hedged: usize,
+    /// Shards taken from the offsite tier (see [`StripeReader::with_offsite`]).
+    pub offsite: usize,
 }
 
 /// A stripe that could not be rebuilt.
@@ -121,6 +123,8 @@ pub struct StripeReader {
     /// Per slot: until when (ms since `epoch`) ranged reads skip the agent (it failed one for a
     /// reason other than a missing or corrupt shard, e.g. an agent too old for `GET_RANGE`).
     no_ranges: Arc<Vec<AtomicU64>>,
+    /// The bucket asked for shards the agents cannot give, and whether it is the only source.
+    offsite: Option<(crate::offsite::OffsiteStore, bool)>,
 }
 
 /// How long ranged reads skip an agent that failed one (not for a missing or bad shard).
@@ -171,7 +175,15 @@ impl StripeReader {
             hedge: None,
             cool_down: COOL_DOWN,
             pool: None,
+            offsite: None,
         }
+    }
+
+    /// Takes the shards of a stripe that the agents cannot give from the fleet's offsite tier
+    /// (none: as before); with `--offsite-only`, every shard, and no agent is asked.
+    pub fn with_offsite(mut self, fleet: &crate::fleet::Fleet) -> Self {
+        self.offsite = fleet.offsite().map(|o| (o.clone(), fleet.offsite_only()));
+        self
     }
 
     /// Decodes into buffers taken from `pool`.
@@ -365,6 +377,7 @@ impl StripeReader {
                     problems: vec![],
                     reconstructed: false,
                     hedged: 0,
+                    offsite: 0,
                 })
             }
             StripeRef::Data { id, slots } => (*id, slots.clone()),
@@ -401,7 +414,8 @@ impl StripeReader {
                 )
             });
         };
-        while next < k {
+        let agents = !self.offsite.as_ref().is_some_and(|o| o.1);
+        while agents && next < k {
             launch(&mut set, &mut in_flight, order[next]);
             next += 1;
         }
@@ -465,6 +479,15 @@ impl StripeReader {
                 self.cool_down(slots[idx] as usize);
             }
         }
+        let mut offsite = 0;
+        if good < k {
+            if let Some((store, _)) = &self.offsite {
+                offsite = self
+                    .fill_from_offsite(store, &id, plain_len, &mut payloads)
+                    .await;
+                good += offsite;
+            }
+        }
         if good < k {
             return Err(StripeLost {
                 stripe: i,
@@ -503,6 +526,7 @@ impl StripeReader {
                 problems,
                 reconstructed,
                 hedged,
+                offsite,
             }),
             Ok(Err(error)) => Err(StripeLost {
                 stripe: i,
@@ -515,5 +539,56 @@ impl StripeReader {
                 error: Error::Protocol(format!("decode task: {e}")),
             }),
         }
+    }
+}
+
+impl StripeReader {
+    /// Fills `payloads` up to `k` good shards from the bucket, data shards first (the ones it
+    /// holds by default); returns how many it gave. Failures are logged.
+    async fn fill_from_offsite(
+        &self,
+        store: &crate::offsite::OffsiteStore,
+        id: &sa_core::seal::StripeId,
+        plain_len: usize,
+        payloads: &mut [Option<Payload>],
+    ) -> usize {
+        let k = self.codec.layout().k as usize;
+        let have = payloads.iter().filter(|p| p.is_some()).count();
+        let absent: Vec<usize> = (0..payloads.len())
+            .filter(|&x| payloads[x].is_none())
+            .collect();
+        let mut todo = absent.into_iter();
+        let mut set = JoinSet::new();
+        let launch = |set: &mut JoinSet<(usize, Result<Payload, Error>)>, idx: usize| {
+            let (codec, store, id) = (self.codec.clone(), store.clone(), *id);
+            set.spawn(async move {
+                let got = store.get_shard(&codec.key(&id, idx)).await;
+                (idx, got.and_then(|f| codec.check(&id, idx, plain_len, f)))
+            });
+        };
+        for idx in todo.by_ref().take(k.saturating_sub(have)) {
+            launch(&mut set, idx);
+        }
+        let mut gave = 0;
+        while let Some(joined) = set.join_next().await {
+            let Ok((idx, r)) = joined else { continue };
+            match r {
+                Ok(p) => {
+                    payloads[idx] = Some(p);
+                    gave += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "offsite {}: shard {} unusable: {e}",
+                        store.name(),
+                        self.codec.key(id, idx).short()
+                    );
+                    if let Some(next) = todo.next() {
+                        launch(&mut set, next);
+                    }
+                }
+            }
+        }
+        gave
     }
 }

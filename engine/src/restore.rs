@@ -126,7 +126,9 @@ pub async fn restore(
     let codec = Arc::new(StripeCodec::new(fleet.keys().clone(), layout, m.volume)?);
     // Written stripes' buffers are reused for the next ones (see sa_core::pool).
     let pool = Arc::new(BufferPool::new(PARALLEL));
-    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone()).with_pool(pool.clone());
+    let reader = StripeReader::new(codec, m.clone(), slots.slots.clone())
+        .with_pool(pool.clone())
+        .with_offsite(fleet);
     let woken = waking.outcome.clone();
     let awake = KeepAlive::start(slots.slots.iter().flatten());
     waking.join_late(m.clone(), reader.clone(), &[], &awake);

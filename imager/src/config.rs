@@ -99,6 +99,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "loss_rate",
     "repair_throughput",
     "target",
+    // offsite
+    "offsite",
+    "offsite_only",
 ];
 
 /// Tables of the daemon's settings (`sa-image daemon`, see [`crate::daemon::config`]): other
@@ -281,6 +284,141 @@ impl WakeArgs {
     /// `fleet`, waking sleepers as set.
     pub fn apply(&self, fleet: Fleet) -> Result<Fleet> {
         Ok(fleet.with_wake(self.options()?))
+    }
+}
+
+/// The `offsite` table of a config file (and of a daemon's `[volume.NAME]`): the same settings
+/// as the `--offsite*` flags.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffsiteTable {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: Option<String>,
+    /// The S3 endpoint (`http://HOST:PORT`); none: AWS.
+    pub endpoint: Option<String>,
+    /// The region.
+    pub region: Option<String>,
+    /// The credentials file.
+    pub credentials: Option<PathBuf>,
+    /// `data` (default) or `all`.
+    pub shards: Option<sa_engine::offsite::ShardSet>,
+    /// Upload rate, e.g. `20MiB/s`.
+    pub rate: Option<String>,
+}
+
+/// The offsite tier: the flags (and the config key `offsite`, a table with the same names
+/// without `offsite-`) of every command that writes or reads backups.
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct OffsiteArgs {
+    /// Offsite copy in S3-compatible object storage: s3://BUCKET[/PREFIX]. Snapshots upload
+    /// to it after they commit; readers take from it what the agents cannot give.
+    #[arg(long = "offsite", value_name = "S3URL")]
+    #[serde(skip)]
+    pub offsite_url: Option<String>,
+    /// The S3 endpoint, e.g. http://10.0.0.9:3900 (Garage, MinIO) [default: AWS].
+    #[arg(long, value_name = "URL")]
+    #[serde(skip)]
+    pub offsite_endpoint: Option<String>,
+    /// The bucket's region [default: $AWS_REGION, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    #[serde(skip)]
+    pub offsite_region: Option<String>,
+    /// File with `aws_access_key_id = ...` and `aws_secret_access_key = ...` lines
+    /// [default: $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub offsite_credentials: Option<PathBuf>,
+    /// Which shards of each stripe go offsite: data (k per stripe; the store's own redundancy
+    /// covers them) or all (k + m) [default: data].
+    #[arg(long, value_name = "data|all", value_parser = ["data", "all"])]
+    #[serde(skip)]
+    pub offsite_shards: Option<String>,
+    /// Upload at most this many bytes per second, e.g. 20MiB/s [default: unlimited].
+    #[arg(long, value_name = "RATE")]
+    #[serde(skip)]
+    pub offsite_rate: Option<String>,
+    /// Readers: no agent is asked; the catalog and every shard come from the offsite copy (the
+    /// office is gone: the key and the bucket are enough).
+    #[arg(long, requires = "offsite_url")]
+    pub offsite_only: bool,
+    /// The config file's `offsite` table.
+    #[arg(skip)]
+    pub offsite: Option<OffsiteTable>,
+}
+
+impl OffsiteArgs {
+    /// Fills the settings not given as flags from the config file's.
+    pub fn merge(&mut self, file: &mut OffsiteArgs) {
+        let t = file.offsite.take().unwrap_or_default();
+        self.offsite_url = self.offsite_url.take().or(t.url);
+        self.offsite_endpoint = self.offsite_endpoint.take().or(t.endpoint);
+        self.offsite_region = self.offsite_region.take().or(t.region);
+        self.offsite_credentials = self.offsite_credentials.take().or(t.credentials);
+        self.offsite_rate = self.offsite_rate.take().or(t.rate);
+        if self.offsite_shards.is_none() {
+            self.offsite_shards = t.shards.map(|s| match s {
+                sa_engine::offsite::ShardSet::Data => "data".into(),
+                sa_engine::offsite::ShardSet::All => "all".into(),
+            });
+        }
+        self.offsite_only |= file.offsite_only;
+    }
+
+    /// The offsite settings, when a url is set.
+    pub fn config(&self) -> Result<Option<sa_engine::offsite::OffsiteConfig>> {
+        let Some(url) = &self.offsite_url else {
+            if self.offsite_only {
+                return Err(usage(
+                    "--offsite-only needs the bucket: give --offsite s3://BUCKET[/PREFIX] (or \
+                     the `offsite` table in the config file)",
+                ));
+            }
+            return Ok(None);
+        };
+        sa_engine::offsite::parse_url(url).map_err(usage)?;
+        Ok(Some(sa_engine::offsite::OffsiteConfig {
+            url: url.clone(),
+            endpoint: self.offsite_endpoint.clone(),
+            region: self.offsite_region.clone(),
+            credentials: self.offsite_credentials.clone(),
+            shards: match self.offsite_shards.as_deref() {
+                Some("all") => sa_engine::offsite::ShardSet::All,
+                _ => sa_engine::offsite::ShardSet::Data,
+            },
+        }))
+    }
+
+    /// The upload rate (`None`: unlimited).
+    pub fn rate(&self) -> Result<Option<u64>> {
+        match &self.offsite_rate {
+            Some(r) => rate(r, "--offsite-rate"),
+            None => Ok(None),
+        }
+    }
+
+    /// The bucket, when one is set.
+    pub fn store(&self) -> Result<Option<sa_engine::offsite::OffsiteStore>> {
+        match self.config()? {
+            Some(c) => Ok(Some(sa_engine::offsite::OffsiteStore::open(&c)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `fleet` with the bucket as its readers' last source (or only one, `--offsite-only`).
+    pub fn apply(&self, fleet: Fleet) -> Result<Fleet> {
+        Ok(match self.store()? {
+            Some(s) => fleet.with_offsite(s, self.offsite_only),
+            None => fleet,
+        })
+    }
+
+    /// The agent addresses: required, unless `--offsite-only` (then none are asked).
+    pub fn addrs(&self, fleet: &FleetArgs) -> Result<Vec<String>> {
+        if self.offsite_only {
+            return Ok(Vec::new());
+        }
+        fleet.addrs()
     }
 }
 

@@ -104,6 +104,10 @@ enum Command {
     Forget(cmd::forget::ForgetArgs),
     /// Delete shards that no kept snapshot references (safe while snapshots run).
     Gc(cmd::gc::GcArgs),
+    /// The offsite copy in S3-compatible object storage: `offsite push` (upload what the bucket
+    /// lacks), `offsite gc` (delete what no kept snapshot uses).
+    #[command(subcommand)]
+    Offsite(cmd::offsite::OffsiteCommand),
     /// The agent book: `agents list`, `agents add ADDR`, `agents accept ID`, `agents retire ID`,
     /// `agents wake ID|--all`.
     #[command(subcommand)]
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
             Command::Forget(a) => cmd::forget::run(a, cfg).await,
             Command::Gc(a) => cmd::gc::run(a, cfg).await,
             Command::Agents(a) => cmd::agents::run(a, cfg).await,
+            Command::Offsite(c) => cmd::offsite::run(c, cfg).await,
             Command::Demo(a) => cmd::demo::run(a, cfg).await,
             Command::Daemon(a) => cmd::daemon::run(a, cfg).await,
             Command::Docs(d) => d

@@ -34,6 +34,8 @@
 //!   filesystem first when dropped, so a test failing while it is frozen never hangs.
 //! - [`qemu_nbd`] serves a raw or qcow2 image with `qemu-nbd` (a dirty bitmap with `--bitmap`),
 //!   and reads an export's block-status map with `nbdinfo`.
+//! - [`garage`] runs a three-node Garage cluster (S3, replication 3) on loopback addresses with a
+//!   bucket and a key, for the offsite tier; the AWS CLI lists what the bucket holds.
 //! - [`netns`] runs an agent inside a network namespace joined by a veth pair, so a test can cut
 //!   it off the network without killing it, or slow its link down (root only; removed on drop).
 //! - [`wine`] runs Windows agents: `shard-agent` built for `x86_64-pc-windows-gnu` (once per
@@ -109,6 +111,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod debian;
 pub mod fs;
+pub mod garage;
 pub mod image;
 pub mod loopdev;
 pub mod nbd_client;

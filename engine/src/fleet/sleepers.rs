@@ -243,7 +243,7 @@ impl Fleet {
         need: &Need<'_>,
         progress: &dyn Progress,
     ) -> Result<Waking> {
-        let Some(opts) = self.wake.clone() else {
+        let Some(opts) = self.wake.clone().filter(|_| !self.offsite_only()) else {
             return Ok(Waking::none());
         };
         let waking = self.wake_with(reach, need, progress, &opts, None).await;

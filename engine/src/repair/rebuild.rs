@@ -66,7 +66,8 @@ pub(super) async fn rebuild_all(
                     let m = Arc::new(manifests[mi].clone());
                     let codec =
                         Arc::new(StripeCodec::new(fleet.keys().clone(), m.layout, m.volume)?);
-                    let reader = StripeReader::new(codec.clone(), m.clone(), census.slots_of(&m));
+                    let reader = StripeReader::new(codec.clone(), m.clone(), census.slots_of(&m))
+                        .with_offsite(fleet);
                     e.insert((reader, codec)).clone()
                 }
             };

@@ -205,6 +205,7 @@ pub async fn open_with(
     }
     let codec = Arc::new(StripeCodec::new(fleet.keys().clone(), layout, m.volume)?);
     let reader = StripeReader::new(codec, m.clone(), slots.slots.clone())
+        .with_offsite(fleet)
         .with_hedge(opts.hedge_after)
         .with_cool_down(opts.cool_down);
     // The PCs stay awake while the disk is served, even when the machine booted from it

@@ -20,6 +20,9 @@ pub struct ListArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// Only the snapshots of this volume.
     #[arg(long)]
     pub volume: Option<String>,
@@ -46,10 +49,13 @@ pub async fn run(mut args: ListArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: ListArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; volume; bools json);
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    let fleet = args
+        .offsite
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
     let opts = ListOptions {
-        agents: args.fleet.addrs()?,
+        agents: args.offsite.addrs(&args.fleet)?,
         volume: args.volume.clone(),
     };
     let rows = list(&fleet, &opts).await?;

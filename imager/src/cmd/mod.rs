@@ -10,6 +10,7 @@ pub mod forget;
 pub mod gc;
 pub mod keygen;
 pub mod list;
+pub mod offsite;
 pub mod plan;
 pub mod prune;
 pub mod repair;

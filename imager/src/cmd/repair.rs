@@ -26,6 +26,9 @@ pub struct RepairArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub wake: WakeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// Print one JSON object instead of text (with --watch: one JSON line per pass).
     #[arg(long)]
     pub json: bool,
@@ -56,9 +59,18 @@ pub async fn run(mut args: RepairArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; repair_after, interval, state;
         bools json, dry_run, watch);
-    let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
+    if args.offsite.offsite_only {
+        return Err(usage(
+            "repair rebuilds shards onto agents: it takes what they lack from --offsite, but \
+             cannot run with --offsite-only",
+        ));
+    }
+    let fleet = args
+        .offsite
+        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
     // A watcher runs day and night: it does not wake sleeping PCs (one pass does).
     let fleet = if args.watch {
         fleet

@@ -34,6 +34,9 @@ pub struct RestoreArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub wake: WakeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -48,20 +51,22 @@ pub async fn run(mut args: RestoreArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; to, volume; bools json, force);
     let to = args
         .to
         .clone()
         .ok_or_else(|| usage("give --to TARGET: an image file or a block device"))?;
-    let fleet = args
-        .wake
-        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
+    let fleet = args.offsite.apply(
+        args.wake
+            .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?,
+    )?;
     let opts = RestoreOptions {
         snapshot: args.snapshot.clone(),
         volume: args.volume.clone(),
         target: to,
         force: args.force,
-        agents: args.fleet.addrs()?,
+        agents: args.offsite.addrs(&args.fleet)?,
     };
     let shutdown = crate::signal::on_stop_signals();
     let report = restore(&fleet, &opts, &Bar::new(args.json), &shutdown).await?;

@@ -54,6 +54,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub wake: WakeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -114,6 +117,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; volume, listen, tls_cert, tls_key, tls_client_ca, idle_timeout, overlay,
         cache, hedge_after, hydrate, hydrate_rate, hydrate_state; bools json);
     // Before anything slow (catalog, agents): a TLS mistake is found at once.
@@ -123,7 +127,7 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         args.tls_client_ca.as_deref(),
     )
     .map_err(|e| crate::exit::usage(e.to_string()))?;
-    let mut opts = ServeOptions::new(&args.snapshot, args.fleet.addrs()?);
+    let mut opts = ServeOptions::new(&args.snapshot, args.offsite.addrs(&args.fleet)?);
     opts.volume = args.volume.clone();
     opts.tls = tls;
     if let Some(t) = &args.idle_timeout {
@@ -145,9 +149,10 @@ pub async fn run(mut args: ServeArgs, cfg: Option<&Path>) -> Result<u8> {
         .listen
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let fleet = args
-        .wake
-        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
+    let fleet = args.offsite.apply(
+        args.wake
+            .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?,
+    )?;
     let served = open_with(&fleet, &opts, &crate::progress::Bar::new(true)).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -35,6 +35,9 @@ pub struct SnapshotArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub wake: WakeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// Data shards per stripe (k) [default: 4].
     #[arg(long)]
     pub data_shards: Option<u8>,
@@ -119,6 +122,7 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; data_shards, parity_shards, stripe_size, seal_format, volume, changed_since,
         changed_map, dirty_bitmap, new_bitmap, freeze, freeze_timeout, lvm_snapshot_size, pre_hook,
         post_hook, hook_timeout; bools json, allow_degraded, lvm_snapshot, inconsistent_ok);
@@ -134,6 +138,14 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
         Some(v) => v,
         None => default_volume(&args.source)?,
     };
+    if args.offsite.offsite_only {
+        return Err(usage(
+            "--offsite-only is for readers (restore, serve, list); a snapshot goes to the agents, \
+             then to --offsite",
+        ));
+    }
+    // A wrong bucket setting is found before the disk is read.
+    let bucket = args.offsite.store()?;
     let fleet = args
         .wake
         .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
@@ -150,12 +162,41 @@ pub async fn run(mut args: SnapshotArgs, cfg: Option<&Path>) -> Result<u8> {
     opts.consistency = consistency_options(&args)?;
     let shutdown = crate::signal::on_stop_signals();
     let report = snapshot(&fleet, &opts, &Bar::new(args.json), &shutdown).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    if !args.json {
         print_report(&report);
     }
-    Ok(0)
+    let Some(bucket) = bucket else {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        return Ok(0);
+    };
+    // The snapshot is committed on the agents: now its offsite copy. A failure here loses
+    // nothing; the next push finishes it.
+    let popts = crate::cmd::offsite::push_options(
+        &args.offsite,
+        opts.agents.clone(),
+        Some(report.volume.clone()),
+    )?;
+    let pushed =
+        sa_engine::offsite::push(&fleet, &bucket, &popts, &Bar::new(args.json), &shutdown).await;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["offsite"] = match &pushed {
+            Ok(p) => serde_json::to_value(p)?,
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Ok(p) = &pushed {
+        crate::cmd::offsite::print_push(p);
+    }
+    match pushed {
+        Ok(_) => Ok(0),
+        Err(e) => Err(anyhow::anyhow!(
+            "snapshot {} is committed on the agents, but its offsite copy failed: {e}",
+            report.snapshot
+        )),
+    }
 }
 
 /// The consistency flags as engine options.

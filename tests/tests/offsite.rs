@@ -1,0 +1,320 @@
+//! The offsite tier against a real three-node Garage cluster (replication 3): a snapshot copied
+//! to the bucket restores byte-identical from the key and the bucket alone, with every agent
+//! deleted and then one Garage node killed; a wrong secret or an endpoint that does not answer
+//! leaves the local snapshot committed and the next push catches up (around a dead agent);
+//! `offsite gc` removes what no kept snapshot uses, and a gc racing a push loses nothing.
+//!
+//! Needs `garage` (`cargo install garage`, see `.ci/run`) and the AWS CLI (`pip install awscli`)
+//! to look into the bucket with a client that is not ours.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sa_tests::cluster::{expect_fail, expect_ok, json, u64_of};
+use sa_tests::garage::{Garage, BUCKET, REGION};
+use sa_tests::image::MARKER;
+use sa_tests::proc::Proc;
+use sa_tests::{sha256, Cluster, ImageSpec, MIB, STRIPE};
+
+const PREFIX: &str = "office1";
+
+/// The `--offsite*` flags for node `node` with the credentials in `cred`.
+fn flags(g: &Garage, node: usize, cred: &Path) -> Vec<String> {
+    vec![
+        "--offsite".into(),
+        format!("s3://{BUCKET}/{PREFIX}"),
+        "--offsite-endpoint".into(),
+        g.endpoint(node),
+        "--offsite-region".into(),
+        REGION.into(),
+        "--offsite-credentials".into(),
+        cred.display().to_string(),
+    ]
+}
+
+fn with<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a OsStr> {
+    args.iter()
+        .map(|a| OsStr::new(*a))
+        .chain(more.iter().map(OsStr::new))
+        .collect()
+}
+
+/// `sa-image ARGS --key KEY` and nothing else: no agent address at all.
+fn sa_key_only(c: &Cluster, args: &[&OsStr]) -> std::process::Output {
+    let mut all = args.to_vec();
+    all.extend([OsStr::new("--key"), c.key.path.as_os_str()]);
+    c.sa_bare(&all)
+}
+
+/// Restores `snapshot` from the bucket alone (through node `node`) and returns its sha256.
+fn restore_offsite_only(
+    c: &Cluster,
+    g: &Garage,
+    node: usize,
+    cred: &Path,
+    snapshot: &str,
+) -> String {
+    let target = c.path(&format!("offsite-restore-{node}.img"));
+    let _ = std::fs::remove_file(&target);
+    let f = flags(g, node, cred);
+    let mut args = with(&["restore", snapshot, "--offsite-only", "--json"], &f);
+    args.extend([OsStr::new("--to"), target.as_os_str()]);
+    let r = json(&sa_key_only(c, &args), "restore --offsite-only");
+    assert_eq!(r["missing_shards"], 0, "{r}");
+    sha256(&target)
+}
+
+#[test]
+fn a_snapshot_comes_back_from_the_bucket_alone_even_with_a_garage_node_down() {
+    let mut c = Cluster::start(6);
+    let mut g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let f = flags(&g, 0, &cred);
+    // 10 stripes, two of them zero, a marker in plain text at three places.
+    let spec = ImageSpec::random(10 * STRIPE, 17)
+        .zero_mib(8..16)
+        .marker_at(&[MIB + 3, 20 * MIB, 37 * MIB + 11]);
+    let img = spec.write(&c.path("disk.img"));
+    let mut args = vec!["snapshot", img.path.to_str().unwrap(), "--volume", "srv"];
+    args.extend(f.iter().map(String::as_str));
+    let s1 = c.snapshot(&img.path, &args[2..]);
+    let off = &s1["offsite"];
+    assert_eq!(u64_of(off, "stripes"), 8, "{s1}");
+    assert_eq!(
+        u64_of(off, "shards_uploaded"),
+        8 * 4,
+        "data shards only: {s1}"
+    );
+    assert_eq!(u64_of(off, "manifests_uploaded"), 1, "{s1}");
+    // What the bucket holds, listed by the AWS CLI: 32 shards, one manifest, nothing else.
+    let shards = g.list(1, &format!("{PREFIX}/shards/"));
+    assert_eq!(shards.len(), 32, "{shards:?}");
+    let catalog = g.list(1, &format!("{PREFIX}/catalog/"));
+    assert_eq!(catalog.len(), 1, "{catalog:?}");
+    assert!(catalog[0].ends_with(&format!("snap-{}", s1["snapshot"].as_str().unwrap())));
+    // The store sees ciphertext only: every object downloaded and searched for the marker.
+    let copy = c.path("bucket-copy");
+    let out = g.aws(
+        2,
+        &[
+            "s3",
+            "cp",
+            "--recursive",
+            &format!("s3://{BUCKET}/{PREFIX}"),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sa_tests::scan::files(&copy).len(), 33);
+    assert!(sa_tests::scan::files_containing(&copy, MARKER).is_empty());
+    assert!(!sa_tests::scan::files_containing(&img.path, MARKER).is_empty());
+
+    // One stripe changes: the next snapshot sends its 4 shards only.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut fh = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img.path)
+            .unwrap();
+        fh.seek(SeekFrom::Start(5 * STRIPE + 100)).unwrap();
+        fh.write_all(&[0xa5; 4096]).unwrap();
+    }
+    let s2 = c.snapshot(&img.path, &args[2..]);
+    let off = &s2["offsite"];
+    assert_eq!(u64_of(off, "shards_uploaded"), 4, "{s2}");
+    assert_eq!(u64_of(off, "shards_present"), 7 * 4, "{s2}");
+    let want = sha256(&img.path);
+    let id2 = s2["snapshot"].as_str().unwrap().to_string();
+
+    // The office burns: every agent killed and its directory deleted.
+    for a in &mut c.agents {
+        a.kill();
+        std::fs::remove_dir_all(a.dir()).unwrap();
+    }
+    let listed = json(
+        &sa_key_only(&c, &with(&["list", "--offsite-only", "--json"], &f)),
+        "list --offsite-only",
+    );
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(restore_offsite_only(&c, &g, 0, &cred, &id2), want);
+    assert_eq!(restore_offsite_only(&c, &g, 0, &cred, "latest"), want);
+
+    // One Garage node dies too: the other two still hold every object (replication 3).
+    g.kill(0);
+    let started = Instant::now();
+    assert_eq!(restore_offsite_only(&c, &g, 1, &cred, &id2), want);
+    eprintln!("restore with a garage node down: {:?}", started.elapsed());
+
+    // The wrong key: a clear refusal, nothing written.
+    let other = sa_tests::Key::generate(&c.path("other.key"));
+    let target = c.path("wrong-key.img");
+    let f1 = flags(&g, 1, &cred);
+    let mut a = with(&["restore", "latest", "--offsite-only", "--to"], &[]);
+    a.push(target.as_os_str());
+    a.extend(f1.iter().map(OsStr::new));
+    a.extend([OsStr::new("--key"), other.path.as_os_str()]);
+    let text = expect_fail(&c.sa_bare(&a), Some(1), "restore with another key");
+    assert!(text.contains("none opens with this key"), "{text}");
+    assert!(!target.exists());
+}
+
+#[test]
+fn a_failed_upload_leaves_the_snapshot_and_the_next_push_catches_up() {
+    let mut c = Cluster::start(6);
+    let g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let img = ImageSpec::random(6 * STRIPE, 5).write(&c.path("disk.img"));
+    let want = img.sha256();
+    let src = img.path.to_str().unwrap();
+
+    // A wrong secret: the snapshot commits on the agents, the offsite copy fails and says so.
+    let bad = c.path("bad.cred");
+    std::fs::write(
+        &bad,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = wrong\n",
+            g.key_id
+        ),
+    )
+    .unwrap();
+    let f = flags(&g, 0, &bad);
+    let out = c.sa(&with(&["snapshot", src, "--volume", "srv"], &f));
+    let text = expect_fail(&out, Some(1), "snapshot with a wrong S3 secret");
+    assert!(text.contains("committed on the agents"), "{text}");
+    assert!(
+        text.contains("offsite copy to s3://sa-offsite/office1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("signature") || text.contains("403") || text.contains("forbidden"),
+        "{text}"
+    );
+    let listed = json(&c.sa(&["list", "--json"]), "list");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert!(g.list(0, &format!("{PREFIX}/catalog/")).is_empty());
+
+    // An endpoint where nothing answers: the same, within the retry budget, not minutes.
+    let dead = format!("http://{}:3900", sa_tests::agent::fresh_ip());
+    let mut f = flags(&g, 0, &cred);
+    f[3] = dead;
+    let started = Instant::now();
+    let out = c.sa(&with(&["snapshot", src, "--volume", "srv"], &f));
+    let text = expect_fail(&out, Some(1), "snapshot with an unreachable S3 endpoint");
+    assert!(text.contains("committed on the agents"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(g.list(0, &format!("{PREFIX}/catalog/")).is_empty());
+
+    // The next push, with the agent holding a data shard (index 0) dead: its shards are rebuilt
+    // from parity on the way.
+    let holder = c
+        .agents
+        .iter()
+        .position(|a| {
+            sa_tests::scan::shard_files(a.dir()).iter().any(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(sa_tests::scan::shard_name)
+                    .is_some_and(|(_, i)| i == 0)
+            })
+        })
+        .expect("some agent holds a shard 0");
+    c.agents[holder].kill();
+    let f = flags(&g, 0, &cred);
+    let p = json(
+        &c.sa(&with(&["offsite", "push", "--json"], &f)),
+        "offsite push",
+    );
+    assert_eq!(u64_of(&p, "manifests_uploaded"), 2, "{p}");
+    assert_eq!(u64_of(&p, "shards_uploaded"), 6 * 4, "{p}");
+    assert!(u64_of(&p, "stripes_rebuilt") > 0, "{p}");
+    // Nothing left to send.
+    let p = json(
+        &c.sa(&with(&["offsite", "push", "--json"], &f)),
+        "offsite push again",
+    );
+    assert_eq!(
+        u64_of(&p, "shards_uploaded") + u64_of(&p, "manifests_uploaded"),
+        0,
+        "{p}"
+    );
+    assert_eq!(restore_offsite_only(&c, &g, 2, &cred, "latest"), want);
+}
+
+#[test]
+fn offsite_gc_collects_what_no_kept_snapshot_uses_and_never_races_a_push() {
+    let c = Cluster::start(6);
+    let g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let f = flags(&g, 0, &cred);
+    let a = ImageSpec::random(4 * STRIPE, 1).write(&c.path("a.img"));
+    let b = ImageSpec::random(4 * STRIPE, 2).write(&c.path("b.img"));
+    let sa_ = c.snapshot(&a.path, &with_strs(&["--volume", "a"], &f));
+    let sb = c.snapshot(&b.path, &with_strs(&["--volume", "b"], &f));
+    assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 32);
+    let id_a = sa_["snapshot"].as_str().unwrap();
+    let id_b = sb["snapshot"].as_str().unwrap().to_string();
+    expect_ok(&c.sa(&["forget", id_a]), "forget a");
+    let r = json(
+        &c.sa(&with(&["offsite", "gc", "--gc-grace", "0s", "--json"], &f)),
+        "offsite gc",
+    );
+    assert_eq!(u64_of(&r, "shards_deleted"), 16, "{r}");
+    assert_eq!(u64_of(&r, "manifests_deleted"), 1, "{r}");
+    assert_eq!(u64_of(&r, "tombstones_uploaded"), 1, "{r}");
+    assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 16);
+    let listed = json(
+        &sa_key_only(&c, &with(&["list", "--offsite-only", "--json"], &f)),
+        "list --offsite-only",
+    );
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(restore_offsite_only(&c, &g, 1, &cred, &id_b), b.sha256());
+
+    // A push in flight (slowed to 1 MiB/s: about 16 s for 4 stripes) while gc runs with no grace:
+    // the snapshot is live on the agents, so its shards already in the bucket are kept.
+    let d = ImageSpec::random(4 * STRIPE, 3).write(&c.path("d.img"));
+    let sd = c.snapshot(&d.path, &["--volume", "d"]);
+    let mut cmd = c.sa_command(&with_strs(
+        &["offsite", "push", "--offsite-rate", "1MiB/s"],
+        &f,
+    ));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut push = Proc::spawn(cmd, "slow offsite push");
+    let before = sa_tests::wait::until(
+        Duration::from_secs(60),
+        "some shards of d in the bucket",
+        || {
+            let n = g.list(0, &format!("{PREFIX}/shards/")).len();
+            (n >= 16 + 3).then_some(n)
+        },
+    );
+    let r = json(
+        &c.sa(&with(&["offsite", "gc", "--gc-grace", "0s", "--json"], &f)),
+        "offsite gc during a push",
+    );
+    assert_eq!(u64_of(&r, "shards_deleted"), 0, "{r}");
+    assert!(g.list(0, &format!("{PREFIX}/shards/")).len() >= before);
+    assert!(push.wait(Duration::from_secs(120)).success());
+    let id_d = sd["snapshot"].as_str().unwrap();
+    assert_eq!(restore_offsite_only(&c, &g, 2, &cred, id_d), d.sha256());
+    assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 32);
+}
+
+fn with_strs<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
+    args.iter()
+        .copied()
+        .chain(more.iter().map(String::as_str))
+        .collect()
+}
