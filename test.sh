@@ -33,8 +33,9 @@ if $debian_root; then
     systemd dbus man-db bash-completion zsh fish binutils dpkg-dev \
     chromium wine64 gcc-mingw-w64-x86-64 clang libc6-dev-arm64-cross >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-  # The daemon's tests: a real SMTP server (aiosmtpd) and the Prometheus text parser.
-  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd prometheus_client
+  # The daemon's tests: a real SMTP server (aiosmtpd) and the Prometheus text parser; the
+  # offsite tests and bench/offsite.sh: the AWS CLI, to look into the bucket with a client not ours.
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd prometheus_client awscli
 else
   echo "note: not root on Debian: installing nothing; tests that need root or the Debian" \
     "packages skip and say why" >&2
@@ -43,6 +44,13 @@ if command -v rustup >/dev/null; then
   # The agent on desk PCs' other OSes: tests/tests/windows_agent.rs builds and runs the Windows
   # agent under Wine; packaging/macos/check.sh type-checks the macOS one.
   rustup target add x86_64-pc-windows-gnu x86_64-apple-darwin aarch64-apple-darwin >/dev/null 2>&1
+fi
+
+# The offsite tests (tests/tests/offsite.rs) run a real Garage cluster: built from crates.io
+# once per machine (about 6 minutes on 2 cores), with only the LMDB metadata engine.
+if ! [ -x "$HOME/.cargo/bin/garage" ]; then
+  cargo install --quiet --locked garage --version 2.5.0 --no-default-features \
+    --features bundled-libs,lmdb
 fi
 
 cargo build --release --workspace --all-targets

@@ -125,6 +125,8 @@ pub struct StripeReader {
     no_ranges: Arc<Vec<AtomicU64>>,
     /// The bucket asked for shards the agents cannot give, and whether it is the only source.
     offsite: Option<(crate::offsite::OffsiteStore, bool)>,
+    /// Shards taken from the bucket so far, by every clone of this reader.
+    offsite_used: Arc<AtomicU64>,
 }
 
 /// How long ranged reads skip an agent that failed one (not for a missing or bad shard).
@@ -176,6 +178,7 @@ impl StripeReader {
             cool_down: COOL_DOWN,
             pool: None,
             offsite: None,
+            offsite_used: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -203,6 +206,11 @@ impl StripeReader {
     pub fn with_cool_down(mut self, d: Duration) -> Self {
         self.cool_down = d;
         self
+    }
+
+    /// Shards taken from the offsite tier so far (by this reader and its clones).
+    pub fn offsite_shards(&self) -> u64 {
+        self.offsite_used.load(Ordering::Relaxed)
     }
 
     /// Gives the empty `slot` a connection (an agent that answered after the reads started,
@@ -486,6 +494,8 @@ impl StripeReader {
                     .fill_from_offsite(store, &id, plain_len, &mut payloads)
                     .await;
                 good += offsite;
+                self.offsite_used
+                    .fetch_add(offsite as u64, Ordering::Relaxed);
             }
         }
         if good < k {

@@ -67,6 +67,8 @@ pub struct RestoreReport {
     pub missing_shards: u64,
     /// Shards that failed their checks.
     pub corrupt_shards: u64,
+    /// Shards taken from the offsite copy (agents missing, or `--offsite-only`).
+    pub offsite_shards: u64,
     /// Agents that could not be reached, as `address (id…)`.
     pub agents_down: Vec<String>,
     /// Members woken by Wake-on-LAN, and which answered before the restore started.
@@ -178,6 +180,7 @@ pub async fn restore(
         size: layout.volume_size,
         stripes: layout.stripe_count(),
         reconstructed_stripes: tally.reconstructed,
+        offsite_shards: reader.offsite_shards(),
         missing_shards: tally.per_problem.get("missing").copied().unwrap_or(0),
         corrupt_shards: tally.per_problem.get("corrupt").copied().unwrap_or(0),
         agents_down,

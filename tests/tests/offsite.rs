@@ -152,6 +152,18 @@ fn a_snapshot_comes_back_from_the_bucket_alone_even_with_a_garage_node_down() {
     assert_eq!(restore_offsite_only(&c, &g, 1, &cred, &id2), want);
     eprintln!("restore with a garage node down: {:?}", started.elapsed());
 
+    // Booted from the bucket: serve with --offsite-only (the agents it is given are all dead and
+    // never asked), read whole by nbdcopy.
+    let f1 = flags(&g, 1, &cred);
+    let mut extra: Vec<&str> = vec!["--offsite-only"];
+    extra.extend(f1.iter().map(String::as_str));
+    let serve = sa_tests::Serve::start(&c, "latest", &c.agents_arg(), &extra);
+    let copy_img = c.path("served.img");
+    sa_tests::nbd_client::client_ok(&c, "nbdcopy", &[&serve.url, copy_img.to_str().unwrap()]);
+    let report = serve.stop();
+    assert_eq!(sha256(&copy_img), want);
+    assert!(u64_of(&report, "offsite_shards") >= 8 * 4, "{report}");
+
     // The wrong key: a clear refusal, nothing written.
     let other = sa_tests::Key::generate(&c.path("other.key"));
     let target = c.path("wrong-key.img");
@@ -250,6 +262,37 @@ fn a_failed_upload_leaves_the_snapshot_and_the_next_push_catches_up() {
         "{p}"
     );
     assert_eq!(restore_offsite_only(&c, &g, 2, &cred, "latest"), want);
+
+    // Three of six agents gone (one more than m): a plain restore takes what they lack from the
+    // bucket.
+    let mut down = 1;
+    for a in c.agents.iter_mut() {
+        if down < 3 && a.is_running() {
+            a.kill();
+            down += 1;
+        }
+    }
+    let target = c.path("mixed.img");
+    let mut args = with(
+        &["restore", "latest", "--json", "--wake-wait", "0s", "--to"],
+        &[],
+    );
+    args.push(target.as_os_str());
+    args.extend(f.iter().map(OsStr::new));
+    let r = json(&c.sa(&args), "restore with 3 agents down and --offsite");
+    assert!(u64_of(&r, "offsite_shards") > 0, "{r}");
+    assert_eq!(sha256(&target), want);
+    // Without the bucket the same restore fails: the bucket did the work.
+    let target = c.path("no-offsite.img");
+    let out = c.sa(&[
+        OsStr::new("restore"),
+        OsStr::new("latest"),
+        OsStr::new("--wake-wait"),
+        OsStr::new("0s"),
+        OsStr::new("--to"),
+        target.as_os_str(),
+    ]);
+    expect_fail(&out, Some(3), "restore with 3 agents down and no bucket");
 }
 
 #[test]

@@ -192,6 +192,7 @@ impl Snapshot {
             Ok(d) => {
                 bump(&self.stats.stripes_fetched);
                 add(&self.stats.hedged_shards, d.hedged as u64);
+                add(&self.stats.offsite_shards, d.offsite as u64);
                 if d.reconstructed {
                     bump(&self.stats.stripes_reconstructed);
                     let n = self.warned_reconstructed.fetch_add(1, Ordering::Relaxed);

@@ -48,6 +48,8 @@ pub struct Stats {
     pub hedged_shards: AtomicU64,
     /// Reads served from only the sealed chunks they needed (seal format 2), without the stripe.
     pub ranged_reads: AtomicU64,
+    /// Shards taken from the offsite copy (agents missing, or `--offsite-only`).
+    pub offsite_shards: AtomicU64,
     /// Ranged reads that gave up (agent down, slow or old, a shard missing or corrupt) and read
     /// the whole stripe instead.
     pub ranged_fallbacks: AtomicU64,
@@ -101,6 +103,7 @@ impl Stats {
             readahead: get(&self.readahead),
             hedged_shards: get(&self.hedged_shards),
             ranged_reads: get(&self.ranged_reads),
+            offsite_shards: get(&self.offsite_shards),
             ranged_fallbacks: get(&self.ranged_fallbacks),
             shard_problems: per_slot
                 .into_iter()
@@ -147,6 +150,8 @@ pub struct Counters {
     pub hedged_shards: u64,
     /// Reads served from the chunks they needed, without fetching the stripe.
     pub ranged_reads: u64,
+    /// Shards taken from the offsite copy.
+    pub offsite_shards: u64,
     /// Ranged reads that fell back to reading the whole stripe.
     pub ranged_fallbacks: u64,
     /// Shard problems per agent (`addr (id)`).

@@ -98,6 +98,12 @@ pub fn print_report(r: &RestoreReport) {
             r.missing_shards, r.corrupt_shards, r.snapshot
         );
     }
+    if r.offsite_shards > 0 {
+        println!(
+            "  {} shard(s) taken from the offsite copy",
+            r.offsite_shards
+        );
+    }
     for a in &r.wake.answered {
         println!("  woken by Wake-on-LAN: {a}");
     }
