@@ -353,6 +353,41 @@ fn offsite_gc_collects_what_no_kept_snapshot_uses_and_never_races_a_push() {
     let id_d = sd["snapshot"].as_str().unwrap();
     assert_eq!(restore_offsite_only(&c, &g, 2, &cred, id_d), d.sha256());
     assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 32);
+
+    // prune with the offsite flags: the bucket follows the agents. One stripe of b changes; the
+    // new snapshot goes offsite, the old one is pruned, and with it the stripe only it used.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut fh = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&b.path)
+            .unwrap();
+        fh.seek(SeekFrom::Start(STRIPE + 7)).unwrap();
+        fh.write_all(b"changed").unwrap();
+    }
+    let sb2 = c.snapshot(&b.path, &with_strs(&["--volume", "b"], &f));
+    assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 36);
+    let r = json(
+        &c.sa(&with(
+            &[
+                "prune",
+                "--keep-last",
+                "1",
+                "--volume",
+                "b",
+                "--gc-grace",
+                "0s",
+                "--json",
+            ],
+            &f,
+        )),
+        "prune with --offsite",
+    );
+    assert_eq!(r["offsite"]["manifests_deleted"], 1, "{r}");
+    assert_eq!(r["offsite"]["shards_deleted"], 4, "{r}");
+    assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 32);
+    let id_b2 = sb2["snapshot"].as_str().unwrap();
+    assert_eq!(restore_offsite_only(&c, &g, 0, &cred, id_b2), b.sha256());
 }
 
 fn with_strs<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
@@ -360,4 +395,99 @@ fn with_strs<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
         .copied()
         .chain(more.iter().map(String::as_str))
         .collect()
+}
+
+/// `[volume.NAME] offsite = { ... }` in the daemon: each snapshot is followed by an `offsite`
+/// job, each prune collects the bucket too.
+#[test]
+fn the_daemon_pushes_after_each_snapshot_and_prunes_the_bucket() {
+    let c = Cluster::start(6);
+    let g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let img = ImageSpec::random(2 * STRIPE, 9).write(&c.path("disk.img"));
+    let agents: Vec<String> = c
+        .agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.addr_str()))
+        .collect();
+    let state = c.path("state");
+    let config = c.path("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n\
+             [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nscrub = \"never\"\n\
+             [web]\nlisten = \"127.0.0.1:0\"\n\
+             [volume.vm]\nsource = \"{img}\"\nschedule = \"*:*:0/10\"\nkeep_last = 1\n\
+             gc_grace = \"0s\"\n\
+             offsite = {{ url = \"s3://{BUCKET}/{PREFIX}\", endpoint = \"{ep}\", region = \"{REGION}\", \
+             credentials = \"{cred}\" }}\n",
+            key = c.key.path.display(),
+            agents = agents.join(", "),
+            cache = c.path("cache").display(),
+            state = state.display(),
+            img = img.path.display(),
+            ep = g.endpoint(0),
+            cred = cred.display(),
+        ),
+    )
+    .unwrap();
+    let mut d = sa_tests::daemon::Daemon::start(&config, &c.path("daemon.log"), &[]);
+    let ended = |kind: &str| -> Vec<serde_json::Value> {
+        let lines = sa_tests::daemon::json_lines(&state.join("jobs.jsonl"));
+        let ids: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l.get("start"))
+            .filter(|s| s["kind"] == kind)
+            .filter_map(|s| s["id"].as_u64())
+            .collect();
+        lines
+            .iter()
+            .filter_map(|l| l.get("end"))
+            .filter(|e| e["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+            .cloned()
+            .collect()
+    };
+    sa_tests::wait::until_true(
+        Duration::from_secs(120),
+        "two snapshots, each pushed offsite, and a prune that removed one",
+        || {
+            assert!(d.is_running(), "the daemon exited:\n{}", d.log());
+            let pushes = ended("offsite");
+            let prunes = ended("prune");
+            pushes.iter().filter(|e| e["outcome"] == "ok").count() >= 2
+                && prunes.iter().any(|e| e["figures"]["removed"] == 1)
+        },
+    );
+    d.signal("TERM");
+    assert!(d.wait(Duration::from_secs(30)).success());
+    let pushes = ended("offsite");
+    assert!(pushes.iter().all(|e| e["outcome"] == "ok"), "{pushes:?}");
+    assert_eq!(pushes[0]["figures"]["shards_uploaded"], 8, "{pushes:?}");
+    // The bucket after the prune: the kept snapshot's manifest and the removed one's tombstone,
+    // and the 8 shards they share.
+    let listed = json(&c.sa(&["list", "--json"]), "list");
+    let kept = listed[0]["snapshot"].as_str().unwrap().to_string();
+    let catalog = g.list(1, &format!("{PREFIX}/catalog/"));
+    assert!(
+        catalog.iter().any(|k| k.ends_with(&format!("snap-{kept}"))),
+        "{catalog:?}"
+    );
+    assert!(
+        catalog
+            .iter()
+            .all(|k| k.contains("/snap-") || k.contains("/forgotten-")),
+        "{catalog:?}"
+    );
+    assert_eq!(
+        catalog.iter().filter(|k| k.contains("/snap-")).count(),
+        1,
+        "{catalog:?}"
+    );
+    assert_eq!(g.list(1, &format!("{PREFIX}/shards/")).len(), 8);
+    assert_eq!(
+        restore_offsite_only(&c, &g, 2, &cred, "latest"),
+        img.sha256()
+    );
 }

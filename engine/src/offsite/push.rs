@@ -45,7 +45,7 @@ type Group = (VolumeId, u8);
 type Held = HashSet<(StripeId, u8)>;
 
 /// Stripes uploaded at once.
-pub const PARALLEL: usize = 8;
+pub const PARALLEL: usize = 16;
 
 /// What to push.
 #[derive(Debug, Clone, Default)]

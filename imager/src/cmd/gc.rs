@@ -21,6 +21,9 @@ pub struct GcArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// Never delete a shard younger than this, e.g. 0s, 30m, 1.5h, 2d [default: 1h].
     #[arg(long, value_name = "DURATION")]
     pub gc_grace: Option<String>,
@@ -37,6 +40,7 @@ pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: GcArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; gc_grace; bools dry_run, json);
     let opts = GcOptions {
         grace: config::gc_grace(args.gc_grace.as_deref())?,
@@ -44,11 +48,26 @@ pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     };
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let reach = fleet.reach(&args.fleet.addrs()?, Access::Write).await;
-    let report = collect(&fleet, &reach, opts).await?;
+    let report = collect(&fleet, &reach, opts.clone()).await?;
+    let bucket = crate::cmd::offsite::sweep_after(
+        &args.offsite,
+        &fleet,
+        args.fleet.addrs()?,
+        opts.grace,
+        args.dry_run,
+    )
+    .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(b) = &bucket {
+            v["offsite"] = serde_json::to_value(b)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_gc(&report, args.dry_run);
+        if let Some(b) = &bucket {
+            crate::cmd::offsite::print_sweep(b);
+        }
     }
     Ok(0)
 }

@@ -168,7 +168,31 @@ async fn gc(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     Ok(0)
 }
 
-fn print_sweep(r: &SweepReport) {
+/// After `prune` or `gc` on the agents: the same collection of the bucket when an offsite copy
+/// is set (none: `None`). The agents were just reached, so the racing-push guard holds.
+pub async fn sweep_after(
+    o: &OffsiteArgs,
+    fleet: &sa_engine::fleet::Fleet,
+    agents: Vec<String>,
+    grace: std::time::Duration,
+    dry_run: bool,
+) -> Result<Option<SweepReport>> {
+    let Some(bucket) = o.store()? else {
+        return Ok(None);
+    };
+    let opts = SweepOptions {
+        agents,
+        grace,
+        offsite_only: false,
+        dry_run,
+    };
+    Ok(Some(
+        sa_engine::offsite::sweep(fleet, &bucket, &opts).await?,
+    ))
+}
+
+/// A bucket collection's report for people.
+pub fn print_sweep(r: &SweepReport) {
     let verb = if r.dry_run { "would delete" } else { "deleted" };
     println!(
         "offsite {}: {verb} {} shard(s) and {} manifest(s) of forgotten snapshots; kept {} \

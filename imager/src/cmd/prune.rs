@@ -22,6 +22,9 @@ pub struct PruneArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// Keep the N newest snapshots.
     #[arg(long)]
     pub keep_last: Option<u32>,
@@ -53,6 +56,7 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     let mut file: PruneArgs = config::load(cfg)?;
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; keep_last, keep_daily, keep_weekly, keep_monthly, volume, gc_grace;
         bools dry_run, json);
     let policy = Policy {
@@ -75,8 +79,20 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     };
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let report = prune(&fleet, &opts).await?;
+    let bucket = crate::cmd::offsite::sweep_after(
+        &args.offsite,
+        &fleet,
+        opts.agents.clone(),
+        opts.gc.grace,
+        args.dry_run,
+    )
+    .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(b) = &bucket {
+            v["offsite"] = serde_json::to_value(b)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let mut vol = "";
@@ -114,6 +130,9 @@ pub async fn run(mut args: PruneArgs, cfg: Option<&Path>) -> Result<u8> {
     }
     if let Some(g) = &report.gc {
         print_gc(g, false);
+    }
+    if let Some(b) = &bucket {
+        crate::cmd::offsite::print_sweep(b);
     }
     Ok(0)
 }

@@ -139,6 +139,7 @@ struct VolumeTable {
     min_margin: Option<i64>,
     healthcheck: Option<String>,
     drill: Option<drill::DrillTable>,
+    offsite: Option<crate::config::OffsiteTable>,
 }
 
 /// How the mail is protected on its way to the SMTP server.
@@ -228,6 +229,17 @@ pub struct VolumeSettings {
     pub healthcheck: Option<String>,
     /// Scheduled recovery drills (None: none).
     pub drill: Option<drill::DrillSettings>,
+    /// The offsite copy pushed after each snapshot, and collected after each prune (None: none).
+    pub offsite: Option<OffsiteSettings>,
+}
+
+/// A volume's `offsite` table, checked.
+#[derive(Debug, Clone)]
+pub struct OffsiteSettings {
+    /// Where and how.
+    pub config: sa_engine::offsite::OffsiteConfig,
+    /// Upload rate (None: unlimited).
+    pub rate: Option<u64>,
 }
 
 /// The repair watcher's settings.
@@ -490,6 +502,32 @@ fn volume(table_name: &str, v: &VolumeTable, f: &FileConfig) -> Result<VolumeSet
             Some(t) => drill::check(t, &format!("volume.{table_name}.drill"))?,
             None => None,
         },
+        offsite: match &v.offsite {
+            Some(t) => Some(offsite(t, &at("offsite"))?),
+            None => None,
+        },
+    })
+}
+
+/// Checks a volume's `offsite` table (the bucket is not contacted here).
+fn offsite(t: &crate::config::OffsiteTable, key: &str) -> Result<OffsiteSettings> {
+    let args = crate::config::OffsiteArgs {
+        offsite: Some(t.clone()),
+        ..Default::default()
+    };
+    let mut merged = crate::config::OffsiteArgs::default();
+    merged.merge(&mut args.clone());
+    let config = merged
+        .config()
+        .map_err(|e| usage(format!("{key}: {e}")))?
+        .ok_or_else(|| {
+            usage(format!(
+                "{key} has no `url`: give url = \"s3://BUCKET/PREFIX\""
+            ))
+        })?;
+    Ok(OffsiteSettings {
+        config,
+        rate: merged.rate().map_err(|e| usage(format!("{key}: {e}")))?,
     })
 }
 

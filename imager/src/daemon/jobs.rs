@@ -188,6 +188,32 @@ pub async fn prune_job(shared: &Shared, s: &Settings, v: &VolumeSettings) -> End
                 r.gc.as_ref()
                     .map(|g| g.agents.iter().map(|a| a.bytes_freed).sum())
                     .unwrap_or(0);
+            // The same retention for the offsite copy: tombstones, then what nothing names.
+            let mut offsite_deleted = None;
+            if let Some(o) = &v.offsite {
+                let swept = match sa_engine::offsite::OffsiteStore::open(&o.config) {
+                    Ok(bucket) => {
+                        let so = sa_engine::offsite::SweepOptions {
+                            agents: opts.agents.clone(),
+                            grace: v.gc_grace,
+                            offsite_only: false,
+                            dry_run: false,
+                        };
+                        sa_engine::offsite::sweep(&fleet, &bucket, &so).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match swept {
+                    Ok(sw) => offsite_deleted = Some(sw.shards_deleted),
+                    Err(e) => {
+                        return Ended::failed(format!(
+                            "{} snapshot(s) removed on the agents, but the offsite copy was not \
+                             collected: {e}",
+                            r.removed.len()
+                        ))
+                    }
+                }
+            }
             Ended {
                 outcome: Outcome::Ok,
                 error: None,
@@ -196,10 +222,45 @@ pub async fn prune_job(shared: &Shared, s: &Settings, v: &VolumeSettings) -> End
                     ("removed", json!(r.removed.len())),
                     ("removed_ids", json!(r.removed)),
                     ("bytes_freed", json!(freed)),
+                    ("offsite_shards_deleted", json!(offsite_deleted)),
                     ("warnings", json!(r.warnings)),
                 ]),
             }
         }
+        Err(e) => Ended::of_engine(e),
+    }
+}
+
+/// Pushes the volume's snapshots to its offsite copy (what the bucket lacks).
+pub async fn offsite_job(shared: &Shared, s: &Settings, v: &VolumeSettings) -> Ended {
+    let Some(o) = &v.offsite else {
+        return Ended::failed("no offsite table");
+    };
+    let fleet = match shared.fleet() {
+        Ok(f) => f,
+        Err(e) => return Ended::failed(format!("{e:#}")),
+    };
+    let bucket = match sa_engine::offsite::OffsiteStore::open(&o.config) {
+        Ok(b) => b,
+        Err(e) => return Ended::of_engine(e),
+    };
+    let opts = sa_engine::offsite::PushOptions {
+        agents: s.fleet.addrs().unwrap_or_default(),
+        volume: Some(v.name.clone()),
+        rate: o.rate,
+        shards: o.config.shards,
+    };
+    match sa_engine::offsite::push(&fleet, &bucket, &opts, &NoProgress, &shared.shutdown).await {
+        Ok(r) => Ended {
+            outcome: Outcome::Ok,
+            error: None,
+            figures: figures(&[
+                ("shards_uploaded", json!(r.shards_uploaded)),
+                ("bytes_uploaded", json!(r.bytes_uploaded)),
+                ("manifests_uploaded", json!(r.manifests_uploaded)),
+                ("seconds", json!(r.seconds)),
+            ]),
+        },
         Err(e) => Ended::of_engine(e),
     }
 }

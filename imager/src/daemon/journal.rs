@@ -39,6 +39,8 @@ pub enum JobKind {
     Repair,
     /// A recovery drill of one volume's newest snapshot.
     Drill,
+    /// The offsite copy of one volume after its snapshot (`offsite push`).
+    Offsite,
 }
 
 impl JobKind {
@@ -50,6 +52,7 @@ impl JobKind {
             JobKind::Scrub => "scrub",
             JobKind::Repair => "repair",
             JobKind::Drill => "drill",
+            JobKind::Offsite => "offsite",
         }
     }
 }

@@ -120,6 +120,17 @@ async fn run_one(shared: &Shared, req: &Request, watch: &mut WatchState) {
                 return; // removed by a reload meanwhile
             };
             let ended = journaled(shared, req, |id| jobs::snapshot_job(shared, &s, v, id)).await;
+            if ended == Some(Outcome::Ok) && v.offsite.is_some() {
+                // The snapshot is committed; its offsite copy is a job of its own, so a failed
+                // upload alerts on its own and the next one (after the next snapshot) catches up.
+                let push = Request {
+                    kind: JobKind::Offsite,
+                    trigger: "after snapshot",
+                    due_ms: now_ms(),
+                    ..req.clone()
+                };
+                journaled(shared, &push, |_| jobs::offsite_job(shared, &s, v)).await;
+            }
             if ended == Some(Outcome::Ok) && v.retention.is_some() {
                 let prune = Request {
                     kind: JobKind::Prune,
@@ -145,6 +156,15 @@ async fn run_one(shared: &Shared, req: &Request, watch: &mut WatchState) {
         JobKind::Repair => {
             if let Some(r) = s.repair {
                 repair(shared, req, &s, r, watch).await;
+            }
+        }
+        JobKind::Offsite => {
+            if let Some(v) = s
+                .volumes
+                .iter()
+                .find(|v| Some(&v.name) == req.volume.as_ref() && v.offsite.is_some())
+            {
+                journaled(shared, req, |_| jobs::offsite_job(shared, &s, v)).await;
             }
         }
         JobKind::Drill => {
