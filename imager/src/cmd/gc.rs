@@ -48,7 +48,7 @@ pub async fn run(mut args: GcArgs, cfg: Option<&Path>) -> Result<u8> {
     };
     let fleet = args.fleet.fleet(args.keyfile.load()?.derive())?;
     let reach = fleet.reach(&args.fleet.addrs()?, Access::Write).await;
-    let report = collect(&fleet, &reach, opts.clone()).await?;
+    let report = collect(&fleet, &reach, opts).await?;
     let bucket = crate::cmd::offsite::sweep_after(
         &args.offsite,
         &fleet,
