@@ -196,7 +196,14 @@ pub async fn repair_pass(
         ..Default::default()
     };
     // 1. What is absent, per distinct stripe; 2. where each shard goes.
-    let mut work = plan::find_work(&manifests, &census, &presence, &held_agents, &mut report);
+    let mut work = plan::find_work(
+        &manifests,
+        &census,
+        &presence,
+        &held_agents,
+        fleet.offsite().is_some(),
+        &mut report,
+    );
     plan::choose_targets(&mut work, &manifests, &census);
     report.stripes_lost = work.iter().filter(|w| w.lost).count() as u64;
     report.stripes_repaired = work.iter().filter(|w| !w.lost).count() as u64;

@@ -5,6 +5,11 @@
 //! recomputed and compared, so a wrong parity shard cannot hide until the day it is needed.
 //! [`VerifyReport::exit_code`]: 0 every shard present and sound; 2 some shard missing or corrupt
 //! but every stripe still recoverable; 3 data is lost.
+//!
+//! With an offsite copy ([`Fleet::with_offsite`]): a stripe the agents can no longer rebuild is
+//! read from the bucket (decrypted and checked against its id) and counts as degraded, not lost,
+//! when that works. With `--offsite-only` the bucket's copy alone is verified: every stripe read
+//! from it, decrypted and checked.
 
 use std::sync::Arc;
 
@@ -17,7 +22,7 @@ use crate::catalog::{self, clients_for};
 use crate::error::{Error, Result};
 use crate::fleet::{Access, Fleet};
 use crate::progress::Progress;
-use crate::read::{fetch_shard, Problem};
+use crate::read::{fetch_shard, Problem, StripeReader};
 use crate::shutdown::Shutdown;
 
 const PARALLEL: usize = 6;
@@ -90,6 +95,9 @@ pub struct VerifyReport {
     pub shards_corrupt: u64,
     /// True when every stripe can be rebuilt.
     pub recoverable: bool,
+    /// Stripes read and checked from the offsite copy: those the agents could not rebuild, or,
+    /// with `--offsite-only`, every one.
+    pub offsite_stripes: u64,
     /// Per agent.
     pub agents: Vec<AgentReport>,
     /// Bad shards (first 1000).
@@ -206,6 +214,13 @@ pub async fn verify(
     };
     let codec = Arc::new(StripeCodec::new(fleet.keys().clone(), layout, m.volume)?);
     let clients = Arc::new(slots.slots.clone());
+    let offsite = fleet.offsite().map(|_| {
+        StripeReader::new(codec.clone(), m.clone(), slots.slots.clone()).with_offsite(fleet)
+    });
+    if let (Some(reader), true) = (&offsite, fleet.offsite_only()) {
+        report.agents.clear();
+        return from_bucket(reader, &m, report, progress, shutdown).await;
+    }
     progress.start("verify", layout.volume_size);
     let mut set: JoinSet<StripeCheck> = JoinSet::new();
     let mut next = 0u64;
@@ -227,7 +242,24 @@ pub async fn verify(
         let Some(joined) = set.join_next().await else {
             break;
         };
-        let c = joined.map_err(|e| Error::failed(format!("verify task failed: {e}")))?;
+        let mut c = joined.map_err(|e| Error::failed(format!("verify task failed: {e}")))?;
+        if let (Err(why), Some(reader)) = (&c.decodable, &offsite) {
+            match reader.read(c.stripe).await {
+                Ok(_) => {
+                    tracing::warn!(
+                        "stripe {} cannot be rebuilt from the agents ({why}); the offsite copy has it",
+                        c.stripe
+                    );
+                    c.decodable = Ok(());
+                    report.offsite_stripes += 1;
+                }
+                Err(lost) => tracing::error!(
+                    "stripe {}: the offsite copy cannot complete it either: {}",
+                    c.stripe,
+                    lost.error
+                ),
+            }
+        }
         progress.advance(layout.stripe_len(c.stripe) as u64);
         report.add(c);
     }
@@ -245,6 +277,64 @@ pub async fn verify(
     });
     report.lost.sort_unstable();
     report.bad_shards.sort_by_key(|b| (b.stripe, b.index));
+    report.recoverable = report.lost_stripes == 0;
+    Ok(report)
+}
+
+/// `--offsite-only`: every stripe read from the bucket, decrypted and checked against its id.
+async fn from_bucket(
+    reader: &StripeReader,
+    m: &sa_core::manifest::Manifest,
+    mut report: VerifyReport,
+    progress: &dyn Progress,
+    shutdown: &Shutdown,
+) -> Result<VerifyReport> {
+    let layout = m.layout;
+    progress.start("verify offsite", layout.volume_size);
+    let mut set = JoinSet::new();
+    let mut next = 0u64;
+    loop {
+        while set.len() < PARALLEL && next < layout.stripe_count() && !shutdown.is_cancelled() {
+            let i = next;
+            next += 1;
+            if matches!(m.stripes[i as usize], StripeRef::Zero) {
+                report.zero_stripes += 1;
+                progress.advance(layout.stripe_len(i) as u64);
+                continue;
+            }
+            let reader = reader.clone();
+            set.spawn(async move { (i, reader.read(i).await.map(|d| d.offsite)) });
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (i, r) = joined.map_err(|e| Error::failed(format!("verify task failed: {e}")))?;
+        progress.advance(layout.stripe_len(i) as u64);
+        report.offsite_stripes += 1;
+        match r {
+            Ok(shards) => {
+                report.healthy_stripes += 1;
+                report.shards_ok += shards as u64;
+            }
+            Err(lost) => {
+                tracing::error!(
+                    "stripe {i}: the offsite copy cannot give it: {}",
+                    lost.error
+                );
+                report.lost_stripes += 1;
+                if report.lost.len() < 1000 {
+                    report.lost.push(i);
+                }
+            }
+        }
+    }
+    progress.finish();
+    if shutdown.is_cancelled() {
+        return Err(Error::Interrupted(
+            "the verify stopped before it was complete".into(),
+        ));
+    }
+    report.lost.sort_unstable();
     report.recoverable = report.lost_stripes == 0;
     Ok(report)
 }

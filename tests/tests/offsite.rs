@@ -491,3 +491,77 @@ fn the_daemon_pushes_after_each_snapshot_and_prunes_the_bucket() {
         img.sha256()
     );
 }
+
+/// More than m agents lost for good: `verify` without the bucket says data is lost, with
+/// `--offsite` degraded (the bucket completes the stripes), `--offsite-only` checks the bucket's
+/// copy alone, and `repair --offsite` rebuilds every shard onto the agents left, after which the
+/// agents alone verify clean and restore byte-identical.
+#[test]
+fn verify_and_repair_take_what_the_agents_lost_from_the_bucket() {
+    let mut c = Cluster::start(9);
+    let g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let f = flags(&g, 0, &cred);
+    let img = ImageSpec::random(8 * STRIPE, 21).write(&c.path("disk.img"));
+    let s = c.snapshot(&img.path, &with_strs(&["--volume", "srv"], &f));
+    let id = s["snapshot"].as_str().unwrap().to_string();
+    assert_eq!(u64_of(&s["offsite"], "shards_uploaded"), 32, "{s}");
+    // Three agents that hold shards of one same stripe are lost for good.
+    let stripe = sa_tests::scan::stripe_ids(c.agents[0].dir())
+        .into_iter()
+        .next()
+        .expect("agent 0 holds a stripe");
+    let holders: Vec<usize> = (0..c.agents.len())
+        .filter(|&i| sa_tests::scan::shard_of(c.agents[i].dir(), &stripe).is_some())
+        .take(3)
+        .collect();
+    assert_eq!(holders.len(), 3);
+    for &i in &holders {
+        c.agents[i].kill();
+        std::fs::remove_dir_all(c.agents[i].dir()).unwrap();
+    }
+    let left = sa_tests::cluster::join_addrs(
+        c.agents
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !holders.contains(i))
+            .map(|(_, a)| a),
+    );
+    assert_eq!(
+        c.verify_code(&id, &left),
+        3,
+        "the agents alone lost a stripe"
+    );
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = vec!["verify", &id, "--json", "--wake-wait", "0s"];
+        args.extend_from_slice(extra);
+        let out = c.sa_agents(&with(&args, &f), &left);
+        let v = sa_tests::cluster::parse_json(&String::from_utf8_lossy(&out.stdout), "verify");
+        (out.status.code(), v)
+    };
+    let (code, v) = run(&[]);
+    assert_eq!(code, Some(2), "{v}");
+    assert_eq!(u64_of(&v, "lost_stripes"), 0, "{v}");
+    assert!(u64_of(&v, "offsite_stripes") >= 1, "{v}");
+    let (code, v) = run(&["--offsite-only"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(u64_of(&v, "offsite_stripes"), 8, "{v}");
+    assert_eq!(u64_of(&v, "healthy_stripes"), 8, "{v}");
+
+    let cache = c.path("cache");
+    let mut args = with(&["repair", "--json", "--wake-wait", "0s"], &f);
+    args.extend([OsStr::new("--cache-dir"), cache.as_os_str()]);
+    let r = json(&c.sa_agents(&args, &left), "repair --offsite");
+    assert_eq!(u64_of(&r, "stripes_lost"), 0, "{r}");
+    assert_eq!(u64_of(&r, "shards_failed"), 0, "{r}");
+    assert!(u64_of(&r, "shards_rebuilt") >= 3, "{r}");
+    assert_eq!(
+        c.verify_code(&id, &left),
+        0,
+        "the agents alone are whole again"
+    );
+    let target = c.path("after-repair.img");
+    c.restore(&id, &target, &left);
+    assert_eq!(sha256(&target), img.sha256());
+}

@@ -31,12 +31,15 @@ pub struct Work {
 
 /// Step 1: the absent (missing, quarantined, on an unreachable agent) and crowded shards of
 /// every stripe, except those of agents in `held` (missing, but not for long enough yet).
-/// Fills the per-snapshot lines of `report`.
+/// Fills the per-snapshot lines of `report`. With `offsite` (an offsite copy to read from), a
+/// stripe with fewer than `k` shards left on the agents is not lost: it is rebuilt from the
+/// bucket.
 pub fn find_work(
     manifests: &[Manifest],
     census: &Census,
     presence: &Presence,
     held: &HashSet<[u8; 16]>,
+    offsite: bool,
     report: &mut RepairReport,
 ) -> Vec<Work> {
     let mut work: Vec<Work> = Vec::new();
@@ -63,7 +66,7 @@ pub fn find_work(
             }
             sr.absent_shards += bad.len() as u64;
             sr.crowded_shards += crowded.len() as u64;
-            let lost = slots.len() - bad.len() < m.layout.k as usize;
+            let lost = slots.len() - bad.len() < m.layout.k as usize && !offsite;
             if lost {
                 sr.lost_stripes += 1;
             }

@@ -26,6 +26,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub wake: WakeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub offsite: crate::config::OffsiteArgs,
     /// The volume whose snapshot `latest` names.
     #[arg(long)]
     pub volume: Option<String>,
@@ -40,14 +43,16 @@ pub async fn run(mut args: VerifyArgs, cfg: Option<&Path>) -> Result<u8> {
     args.keyfile.merge(&mut file.keyfile);
     args.fleet.merge(&mut file.fleet);
     args.wake.merge(&mut file.wake);
+    args.offsite.merge(&mut file.offsite);
     merge!(args, file; volume; bools json);
-    let fleet = args
-        .wake
-        .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?;
+    let fleet = args.offsite.apply(
+        args.wake
+            .apply(args.fleet.fleet(args.keyfile.load()?.derive())?)?,
+    )?;
     let opts = VerifyOptions {
         snapshot: args.snapshot.clone(),
         volume: args.volume.clone(),
-        agents: args.fleet.addrs()?,
+        agents: args.offsite.addrs(&args.fleet)?,
     };
     let shutdown = crate::signal::on_stop_signals();
     let report = verify(&fleet, &opts, &Bar::new(args.json), &shutdown).await?;
@@ -88,6 +93,12 @@ fn print_text(r: &VerifyReport) {
         println!(
             "  ... {} more bad shards (see --json)",
             r.bad_shards.len() - 20
+        );
+    }
+    if r.offsite_stripes > 0 {
+        println!(
+            "  {} stripe(s) read and checked from the offsite copy",
+            r.offsite_stripes
         );
     }
     if r.lost_stripes > 0 {
