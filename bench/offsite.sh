@@ -75,7 +75,7 @@ aws_run() { # RUN
 push_run() { # RUN
   local t0 t1
   t0=$(now)
-  /usr/bin/time -f '%M' -o "$work/rss" "$bin/sa-image" offsite push --key "$work/key" \
+  /usr/bin/time -f '%M %U %S' -o "$work/rss" "$bin/sa-image" offsite push --key "$work/key" \
     --agents "$addr_1" --offsite "s3://sa-offsite/push$1" --offsite-endpoint "$endpoint" \
     --offsite-region garage --json > "$work/push.json"
   t1=$(now)
@@ -88,7 +88,7 @@ for i in $(seq "$runs"); do
   a=$(aws_run "$i"); echo "$a" >> "$work/a"
   p=$(push_run "$i"); echo "$p" >> "$work/p"
   pushed=$(grep -o '"bytes_uploaded": *[0-9]*' "$work/push.json" | grep -o '[0-9]*$')
-  rss=$(cat "$work/rss"); echo "$rss" >> "$work/m"
+  read -r rss ucpu scpu < "$work/rss"; echo "  (push CPU: user $ucpu s, sys $scpu s)" >&2; echo "$rss" >> "$work/m"
   printf '  run %d: aws s3 cp %.3fs (%4.0f MiB/s)  offsite push %.3fs (%4.0f MiB/s, %d bytes, peak RSS %d MiB)\n' \
     "$i" "$a" "$(echo "$bytes / 1048576 / $a" | bc -l)" "$p" "$(echo "$pushed / 1048576 / $p" | bc -l)" \
     "$pushed" "$((rss / 1024))"

@@ -92,6 +92,11 @@
 //! - `tests/stall.rs`: a PC cut off the network without a reset in the middle of a snapshot, a
 //!   restore and a serving read (nbdcopy) costs each a few seconds, not the request timeout
 //!   (root: namespaces, tc).
+//! - `tests/offsite.rs`: the offsite tier against a real three-node Garage cluster: restore and
+//!   serve from the bucket alone (agents deleted, then a Garage node killed), a wrong secret and
+//!   a dead endpoint caught up by the next push (around a dead agent), restore, verify and repair
+//!   completing what more than m lost agents took from the bucket, `offsite gc` and `prune` on
+//!   the bucket (also racing a slowed push), and the daemon pushing after each snapshot.
 //! - `tests/packages.rs`: the Debian packages installed, their units verified, the installed
 //!   binaries, man pages, completions and example configs used, `dpkg -r` keeping the shards
 //!   (root on Debian, after `packaging/debian/build.sh`).

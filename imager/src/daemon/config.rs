@@ -70,6 +70,8 @@ pub struct FileConfig {
     parity_shards: Option<u8>,
     stripe_size: Option<String>,
     wake_wait: Option<String>,
+    /// The offsite table for every volume that has none of its own.
+    offsite: Option<crate::config::OffsiteTable>,
     daemon: DaemonTable,
     web: WebTable,
     alerts: AlertsTable,
@@ -502,9 +504,10 @@ fn volume(table_name: &str, v: &VolumeTable, f: &FileConfig) -> Result<VolumeSet
             Some(t) => drill::check(t, &format!("volume.{table_name}.drill"))?,
             None => None,
         },
-        offsite: match &v.offsite {
-            Some(t) => Some(offsite(t, &at("offsite"))?),
-            None => None,
+        offsite: match (&v.offsite, &f.offsite) {
+            (Some(t), _) => Some(offsite(t, &at("offsite"))?),
+            (None, Some(t)) => Some(offsite(t, "offsite")?),
+            (None, None) => None,
         },
     })
 }
