@@ -340,7 +340,7 @@ pub struct OffsiteArgs {
     pub offsite_rate: Option<String>,
     /// Readers: no agent is asked; the catalog and every shard come from the offsite copy (the
     /// office is gone: the key and the bucket are enough).
-    #[arg(long, requires = "offsite_url")]
+    #[arg(long)]
     pub offsite_only: bool,
     /// The config file's `offsite` table.
     #[arg(skip)]

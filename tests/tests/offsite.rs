@@ -565,3 +565,58 @@ fn verify_and_repair_take_what_the_agents_lost_from_the_bucket() {
     c.restore(&id, &target, &left);
     assert_eq!(sha256(&target), img.sha256());
 }
+
+/// Offsite settings that cannot work are refused before the disk is read, with what to do.
+#[test]
+fn bad_offsite_settings_are_refused_up_front() {
+    let c = Cluster::start(6);
+    let img = ImageSpec::random(STRIPE, 4).write(&c.path("disk.img"));
+    let src = img.path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = c.sa_command(args);
+        cmd.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY");
+        sa_tests::proc::run(cmd, c.dir(), Duration::from_secs(60))
+    };
+    let text = expect_fail(
+        &run(&["snapshot", src, "--offsite", "s3://Bad_Bucket/x"]),
+        Some(64),
+        "a bucket name S3 refuses",
+    );
+    assert!(text.contains("not a valid bucket name"), "{text}");
+    let text = expect_fail(
+        &run(&["snapshot", src, "--offsite", "https://example.com/x"]),
+        Some(64),
+        "not an s3 url",
+    );
+    assert!(text.contains("s3://bucket"), "{text}");
+    let text = expect_fail(
+        &run(&["restore", "latest", "--to", "/dev/null", "--offsite-only"]),
+        Some(64),
+        "--offsite-only without a bucket",
+    );
+    assert!(text.contains("--offsite-only needs the bucket"), "{text}");
+    let text = expect_fail(
+        &run(&["snapshot", src, "--offsite", "s3://sa-offsite/x"]),
+        Some(1),
+        "no credentials",
+    );
+    assert!(text.contains("no credentials for offsite"), "{text}");
+    let missing = c.path("no-such.cred");
+    let text = expect_fail(
+        &run(&[
+            "snapshot",
+            src,
+            "--offsite",
+            "s3://sa-offsite/x",
+            "--offsite-credentials",
+            missing.to_str().unwrap(),
+        ]),
+        Some(1),
+        "a credentials file that is not there",
+    );
+    assert!(text.contains("cannot read offsite credentials"), "{text}");
+    // Nothing was read or stored by any of them.
+    let listed = json(&c.sa(&["list", "--json"]), "list");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}

@@ -392,17 +392,24 @@ async fn push_stripe(
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_pacer_keeps_the_rate() {
         let p = Pacer {
-            rate: Some(1 << 20),
+            rate: Some(10 << 20),
             next: Mutex::new(tokio::time::Instant::now()),
         };
-        let t0 = tokio::time::Instant::now();
+        let t0 = std::time::Instant::now();
         for _ in 0..4 {
             p.admit(1 << 20).await;
         }
-        // Four MiB at 1 MiB/s: the fourth starts after three seconds.
-        assert_eq!(t0.elapsed().as_secs(), 3);
+        // Four MiB at 10 MiB/s: the fourth starts 0.3 s after the first, not at once.
+        assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+        let free = Pacer {
+            rate: None,
+            next: Mutex::new(tokio::time::Instant::now()),
+        };
+        let t0 = std::time::Instant::now();
+        free.admit(1 << 30).await;
+        assert!(t0.elapsed() < Duration::from_millis(300));
     }
 }
