@@ -2,12 +2,13 @@
 //! RGW, a cloud), for when the whole office is gone.
 //!
 //! * [`store`]: the bucket as one more shard store ([`OffsiteStore`], the same
-//!   [`sa_core::store::ShardRead`] trait as an agent): shard files under
-//!   `PREFIX/shards/VOLUME/SS/STRIPE.INDEX` and catalog blobs under `PREFIX/catalog/NAME`. The
-//!   objects are the agents' own files, byte for byte: ciphertext framed with a crc32c, under names
-//!   that are keyed hashes. The store learns nothing the agents do not.
-//! * [`push`]: after a snapshot commits on the agents, its shards (the `k` data shards of each
-//!   stripe, or all `k + m` with [`ShardSet::All`]), then its sealed manifest, then the tombstones
+//!   [`sa_core::store::ShardRead`] trait as an agent): each stripe's shard files in one object,
+//!   `PREFIX/shards/VOLUME/SS/STRIPE.pN` (a pack of shards `0..N`), and catalog blobs under
+//!   `PREFIX/catalog/NAME`. The shard files are the agents' own, byte for byte: ciphertext framed
+//!   with a crc32c, under names that are keyed hashes. The store learns nothing the agents do
+//!   not.
+//! * [`push`]: after a snapshot commits on the agents, its stripes' packs (the `k` data shards of
+//!   each stripe, or all `k + m` with [`ShardSet::All`]), then its sealed manifest, then the tombstones
 //!   of forgotten snapshots. Only what the bucket lacks travels; a push that fails part way is
 //!   finished by the next one (a manifest is uploaded only after every shard it names, so the
 //!   bucket never holds a snapshot it cannot restore).

@@ -553,8 +553,9 @@ impl StripeReader {
 }
 
 impl StripeReader {
-    /// Fills `payloads` up to `k` good shards from the bucket, data shards first (the ones it
-    /// holds by default); returns how many it gave. Failures are logged.
+    /// Fills `payloads` up to `k` good shards from the bucket: the stripe's pack (its `k` data
+    /// shards, or all `k + m`) is fetched once and each shard it holds that is still absent is
+    /// checked like one from an agent. Returns how many it gave; failures are logged.
     async fn fill_from_offsite(
         &self,
         store: &crate::offsite::OffsiteStore,
@@ -562,41 +563,44 @@ impl StripeReader {
         plain_len: usize,
         payloads: &mut [Option<Payload>],
     ) -> usize {
-        let k = self.codec.layout().k as usize;
-        let have = payloads.iter().filter(|p| p.is_some()).count();
-        let absent: Vec<usize> = (0..payloads.len())
-            .filter(|&x| payloads[x].is_none())
-            .collect();
-        let mut todo = absent.into_iter();
-        let mut set = JoinSet::new();
-        let launch = |set: &mut JoinSet<(usize, Result<Payload, Error>)>, idx: usize| {
-            let (codec, store, id) = (self.codec.clone(), store.clone(), *id);
-            set.spawn(async move {
-                let got = store.get_shard(&codec.key(&id, idx)).await;
-                (idx, got.and_then(|f| codec.check(&id, idx, plain_len, f)))
-            });
-        };
-        for idx in todo.by_ref().take(k.saturating_sub(have)) {
-            launch(&mut set, idx);
+        let layout = *self.codec.layout();
+        let (k, n) = (layout.k as usize, layout.shards());
+        let volume = self.codec.key(id, 0).volume;
+        let mut files = Err(Error::ShardMissing);
+        for count in [k, n] {
+            files = store.get_pack(&volume, id, count).await;
+            if !matches!(files, Err(Error::ShardMissing)) {
+                break;
+            }
         }
+        let files = match files {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    "offsite {}: stripe {} unusable: {e}",
+                    store.name(),
+                    self.codec.key(id, 0).short()
+                );
+                return 0;
+            }
+        };
+        let mut have = payloads.iter().filter(|p| p.is_some()).count();
         let mut gave = 0;
-        while let Some(joined) = set.join_next().await {
-            let Ok((idx, r)) = joined else { continue };
-            match r {
+        for (idx, file) in files.into_iter().enumerate() {
+            if have >= k || idx >= payloads.len() || payloads[idx].is_some() {
+                continue;
+            }
+            match self.codec.check(id, idx, plain_len, file) {
                 Ok(p) => {
                     payloads[idx] = Some(p);
+                    have += 1;
                     gave += 1;
                 }
-                Err(e) => {
-                    tracing::warn!(
-                        "offsite {}: shard {} unusable: {e}",
-                        store.name(),
-                        self.codec.key(id, idx).short()
-                    );
-                    if let Some(next) = todo.next() {
-                        launch(&mut set, next);
-                    }
-                }
+                Err(e) => tracing::warn!(
+                    "offsite {}: shard {} unusable: {e}",
+                    store.name(),
+                    self.codec.key(id, idx).short()
+                ),
             }
         }
         gave

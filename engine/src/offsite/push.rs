@@ -11,14 +11,15 @@
 //! A shard comes from the agent that holds it, checked (crc32c, header) before it travels. When
 //! that agent is down or its copy is bad, the stripe is read back from any `k` shards (parity,
 //! decryption, the id check) and re-encoded; encryption is deterministic, so the result is the
-//! same file. Shards go [`PARALLEL`] stripes at a time, paced to [`PushOptions::rate`]; memory is
-//! bounded by `PARALLEL` stripes whatever the volume size.
+//! same file. A stripe's shards go up as one object (a pack, see [`super::store`]), [`PARALLEL`]
+//! stripes at a time, paced to [`PushOptions::rate`]; memory is bounded by `PARALLEL` stripes
+//! whatever the volume size.
 //!
 //! Resumable by construction: a push that dies part way left only whole objects (S3 PUTs are
 //! atomic) and no manifest for the unfinished snapshot, so the next push lists what is there and
 //! sends the rest.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,10 +43,10 @@ use crate::shutdown::Shutdown;
 /// A volume and a first stripe-id byte: the unit the bucket is listed in.
 type Group = (VolumeId, u8);
 /// The shards the bucket holds of one group.
-type Held = HashSet<(StripeId, u8)>;
+type Held = HashMap<StripeId, u8>;
 
 /// Stripes uploaded at once.
-pub const PARALLEL: usize = 16;
+pub const PARALLEL: usize = 8;
 
 /// What to push.
 #[derive(Debug, Clone, Default)]
@@ -236,7 +237,7 @@ pub async fn push(
         let group = (volume, id[0]);
         if listed.as_ref().is_none_or(|(g, _)| *g != group) {
             let have = offsite
-                .shards_held(&volume, id[0])
+                .packs_held(&volume, id[0])
                 .await
                 .map_err(|e| offsite_failed(offsite, e))?;
             listed = Some((group, have));
@@ -244,14 +245,11 @@ pub async fn push(
         let have = listed.as_ref().map(|(_, h)| h);
         let src = sources[si].clone();
         let l = src.manifest.layout;
-        let missing: Vec<usize> = opts
-            .shards
-            .indices(l.k, l.m)
-            .filter(|&x| !have.is_some_and(|h| h.contains(&(id, x as u8))))
-            .collect();
-        report.shards_present += (opts.shards.indices(l.k, l.m).len() - missing.len()) as u64;
+        let count = opts.shards.indices(l.k, l.m).len();
+        let held = have.and_then(|h| h.get(&id)).copied().unwrap_or(0) as usize;
         let plain = l.stripe_len(i) as u64;
-        if missing.is_empty() {
+        if held >= count {
+            report.shards_present += held as u64;
             progress.advance(plain);
             continue;
         }
@@ -260,7 +258,7 @@ pub async fn push(
         }
         let (store, pacer) = (offsite.clone(), pacer.clone());
         set.spawn(async move {
-            let mut p = push_stripe(&src, &store, &pacer, id, i, &missing).await?;
+            let mut p = push_stripe(&src, &store, &pacer, id, i, count).await?;
             p.plain = plain;
             Ok(p)
         });
@@ -319,14 +317,16 @@ async fn collect(
     Ok(())
 }
 
-/// Uploads shards `missing` of stripe `i` (id `id`) of `src`.
+/// Uploads shards `0..count` of stripe `i` (id `id`) of `src` as the stripe's pack. They are
+/// fetched from their agents at once; when one cannot be had, the stripe is read back and
+/// re-encoded.
 async fn push_stripe(
     src: &Source,
     store: &OffsiteStore,
     pacer: &Pacer,
     id: StripeId,
     i: u64,
-    missing: &[usize],
+    count: usize,
 ) -> Result<Pushed> {
     let layout = src.manifest.layout;
     let plain_len = layout.stripe_len(i);
@@ -335,56 +335,50 @@ async fn push_stripe(
         StripeRef::Zero => return Ok(Pushed::default()),
     };
     let mut out = Pushed::default();
-    let mut rebuilt: Option<Vec<Vec<u8>>> = None;
-    for &idx in missing {
+    let fetches = (0..count).map(|idx| {
         let key = src.codec.key(&id, idx);
         let client = src.slots.get(slots[idx] as usize).and_then(Option::as_ref);
-        let from_agent = match client {
-            Some(c) => match c.get_shard(&key).await {
-                Ok(file) => src
-                    .codec
-                    .check(&id, idx, plain_len, file)
-                    .map(|p| p.into_file()),
-                Err(e) => Err(e),
-            },
-            None => Err(sa_core::Error::AgentDown),
-        };
-        let file = match from_agent {
-            Ok(f) => f,
-            Err(e) => {
-                if rebuilt.is_none() {
-                    tracing::info!(
-                        "offsite: shard {} not taken from its agent ({e}); rebuilding the stripe",
-                        key.short()
-                    );
-                    let data = src.reader.read(i).await.map_err(|lost| {
-                        Error::failed(format!(
-                            "offsite: stripe {i} of snapshot {} cannot be read back: {}",
-                            src.manifest.snapshot, lost.error
-                        ))
-                    })?;
-                    let codec = src.codec.clone();
-                    let enc = tokio::task::spawn_blocking(move || codec.encode(id, data.data))
-                        .await
-                        .map_err(|e| Error::failed(format!("encode task: {e}")))?;
-                    rebuilt = Some(enc.shards);
-                    out.rebuilt = true;
-                }
-                rebuilt
-                    .as_ref()
-                    .and_then(|s| s.get(idx))
-                    .cloned()
-                    .ok_or_else(|| Error::failed("re-encoded stripe lacks a shard"))?
-            }
-        };
-        pacer.admit(file.len()).await;
-        out.bytes += file.len() as u64;
-        store
-            .put_shard(&key, file)
+        async move {
+            let Some(c) = client else {
+                return Err(sa_core::Error::AgentDown);
+            };
+            let file = c.get_shard(&key).await?;
+            src.codec
+                .check(&id, idx, plain_len, file)
+                .map(|p| p.into_file())
+        }
+    });
+    let got: Vec<_> = futures::future::join_all(fetches).await;
+    let files: Vec<Vec<u8>> = if got.iter().all(Result::is_ok) {
+        got.into_iter().flatten().collect()
+    } else {
+        let why = got
+            .iter()
+            .enumerate()
+            .find_map(|(idx, r)| r.as_ref().err().map(|e| format!("shard {idx}: {e}")))
+            .unwrap_or_default();
+        tracing::info!("offsite: stripe {i} not taken from its agents ({why}); rebuilding it");
+        let data = src.reader.read(i).await.map_err(|lost| {
+            Error::failed(format!(
+                "offsite: stripe {i} of snapshot {} cannot be read back: {}",
+                src.manifest.snapshot, lost.error
+            ))
+        })?;
+        let codec = src.codec.clone();
+        let enc = tokio::task::spawn_blocking(move || codec.encode(id, data.data))
             .await
-            .map_err(|e| offsite_failed(store, e))?;
-        out.shards += 1;
-    }
+            .map_err(|e| Error::failed(format!("encode task: {e}")))?;
+        out.rebuilt = true;
+        enc.shards.into_iter().take(count).collect()
+    };
+    let bytes: usize = files.iter().map(Vec::len).sum();
+    pacer.admit(bytes).await;
+    store
+        .put_pack(&src.manifest.volume, &id, files)
+        .await
+        .map_err(|e| offsite_failed(store, e))?;
+    out.bytes = bytes as u64;
+    out.shards = count as u64;
     Ok(out)
 }
 
@@ -403,7 +397,11 @@ mod tests {
             p.admit(1 << 20).await;
         }
         // Four MiB at 10 MiB/s: the fourth starts 0.3 s after the first, not at once.
-        assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
         let free = Pacer {
             rate: None,
             next: Mutex::new(tokio::time::Instant::now()),

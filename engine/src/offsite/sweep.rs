@@ -10,8 +10,8 @@
 //!    window the snapshot is live on the agents and its stripes are marked. The agents must be
 //!    reachable for that reason; with [`SweepOptions::offsite_only`] (the office is gone, no
 //!    push can run) the bucket's catalog alone decides.
-//! 3. Sweep: every shard object no marked stripe names, and older than the grace period by the
-//!    store's clock (`LastModified`), is deleted. A manifest that is listed but cannot be opened
+//! 3. Sweep: every stripe's pack that no marked stripe names, and older than the grace period by
+//!    the store's clock (`LastModified`), is deleted (counted in shards). A manifest that is listed but cannot be opened
 //!    stops the collection: an unknown manifest may name anything.
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,7 +21,7 @@ use futures::StreamExt;
 use sa_core::catalog::{load_catalog, load_tombstones, Tombstone};
 use sa_core::manifest::{parse_blob_name, StripeRef, SNAPSHOT_BLOB_PREFIX};
 use sa_core::seal::StripeId;
-use sa_core::shard::{ShardKey, VolumeId};
+use sa_core::shard::VolumeId;
 use sa_core::store::ShardRead;
 use serde::Serialize;
 
@@ -151,23 +151,22 @@ pub async fn sweep(
     report.kept_snapshots = kept.len();
     // Sweep, streaming the listing: memory stays one page whatever the bucket holds.
     let grace = opts.grace.as_secs();
-    let mut shards = std::pin::pin!(offsite.all_shards());
-    while let Some(entry) = shards.next().await {
-        let (volume, e) = entry.map_err(fail)?;
-        if marked.contains(&(volume, e.stripe)) {
-            report.shards_kept += 1;
-        } else if e.age < grace {
-            report.shards_young += 1;
+    let mut packs = std::pin::pin!(offsite.all_packs());
+    while let Some(entry) = packs.next().await {
+        let (volume, stripe, count, age) = entry.map_err(fail)?;
+        let shards = u64::from(count);
+        if marked.contains(&(volume, stripe)) {
+            report.shards_kept += shards;
+        } else if age < grace {
+            report.shards_young += shards;
         } else {
             if !opts.dry_run {
-                let key = ShardKey {
-                    volume,
-                    stripe: e.stripe,
-                    index: e.index,
-                };
-                offsite.delete_shard(&key).await.map_err(fail)?;
+                offsite
+                    .delete_pack(&volume, &stripe, count as usize)
+                    .await
+                    .map_err(fail)?;
             }
-            report.shards_deleted += 1;
+            report.shards_deleted += shards;
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
