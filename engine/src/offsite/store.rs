@@ -152,13 +152,14 @@ impl OffsiteStore {
         files: Vec<Vec<u8>>,
     ) -> sa_core::Result<()> {
         let count = files.len();
-        let pack = if count == 1 {
-            files.into_iter().next().unwrap_or_default()
-        } else {
-            files.concat()
-        };
+        // The files go out as they are, one after the other: no copy into one buffer.
+        let pack: PutPayload = files.into_iter().map(bytes::Bytes::from).collect();
         let path = self.pack_path(volume, stripe, count);
-        self.put(&path, "upload a stripe's shards", pack).await
+        self.store
+            .put(&path, pack)
+            .await
+            .map(|_| ())
+            .map_err(|e| core_err(&self.name, "upload a stripe's shards", e))
     }
 
     /// Fetches the pack of `count` shard files of a stripe, split into its files (unchecked:
