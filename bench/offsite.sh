@@ -68,7 +68,7 @@ bytes=$(stat -c %s "$work/img")
 aws_run() { # RUN
   local t0 t1
   t0=$(now)
-  aws s3 cp --quiet "$work/img" "s3://sa-offsite/aws$1/img" --endpoint-url "$endpoint"
+  python3 -m awscli s3 cp --quiet "$work/img" "s3://sa-offsite/aws$1/img" --endpoint-url "$endpoint"
   t1=$(now)
   echo "$t1 - $t0" | bc
 }

@@ -233,10 +233,12 @@ impl Garage {
             .collect()
     }
 
-    /// Runs the AWS CLI with this cluster's key against node `i`.
+    /// Runs the AWS CLI (`python3 -m awscli`) with this cluster's key against node `i`.
     pub fn aws(&self, i: usize, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new("aws");
-        cmd.args(args)
+        // `python3 -m awscli`: the interpreter test.sh installed it for, whatever PATH holds.
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "awscli"])
+            .args(args)
             .arg("--endpoint-url")
             .arg(self.endpoint(i))
             .env("AWS_ACCESS_KEY_ID", &self.key_id)
