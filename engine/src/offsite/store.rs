@@ -221,15 +221,27 @@ impl OffsiteStore {
         volume: &VolumeId,
         bucket: u8,
     ) -> sa_core::Result<HashMap<StripeId, u8>> {
-        let dir = format!("shards/{}/{bucket:02x}", hex(volume));
         let mut held: HashMap<StripeId, u8> = HashMap::new();
-        for (n, _, _) in self.list(&dir).await? {
-            if let Some((stripe, count)) = parse_pack_name(&n) {
-                let c = held.entry(stripe).or_default();
-                *c = (*c).max(count);
-            }
+        for (stripe, count, _) in self.packs_in(volume, bucket).await? {
+            let c = held.entry(stripe).or_default();
+            *c = (*c).max(count);
         }
         Ok(held)
+    }
+
+    /// The packs of `volume` under stripe-id byte `bucket`: stripe, count, age in seconds.
+    async fn packs_in(
+        &self,
+        volume: &VolumeId,
+        bucket: u8,
+    ) -> sa_core::Result<Vec<(StripeId, u8, u64)>> {
+        let dir = format!("shards/{}/{bucket:02x}", hex(volume));
+        Ok(self
+            .list(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|(n, _, age)| parse_pack_name(&n).map(|(s, c)| (s, c, age)))
+            .collect())
     }
 
     /// Every pack in the bucket, page by page (memory: one listing page), as its volume,
@@ -345,7 +357,12 @@ impl ShardRead for OffsiteStore {
             agent_id: [0; 16],
             used: all.iter().chain(&blobs).map(|o| o.1).sum(),
             quota: 0,
-            shards: all.len() as u64,
+            // Shards, not objects: each pack holds several.
+            shards: all
+                .iter()
+                .filter_map(|(n, _, _)| n.rsplit('/').next().and_then(parse_pack_name))
+                .map(|(_, c)| u64::from(c))
+                .sum(),
             fs_free: None,
             mac: None,
             broadcast: None,
@@ -366,12 +383,9 @@ impl ShardRead for OffsiteStore {
     }
 
     async fn list_shards(&self, volume: &VolumeId, bucket: u8) -> sa_core::Result<Vec<ShardEntry>> {
-        let dir = format!("shards/{}/{bucket:02x}", hex(volume));
         let mut out = Vec::new();
-        for (n, _, age) in self.list(&dir).await? {
-            if let Some((stripe, count)) = parse_pack_name(&n) {
-                out.extend((0..count).map(|index| ShardEntry { stripe, index, age }));
-            }
+        for (stripe, count, age) in self.packs_in(volume, bucket).await? {
+            out.extend((0..count).map(|index| ShardEntry { stripe, index, age }));
         }
         Ok(out)
     }
