@@ -31,36 +31,39 @@ pub struct Catalog {
 ///
 /// With an offsite tier ([`Fleet::with_offsite`]): `--offsite-only` reads the catalog from the
 /// bucket and reaches no agent; otherwise the bucket's catalog is used only when no agent
-/// answers (with a warning: the bucket may lag the agents by the last push).
+/// answers, even after waking sleepers (with a warning: the bucket may lag the agents by the
+/// last push).
 pub async fn open(fleet: &Fleet, addrs: &[String], access: Access) -> Result<Catalog> {
     if let (Some(offsite), true) = (fleet.offsite(), fleet.offsite_only()) {
         return from_offsite(fleet, offsite).await;
     }
     let mut reach = fleet.reach(addrs, access).await;
     if reach.live().is_empty() {
-        if let (Some(offsite), Access::Read) = (fleet.offsite(), access) {
-            tracing::warn!(
-                "no agent answers ({}); reading the catalog from the offsite copy {}",
-                reach
-                    .live_or_none()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default(),
-                offsite.name()
-            );
-            let mut cat = from_offsite(fleet, offsite).await?;
-            cat.reach = reach;
-            return Ok(cat);
-        }
-    }
-    if reach.live().is_empty() {
-        fleet
+        // Sleeping PCs first (the LAN copy is the fast one), then the bucket.
+        let woken = fleet
             .wake_sleepers(
                 &mut reach,
                 &crate::fleet::sleepers::Need::Agents(1),
                 &crate::progress::NoProgress,
             )
-            .await?;
+            .await;
+        if reach.live().is_empty() {
+            if let (Some(offsite), Access::Read) = (fleet.offsite(), access) {
+                tracing::warn!(
+                    "no agent answers ({}); reading the catalog from the offsite copy {}",
+                    reach
+                        .live_or_none()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                    offsite.name()
+                );
+                let mut cat = from_offsite(fleet, offsite).await?;
+                cat.reach = reach;
+                return Ok(cat);
+            }
+        }
+        woken?;
     }
     let live = reach.live_or_none()?;
     let manifests = read(fleet, &live).await?;

@@ -304,6 +304,9 @@ pub struct OffsiteTable {
     pub shards: Option<sa_engine::offsite::ShardSet>,
     /// Upload rate, e.g. `20MiB/s`.
     pub rate: Option<String>,
+    /// The daemon only: push on this schedule (e.g. `daily 22:00`) instead of after each
+    /// snapshot. Commands pass over it.
+    pub schedule: Option<String>,
 }
 
 /// The offsite tier: the flags (and the config key `offsite`, a table with the same names

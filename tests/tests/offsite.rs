@@ -145,6 +145,24 @@ fn a_snapshot_comes_back_from_the_bucket_alone_even_with_a_garage_node_down() {
     assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
     assert_eq!(restore_offsite_only(&c, &g, 0, &cred, &id2), want);
     assert_eq!(restore_offsite_only(&c, &g, 0, &cred, "latest"), want);
+    // Without --offsite-only, given only dead agents: no agent answers, so the catalog comes
+    // from the bucket too (with a warning), and so does every shard.
+    let target = c.path("fallback.img");
+    let mut args = with(
+        &["restore", "latest", "--json", "--wake-wait", "0s", "--to"],
+        &[],
+    );
+    args.push(target.as_os_str());
+    args.extend(f.iter().map(OsStr::new));
+    let out = c.sa(&args);
+    let r = json(&out, "restore --offsite with every agent dead");
+    assert!(u64_of(&r, "offsite_shards") >= 8 * 4, "{r}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reading the catalog from the offsite copy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256(&target), want);
 
     // One Garage node dies too: the other two still hold every object (replication 3).
     g.kill(0);
@@ -389,6 +407,42 @@ fn offsite_gc_collects_what_no_kept_snapshot_uses_and_never_races_a_push() {
     assert_eq!(g.list(0, &format!("{PREFIX}/shards/")).len(), 8);
     let id_b2 = sb2["snapshot"].as_str().unwrap();
     assert_eq!(restore_offsite_only(&c, &g, 0, &cred, id_b2), b.sha256());
+
+    // A push killed part way resumes where it stopped: the next one sends only the stripes the
+    // bucket still lacks, then the manifest.
+    let e = ImageSpec::random(4 * STRIPE, 6).write(&c.path("e.img"));
+    let se = c.snapshot(&e.path, &["--volume", "e"]);
+    let mut cmd = c.sa_command(&with_strs(
+        &["offsite", "push", "--offsite-rate", "256KiB/s"],
+        &f,
+    ));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    // At 256 KiB/s a stripe's 4 MiB pack starts every 16 s: the kill lands between two.
+    let mut push = Proc::spawn(cmd, "slow offsite push, to be killed");
+    sa_tests::wait::until_true(
+        Duration::from_secs(60),
+        "a first stripe of e in the bucket",
+        || g.list(0, &format!("{PREFIX}/shards/")).len() > 8,
+    );
+    push.kill();
+    let sent = g.list(0, &format!("{PREFIX}/shards/")).len() - 8;
+    assert!(
+        (1..4).contains(&sent),
+        "{sent} of e's 4 stripes sent before the kill"
+    );
+    let id_e = se["snapshot"].as_str().unwrap();
+    let catalog = g.list(0, &format!("{PREFIX}/catalog/"));
+    assert!(
+        !catalog.iter().any(|k| k.ends_with(id_e)),
+        "no manifest before its shards: {catalog:?}"
+    );
+    let p = json(
+        &c.sa(&with(&["offsite", "push", "--json"], &f)),
+        "offsite push after a killed one",
+    );
+    assert_eq!(u64_of(&p, "shards_uploaded"), (4 - sent as u64) * 4, "{p}");
+    assert_eq!(u64_of(&p, "manifests_uploaded"), 1, "{p}");
+    assert_eq!(restore_offsite_only(&c, &g, 1, &cred, id_e), e.sha256());
 }
 
 fn with_strs<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
@@ -435,20 +489,11 @@ fn the_daemon_pushes_after_each_snapshot_and_prunes_the_bucket() {
     )
     .unwrap();
     let mut d = sa_tests::daemon::Daemon::start(&config, &c.path("daemon.log"), &[]);
-    let ended = |kind: &str| -> Vec<serde_json::Value> {
-        let lines = sa_tests::daemon::json_lines(&state.join("jobs.jsonl"));
-        let ids: Vec<u64> = lines
-            .iter()
-            .filter_map(|l| l.get("start"))
-            .filter(|s| s["kind"] == kind)
-            .filter_map(|s| s["id"].as_u64())
-            .collect();
-        lines
-            .iter()
-            .filter_map(|l| l.get("end"))
-            .filter(|e| e["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-            .cloned()
-            .collect()
+    let ended = |kind: &str| {
+        ended_jobs(&state, kind)
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>()
     };
     sa_tests::wait::until_true(
         Duration::from_secs(120),
@@ -620,4 +665,75 @@ fn bad_offsite_settings_are_refused_up_front() {
     // Nothing was read or stored by any of them.
     let listed = json(&c.sa(&["list", "--json"]), "list");
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
+
+/// The daemon's journal: the (start, end) lines of every finished job of `kind`.
+fn ended_jobs(state: &Path, kind: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let lines = sa_tests::daemon::json_lines(&state.join("jobs.jsonl"));
+    let starts: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.get("start"))
+        .filter(|s| s["kind"] == kind)
+        .collect();
+    lines
+        .iter()
+        .filter_map(|l| l.get("end"))
+        .filter_map(|e| {
+            let s = starts.iter().find(|s| s["id"] == e["id"])?;
+            Some(((*s).clone(), e.clone()))
+        })
+        .collect()
+}
+
+/// A top-level `offsite` table with a schedule of its own: the daemon pushes on that schedule
+/// (here every 5 s), not after snapshots, for every volume without a table of its own.
+#[test]
+fn the_daemon_pushes_on_the_offsite_schedule() {
+    let c = Cluster::start(6);
+    let g = Garage::start(c.dir());
+    let cred = c.path("s3.cred");
+    g.credentials_file(&cred);
+    let img = ImageSpec::random(2 * STRIPE, 10).write(&c.path("disk.img"));
+    // A snapshot taken by hand; the daemon's own schedule is far away.
+    let s = c.snapshot(&img.path, &["--volume", "vm"]);
+    let agents: Vec<String> = c
+        .agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.addr_str()))
+        .collect();
+    let state = c.path("state");
+    let config = c.path("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n\
+             offsite = {{ url = \"s3://{BUCKET}/{PREFIX}\", endpoint = \"{ep}\", region = \"{REGION}\", \
+             credentials = \"{cred}\", schedule = \"*:*:0/5\" }}\n\
+             [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nscrub = \"never\"\n\
+             [web]\nlisten = \"127.0.0.1:0\"\n\
+             [volume.vm]\nsource = \"{img}\"\nschedule = \"daily 02:00\"\n",
+            key = c.key.path.display(),
+            agents = agents.join(", "),
+            cache = c.path("cache").display(),
+            state = state.display(),
+            img = img.path.display(),
+            ep = g.endpoint(0),
+            cred = cred.display(),
+        ),
+    )
+    .unwrap();
+    let mut d = sa_tests::daemon::Daemon::start(&config, &c.path("daemon.log"), &[]);
+    let pushed = sa_tests::wait::until(Duration::from_secs(60), "a scheduled offsite job", || {
+        assert!(d.is_running(), "the daemon exited:\n{}", d.log());
+        ended_jobs(&state, "offsite").into_iter().next()
+    });
+    d.signal("TERM");
+    assert!(d.wait(Duration::from_secs(30)).success());
+    let (start, end) = pushed;
+    assert_eq!(start["trigger"], "schedule", "{start}");
+    assert_eq!(end["outcome"], "ok", "{end}");
+    assert_eq!(end["figures"]["shards_uploaded"], 8, "{end}");
+    assert!(ended_jobs(&state, "snapshot").is_empty());
+    let id = s["snapshot"].as_str().unwrap();
+    assert_eq!(restore_offsite_only(&c, &g, 1, &cred, id), img.sha256());
 }

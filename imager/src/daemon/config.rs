@@ -242,6 +242,8 @@ pub struct OffsiteSettings {
     pub config: sa_engine::offsite::OffsiteConfig,
     /// Upload rate (None: unlimited).
     pub rate: Option<u64>,
+    /// Push on this schedule; None: after each snapshot.
+    pub schedule: Option<Schedule>,
 }
 
 /// The repair watcher's settings.
@@ -528,9 +530,16 @@ fn offsite(t: &crate::config::OffsiteTable, key: &str) -> Result<OffsiteSettings
                 "{key} has no `url`: give url = \"s3://BUCKET/PREFIX\""
             ))
         })?;
+    let schedule = match &t.schedule {
+        Some(text) => {
+            Some(Schedule::parse(text).map_err(|e| usage(format!("{key}.schedule: {e}")))?)
+        }
+        None => None,
+    };
     Ok(OffsiteSettings {
         config,
         rate: merged.rate().map_err(|e| usage(format!("{key}: {e}")))?,
+        schedule,
     })
 }
 

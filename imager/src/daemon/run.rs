@@ -83,6 +83,20 @@ impl Generation {
                 )));
             }
         }
+        for v in &s.volumes {
+            // An offsite table with a schedule of its own pushes on it (e.g. at night, when the
+            // uplink is free); without one, after each snapshot.
+            if let Some(sc) = v.offsite.as_ref().and_then(|o| o.schedule.clone()) {
+                tasks.push(tokio::spawn(runner::schedule_loop(
+                    shared.clone(),
+                    queue.clone(),
+                    JobKind::Offsite,
+                    Some(v.name.clone()),
+                    sc,
+                    stop.clone(),
+                )));
+            }
+        }
         if let Some(sc) = &s.scrub {
             tasks.push(tokio::spawn(runner::schedule_loop(
                 shared.clone(),

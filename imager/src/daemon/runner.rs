@@ -120,7 +120,9 @@ async fn run_one(shared: &Shared, req: &Request, watch: &mut WatchState) {
                 return; // removed by a reload meanwhile
             };
             let ended = journaled(shared, req, |id| jobs::snapshot_job(shared, &s, v, id)).await;
-            if ended == Some(Outcome::Ok) && v.offsite.is_some() {
+            if ended == Some(Outcome::Ok)
+                && v.offsite.as_ref().is_some_and(|o| o.schedule.is_none())
+            {
                 // The snapshot is committed; its offsite copy is a job of its own, so a failed
                 // upload alerts on its own and the next one (after the next snapshot) catches up.
                 let push = Request {
