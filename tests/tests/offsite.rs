@@ -461,33 +461,17 @@ fn the_daemon_pushes_after_each_snapshot_and_prunes_the_bucket() {
     let cred = c.path("s3.cred");
     g.credentials_file(&cred);
     let img = ImageSpec::random(2 * STRIPE, 9).write(&c.path("disk.img"));
-    let agents: Vec<String> = c
-        .agents
-        .iter()
-        .map(|a| format!("\"{}\"", a.addr_str()))
-        .collect();
     let state = c.path("state");
-    let config = c.path("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n\
-             [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nscrub = \"never\"\n\
-             [web]\nlisten = \"127.0.0.1:0\"\n\
-             [volume.vm]\nsource = \"{img}\"\nschedule = \"*:*:0/10\"\nkeep_last = 1\n\
-             gc_grace = \"0s\"\n\
-             offsite = {{ url = \"s3://{BUCKET}/{PREFIX}\", endpoint = \"{ep}\", region = \"{REGION}\", \
-             credentials = \"{cred}\" }}\n",
-            key = c.key.path.display(),
-            agents = agents.join(", "),
-            cache = c.path("cache").display(),
-            state = state.display(),
-            img = img.path.display(),
-            ep = g.endpoint(0),
-            cred = cred.display(),
+    let table = offsite_table(&g, &cred, "");
+    let config = daemon_config(
+        &c,
+        &state,
+        "",
+        &format!(
+            "source = \"{}\"\nschedule = \"*:*:0/10\"\nkeep_last = 1\ngc_grace = \"0s\"\n{table}",
+            img.path.display()
         ),
-    )
-    .unwrap();
+    );
     let mut d = sa_tests::daemon::Daemon::start(&config, &c.path("daemon.log"), &[]);
     let ended = |kind: &str| {
         ended_jobs(&state, kind)
@@ -696,32 +680,17 @@ fn the_daemon_pushes_on_the_offsite_schedule() {
     let img = ImageSpec::random(2 * STRIPE, 10).write(&c.path("disk.img"));
     // A snapshot taken by hand; the daemon's own schedule is far away.
     let s = c.snapshot(&img.path, &["--volume", "vm"]);
-    let agents: Vec<String> = c
-        .agents
-        .iter()
-        .map(|a| format!("\"{}\"", a.addr_str()))
-        .collect();
     let state = c.path("state");
-    let config = c.path("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n\
-             offsite = {{ url = \"s3://{BUCKET}/{PREFIX}\", endpoint = \"{ep}\", region = \"{REGION}\", \
-             credentials = \"{cred}\", schedule = \"*:*:0/5\" }}\n\
-             [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nscrub = \"never\"\n\
-             [web]\nlisten = \"127.0.0.1:0\"\n\
-             [volume.vm]\nsource = \"{img}\"\nschedule = \"daily 02:00\"\n",
-            key = c.key.path.display(),
-            agents = agents.join(", "),
-            cache = c.path("cache").display(),
-            state = state.display(),
-            img = img.path.display(),
-            ep = g.endpoint(0),
-            cred = cred.display(),
+    let table = offsite_table(&g, &cred, ", schedule = \"*:*:0/5\"");
+    let config = daemon_config(
+        &c,
+        &state,
+        &table,
+        &format!(
+            "source = \"{}\"\nschedule = \"daily 02:00\"\n",
+            img.path.display()
         ),
-    )
-    .unwrap();
+    );
     let mut d = sa_tests::daemon::Daemon::start(&config, &c.path("daemon.log"), &[]);
     let pushed = sa_tests::wait::until(Duration::from_secs(60), "a scheduled offsite job", || {
         assert!(d.is_running(), "the daemon exited:\n{}", d.log());
@@ -736,4 +705,38 @@ fn the_daemon_pushes_on_the_offsite_schedule() {
     assert!(ended_jobs(&state, "snapshot").is_empty());
     let id = s["snapshot"].as_str().unwrap();
     assert_eq!(restore_offsite_only(&c, &g, 1, &cred, id), img.sha256());
+}
+
+/// `offsite = { ... }` for this cluster's bucket, with `extra` keys (`, schedule = "..."`).
+fn offsite_table(g: &Garage, cred: &Path, extra: &str) -> String {
+    format!(
+        "offsite = {{ url = \"s3://{BUCKET}/{PREFIX}\", endpoint = \"{}\", region = \"{REGION}\", \
+         credentials = \"{}\"{extra} }}\n",
+        g.endpoint(0),
+        cred.display()
+    )
+}
+
+/// Writes a daemon config for the cluster: `top` at the top level, `volume` as `[volume.vm]`.
+fn daemon_config(c: &Cluster, state: &Path, top: &str, volume: &str) -> std::path::PathBuf {
+    let agents: Vec<String> = c
+        .agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.addr_str()))
+        .collect();
+    let config = c.path("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"{key}\"\nagents = [{agents}]\ncache_dir = \"{cache}\"\n{top}\
+             [daemon]\nstate_dir = \"{state}\"\ncheck_interval = \"1s\"\nscrub = \"never\"\n\
+             [web]\nlisten = \"127.0.0.1:0\"\n[volume.vm]\n{volume}",
+            key = c.key.path.display(),
+            agents = agents.join(", "),
+            cache = c.path("cache").display(),
+            state = state.display(),
+        ),
+    )
+    .expect("cannot write the daemon config");
+    config
 }
