@@ -72,7 +72,7 @@ pub async fn open(fleet: &Fleet, addrs: &[String], access: Access) -> Result<Cat
 
 /// The catalog as the bucket holds it.
 async fn from_offsite(fleet: &Fleet, offsite: &crate::offsite::OffsiteStore) -> Result<Catalog> {
-    let (mut manifests, bad) = sa_core::catalog::load_catalog(offsite, fleet.keys())
+    let (manifests, bad) = sa_core::catalog::load_catalog(offsite, fleet.keys())
         .await
         .map_err(|e| Error::failed(format!("cannot read the offsite catalog: {e}")))?;
     if manifests.is_empty() && !bad.is_empty() {
@@ -87,7 +87,7 @@ async fn from_offsite(fleet: &Fleet, offsite: &crate::offsite::OffsiteStore) -> 
     for (name, e) in &bad {
         tracing::warn!("offsite catalog copy {name} unusable: {e}");
     }
-    sort_by_creation(&mut manifests);
+    // load_catalog returns them oldest first already.
     Ok(Catalog {
         manifests,
         reach: Reach::default(),

@@ -129,12 +129,22 @@ impl OffsiteStore {
         self.path(&format!("catalog/{name}"))
     }
 
-    async fn put(&self, path: &Path, what: &str, data: Vec<u8>) -> sa_core::Result<()> {
+    async fn put(&self, path: &Path, what: &str, data: PutPayload) -> sa_core::Result<()> {
         self.store
-            .put(path, PutPayload::from(data))
+            .put(path, data)
             .await
             .map(|_| ())
             .map_err(|e| core_err(&self.name, what, e))
+    }
+
+    /// The whole object at `path`.
+    async fn get(&self, path: &Path, what: &str) -> sa_core::Result<bytes::Bytes> {
+        let got = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| core_err(&self.name, what, e))?;
+        got.bytes().await.map_err(|e| core_err(&self.name, what, e))
     }
 
     async fn delete(&self, path: &Path, what: &str) -> sa_core::Result<()> {
@@ -155,11 +165,7 @@ impl OffsiteStore {
         // The files go out as they are, one after the other: no copy into one buffer.
         let pack: PutPayload = files.into_iter().map(bytes::Bytes::from).collect();
         let path = self.pack_path(volume, stripe, count);
-        self.store
-            .put(&path, pack)
-            .await
-            .map(|_| ())
-            .map_err(|e| core_err(&self.name, "upload a stripe's shards", e))
+        self.put(&path, "upload a stripe's shards", pack).await
     }
 
     /// Fetches the pack of `count` shard files of a stripe, split into its files (unchecked:
@@ -171,15 +177,7 @@ impl OffsiteStore {
         count: usize,
     ) -> sa_core::Result<Vec<Vec<u8>>> {
         let path = self.pack_path(volume, stripe, count);
-        let got = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| core_err(&self.name, "fetch a stripe's shards", e))?;
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| core_err(&self.name, "fetch a stripe's shards", e))?;
+        let bytes = self.get(&path, "fetch a stripe's shards").await?;
         if count == 0 || bytes.is_empty() || bytes.len() % count != 0 {
             return Err(sa_core::Error::ShardCorrupt(format!(
                 "offsite object {path} is {} bytes, not {count} shard files of one length",
@@ -205,7 +203,7 @@ impl OffsiteStore {
 
     /// Uploads a catalog blob.
     pub async fn put_blob(&self, name: &str, data: Vec<u8>) -> sa_core::Result<()> {
-        self.put(&self.blob_path(name), "upload a catalog blob", data)
+        self.put(&self.blob_path(name), "upload a catalog blob", data.into())
             .await
     }
 
@@ -326,15 +324,9 @@ impl ShardRead for OffsiteStore {
     }
 
     async fn get_blob(&self, name: &str) -> sa_core::Result<Vec<u8>> {
-        let got = self
-            .store
-            .get(&self.blob_path(name))
-            .await
-            .map_err(|e| core_err(&self.name, "fetch a catalog blob", e))?;
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| core_err(&self.name, "fetch a catalog blob", e))?;
+        let bytes = self
+            .get(&self.blob_path(name), "fetch a catalog blob")
+            .await?;
         Ok(bytes.to_vec())
     }
 
