@@ -89,7 +89,7 @@ for r in $(seq "$rounds"); do
     read -r iops p50 p99 <<< "$(reads)"
     [ "$mode" = on ] && shape off
     label="all full speed"; [ "$mode" = on ] && label="PC $slow at $rate"
-    stats=$(grep -E '"(hedged_shards|stripes_fetched)"' "$work/serve.json" | tr -d ' \n' || true)
+    stats=$(grep -E '"(hedged_shards|stripes_fetched|ranged_hedges|ranged_fallbacks)"' "$work/serve.json" | tr -d ' \n' || true)
     printf '%-6s %-22s %8s %9s %9s  %s\n' "$r" "$label" "$iops" "$p50" "$p99" "$stats"
   done
 done

@@ -18,9 +18,14 @@
 //! sealed chunks that hold its bytes (`GET_RANGE` on the data shards that hold them; usually one
 //! agent, 4,112 bytes for 4 KiB) and checks each chunk's tag. A data shard on an agent that is
 //! down, cooling or lately failed a range is rebuilt from the same bytes (widened to 64-byte
-//! blocks) of `k` other shards. When a fetch is slower than the hedge delay, an agent is too old
-//! for `GET_RANGE`, or a shard is missing or corrupt, it fails and the caller reads the whole
-//! stripe (which hedges, reconstructs and reports the problem).
+//! blocks) of `k` other shards. Ranged reads hedge too, on a much shorter fuse than whole
+//! stripes: a data shard's range that has not come back after [`StripeReader::range_hedge`]
+//! (four times the running mean of ranged fetches, at least [`RANGE_HEDGE_MIN`], at most the
+//! hedge delay) is rebuilt from `k` other shards alongside, and the first answer wins; when the
+//! rebuild wins, the slow agent cools down, so one PC on a slow link costs a few reads about
+//! 10 ms, not every read its queue. When a fetch is slower than the hedge delay, an agent is too
+//! old for `GET_RANGE`, or a shard is missing or corrupt, it fails and the caller reads the
+//! whole stripe (which hedges, reconstructs and reports the problem).
 //!
 //! An agent whose link went silent costs the first fetch the stall timeout; after that its
 //! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
@@ -105,6 +110,19 @@ pub const COOL_DOWN: Duration = Duration::from_secs(5);
 /// How long a serving read waits for k shards before asking one more, unless told otherwise.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
 
+/// Ranged reads hedge no sooner than this (see [`StripeReader::range_hedge`]): above a loaded
+/// LAN's p99 for one 4 KiB range (about 5 ms with the agents on the same two cores), so a healthy
+/// agent is rarely hedged around.
+pub const RANGE_HEDGE_MIN: Duration = Duration::from_millis(10);
+
+/// A ranged read's bytes.
+pub struct RangeRead {
+    /// The plaintext asked for.
+    pub bytes: Vec<u8>,
+    /// Data-shard ranges that were slow and rebuilt alongside from other shards.
+    pub hedged: usize,
+}
+
 /// Reads stripes of one snapshot.
 #[derive(Clone)]
 pub struct StripeReader {
@@ -127,10 +145,24 @@ pub struct StripeReader {
     offsite: Option<(crate::offsite::OffsiteStore, bool)>,
     /// Shards taken from the bucket so far, by every clone of this reader.
     offsite_used: Arc<AtomicU64>,
+    /// Running mean (µs) of ranged fetches that came back before their hedge.
+    range_mean_us: Arc<AtomicU64>,
 }
 
 /// How long ranged reads skip an agent that failed one (not for a missing or bad shard).
 pub const NO_RANGES_FOR: Duration = Duration::from_secs(60);
+
+/// One data-shard range of a ranged read, and what the read knows of the stripe's shards.
+struct RangePiece {
+    id: sa_core::seal::StripeId,
+    /// Shard index within the stripe, and the byte range of its file.
+    idx: usize,
+    off: usize,
+    len: usize,
+    /// The stripe's agent-table slots, and per shard the connection ranged reads may use.
+    slots: Arc<Vec<u16>>,
+    usable: Arc<Vec<Option<AgentClient>>>,
+}
 
 /// Fetches and checks one shard file.
 pub async fn fetch_shard(
@@ -179,6 +211,7 @@ impl StripeReader {
             pool: None,
             offsite: None,
             offsite_used: Arc::new(AtomicU64::new(0)),
+            range_mean_us: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -247,69 +280,48 @@ impl StripeReader {
 
     /// Reads plaintext bytes `from..to` of stripe `i` through its sealed chunks alone (see the
     /// module docs); an error means: read the whole stripe instead.
-    pub async fn read_range(&self, i: u64, from: usize, to: usize) -> Result<Vec<u8>, Error> {
+    pub async fn read_range(&self, i: u64, from: usize, to: usize) -> Result<RangeRead, Error> {
         let layout = *self.codec.layout();
         let plain_len = layout.stripe_len(i);
         let (id, slots) = match &self.manifest.stripes[i as usize] {
-            StripeRef::Zero => return Ok(vec![0; to.saturating_sub(from)]),
+            StripeRef::Zero => {
+                let bytes = vec![0; to.saturating_sub(from)];
+                return Ok(RangeRead { bytes, hedged: 0 });
+            }
             StripeRef::Data { id, slots } => (*id, slots),
         };
         let plan = layout
             .range_plan(plain_len, from, to)
             .ok_or_else(|| Error::Invalid("this snapshot's stripes are read whole".into()))?;
-        let usable: Vec<Option<AgentClient>> = slots
-            .iter()
-            .map(|&s| self.range_client(s as usize))
-            .collect();
+        let usable: Arc<Vec<Option<AgentClient>>> = Arc::new(
+            slots
+                .iter()
+                .map(|&s| self.range_client(s as usize))
+                .collect(),
+        );
+        let slots: Arc<Vec<u16>> = Arc::new(slots.clone());
+        let hedge = self.range_hedge();
         let mut pieces = JoinSet::new();
         for (n, &(idx, off, len)) in plan.pieces.iter().enumerate() {
-            if let Some(c) = &usable[idx] {
-                let fetch = self.fetch_range(c.clone(), slots[idx] as usize, &id, idx, off, len);
-                pieces.spawn(async move { (n, fetch.await) });
-                continue;
-            }
-            // Rebuilt from the same bytes of k other shards; the codec works on 64-byte
-            // blocks, so the range is widened to them (shard lengths are multiples of 64).
-            let (a, b) = (off / 64 * 64, (off + len).next_multiple_of(64));
-            let helpers: Vec<usize> = (0..layout.shards())
-                .filter(|&j| j != idx && usable[j].is_some())
-                .take(layout.k as usize)
-                .collect();
-            if helpers.len() < layout.k as usize {
-                return Err(Error::NotEnoughShards {
-                    have: helpers.len(),
-                    need: layout.k as usize,
-                });
-            }
-            let mut parts = JoinSet::new();
-            for &j in &helpers {
-                if let Some(c) = &usable[j] {
-                    let fetch = self.fetch_range(c.clone(), slots[j] as usize, &id, j, a, b - a);
-                    parts.spawn(async move { (j, fetch.await) });
-                }
-            }
-            let codec = self.codec.clone();
-            let shards = layout.shards();
-            pieces.spawn(async move {
-                let mut got: Vec<Option<Vec<u8>>> = vec![None; shards];
-                while let Some(joined) = parts.join_next().await {
-                    match joined {
-                        Ok((j, Ok(bytes))) => got[j] = Some(bytes),
-                        Ok((_, Err(e))) => return (n, Err(e)),
-                        Err(e) => return (n, Err(Error::Protocol(format!("range fetch: {e}")))),
-                    }
-                }
-                let refs: Vec<Option<&[u8]>> = got.iter().map(|g| g.as_deref()).collect();
-                let r = codec
-                    .rebuild_shard_range(&refs, idx)
-                    .map(|whole| whole[off - a..off - a + len].to_vec());
-                (n, r)
-            });
+            let piece = RangePiece {
+                id,
+                idx,
+                off,
+                len,
+                slots: slots.clone(),
+                usable: usable.clone(),
+            };
+            let me = self.clone();
+            pieces.spawn(async move { (n, me.range_piece(piece, hedge).await) });
         }
         let mut parts: Vec<Vec<u8>> = vec![Vec::new(); plan.pieces.len()];
+        let mut hedged = 0;
         while let Some(joined) = pieces.join_next().await {
             match joined {
-                Ok((n, Ok(bytes))) => parts[n] = bytes,
+                Ok((n, Ok((bytes, h)))) => {
+                    parts[n] = bytes;
+                    hedged += usize::from(h);
+                }
                 Ok((_, Err(e))) => return Err(e),
                 Err(e) => return Err(Error::Protocol(format!("range fetch task: {e}"))),
             }
@@ -319,7 +331,111 @@ impl StripeReader {
         } else {
             parts.concat()
         };
-        self.codec.open_range(&id, &plan, to - from, sealed)
+        let bytes = self.codec.open_range(&id, &plan, to - from, sealed)?;
+        Ok(RangeRead { bytes, hedged })
+    }
+
+    /// How long a ranged fetch may take before the same bytes are rebuilt from other shards
+    /// alongside: four times the running mean of ranged fetches, within [`RANGE_HEDGE_MIN`] and
+    /// the hedge delay; `None` when this reader does not hedge.
+    pub fn range_hedge(&self) -> Option<Duration> {
+        let max = self.hedge?;
+        let mean = Duration::from_micros(self.range_mean_us.load(Ordering::Relaxed));
+        Some((mean * 4).clamp(RANGE_HEDGE_MIN.min(max), max))
+    }
+
+    /// Folds one ranged fetch's time into the running mean (weight 1/16; races between
+    /// readers lose an update now and then, which a mean can afford).
+    fn note_range_time(&self, took: Duration) {
+        let x = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.range_mean_us.load(Ordering::Relaxed);
+        let new = if old == 0 { x } else { old - old / 16 + x / 16 };
+        self.range_mean_us.store(new, Ordering::Relaxed);
+    }
+
+    /// One data-shard range of a ranged read, with whether it was hedged: fetched from its
+    /// agent, or rebuilt from `k` others when that agent is not usable, or both at once when the
+    /// fetch is slower than `hedge` (the first answer wins; a winning rebuild cools the agent).
+    async fn range_piece(
+        &self,
+        p: RangePiece,
+        hedge: Option<Duration>,
+    ) -> Result<(Vec<u8>, bool), Error> {
+        let Some(client) = p.usable[p.idx].clone() else {
+            return self.rebuild_range(&p).await.map(|b| (b, false));
+        };
+        let slot = p.slots[p.idx] as usize;
+        let started = Instant::now();
+        let direct = self.fetch_range(client, slot, &p.id, p.idx, p.off, p.len);
+        tokio::pin!(direct);
+        let others = p.usable.iter().filter(|c| c.is_some()).count() - 1;
+        let hedge = match hedge {
+            Some(h) if others >= self.codec.layout().k as usize => h,
+            _ => return direct.await.map(|b| (b, false)),
+        };
+        tokio::select! {
+            r = &mut direct => {
+                if r.is_ok() {
+                    self.note_range_time(started.elapsed());
+                }
+                return r.map(|b| (b, false));
+            }
+            () = tokio::time::sleep(hedge) => {}
+        }
+        let rebuild = self.rebuild_range(&p);
+        tokio::pin!(rebuild);
+        tokio::select! {
+            r = &mut direct => match r {
+                Ok(b) => Ok((b, true)),
+                Err(_) => rebuild.await.map(|b| (b, true)),
+            },
+            r = &mut rebuild => match r {
+                Ok(b) => {
+                    self.cool_down(slot);
+                    Ok((b, true))
+                }
+                Err(_) => direct.await.map(|b| (b, true)),
+            },
+        }
+    }
+
+    /// Rebuilds a data-shard range from the same bytes of `k` other usable shards; the codec
+    /// works on 64-byte blocks, so the range is widened to them (shard lengths are multiples
+    /// of 64).
+    async fn rebuild_range(&self, p: &RangePiece) -> Result<Vec<u8>, Error> {
+        let layout = *self.codec.layout();
+        let k = layout.k as usize;
+        let (a, b) = (p.off / 64 * 64, (p.off + p.len).next_multiple_of(64));
+        let helpers: Vec<(usize, AgentClient)> = p
+            .usable
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != p.idx)
+            .filter_map(|(j, c)| c.clone().map(|c| (j, c)))
+            .take(k)
+            .collect();
+        if helpers.len() < k {
+            return Err(Error::NotEnoughShards {
+                have: helpers.len(),
+                need: k,
+            });
+        }
+        let mut parts = JoinSet::new();
+        for (j, c) in helpers {
+            let fetch = self.fetch_range(c, p.slots[j] as usize, &p.id, j, a, b - a);
+            parts.spawn(async move { (j, fetch.await) });
+        }
+        let mut got: Vec<Option<Vec<u8>>> = vec![None; layout.shards()];
+        while let Some(joined) = parts.join_next().await {
+            match joined {
+                Ok((j, Ok(bytes))) => got[j] = Some(bytes),
+                Ok((_, Err(e))) => return Err(e),
+                Err(e) => return Err(Error::Protocol(format!("range fetch: {e}"))),
+            }
+        }
+        let refs: Vec<Option<&[u8]>> = got.iter().map(|g| g.as_deref()).collect();
+        let whole = self.codec.rebuild_shard_range(&refs, p.idx)?;
+        Ok(whole[p.off - a..p.off - a + p.len].to_vec())
     }
 
     /// The connection to use for ranged reads from `slot`: none when the agent is absent, down

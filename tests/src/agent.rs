@@ -173,6 +173,18 @@ impl Agent {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// Stops it with SIGSTOP (it keeps its connections but answers nothing, like a PC that
+    /// hangs) until the guard is dropped.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.pid().expect("the agent runs").to_string();
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("cannot run kill");
+        assert!(stopped.success(), "cannot stop agent {}", self.name);
+        Frozen(pid)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(Proc::is_running)
@@ -279,5 +291,16 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A stopped agent ([`Agent::freeze`]), continued when dropped.
+pub struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
     }
 }

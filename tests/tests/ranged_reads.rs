@@ -1,6 +1,7 @@
 //! Reads smaller than a stripe (seal format 2, issue 18): `serve` answers small random reads from
 //! the sealed chunks they need, healthy, with agents down (the chunk rebuilt from the same bytes
-//! of other shards), and with a corrupt shard (the whole stripe is read instead); snapshots in
+//! of other shards), with an agent frozen (the chunk rebuilt after a short hedge), and with a
+//! corrupt shard (the whole stripe is read instead); snapshots in
 //! the old format 1 are still read, and a format-2 snapshot on a format-1 base reuses nothing
 //! from it. Reads go through nbdsh (libnbd), checked against the image.
 
@@ -79,6 +80,27 @@ fn small_reads_fetch_only_their_chunks_healthy_and_with_two_agents_down() {
     let n = reads(&c, &s.url, &img.path, 2, 300);
     let report = s.stop();
     assert!(u64_of(&report, "ranged_reads") >= n / 2, "{report}");
+    assert_eq!(u64_of(&report, "ranged_fallbacks"), 0, "{report}");
+    assert_eq!(u64_of(&report, "stripes_fetched"), 0, "{report}");
+}
+
+/// One agent frozen after serve connected (it keeps its connection but answers nothing): a
+/// ranged read of one of its chunks is rebuilt from four other shards after the short range
+/// hedge (about 10 ms), and the agent is then left alone for the cool-down. Without that hedge
+/// each such read would wait the 300 ms hedge delay and then fetch the whole stripe: a fallback.
+#[test]
+fn a_frozen_agent_costs_ranged_reads_one_short_hedge_not_a_fallback() {
+    let c = Cluster::start(6);
+    let img = ImageSpec::random(40 * MIB, 0x5a9e_0004).write(&c.path("disk.img"));
+    c.snapshot(&img.path, &[]);
+    // The default hedge delay (300 ms), so that only the range hedge can avoid the fallbacks.
+    let s = Serve::start(&c, "latest", &c.agents_arg(), &[]);
+    let frozen = c.agents[1].freeze();
+    let n = reads(&c, &s.url, &img.path, 4, 300);
+    drop(frozen);
+    let report = s.stop();
+    assert!(u64_of(&report, "ranged_reads") >= n / 2, "{report}");
+    assert!(u64_of(&report, "ranged_hedges") >= 1, "{report}");
     assert_eq!(u64_of(&report, "ranged_fallbacks"), 0, "{report}");
     assert_eq!(u64_of(&report, "stripes_fetched"), 0, "{report}");
 }

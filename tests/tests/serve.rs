@@ -156,42 +156,6 @@ fn agent_killed_during_copy() {
     assert!(u64_of(&report, "stripes_reconstructed") > 0, "{report}");
 }
 
-/// The process id of a running agent, found by its unique directory.
-fn agent_pid(a: &sa_tests::Agent) -> String {
-    let pattern = format!("shard-agent --dir {} ", a.dir().display());
-    let out = Command::new("pgrep")
-        .args(["-f", &pattern])
-        .output()
-        .expect("cannot run pgrep");
-    let pids = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        !pids.is_empty() && !pids.contains('\n'),
-        "cannot find agent {} by {pattern:?}: {pids:?}",
-        a.name()
-    );
-    pids
-}
-
-/// A stopped (SIGSTOP) process, continued when dropped.
-struct Frozen(String);
-
-impl Frozen {
-    fn new(pid: String) -> Frozen {
-        assert!(Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success());
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
-    }
-}
-
 /// One agent frozen (it still accepts connections but never answers, like a PC that hangs):
 /// the reads do not wait for it; parity is fetched after the hedge delay and the copy is exact.
 #[test]
@@ -200,7 +164,7 @@ fn frozen_agent_is_hedged_around() {
     let img = ImageSpec::random(32 * MIB, 0x5e7e_0005).write(&c.path("disk.img"));
     c.snapshot(&img.path, &[]);
     let s = Serve::start(&c, "latest", &all(&c), &[]);
-    let frozen = Frozen::new(agent_pid(&c.agents[1]));
+    let frozen = c.agents[1].freeze();
     let started = std::time::Instant::now();
     let out = c.path("copy.raw");
     client_ok(&c, "nbdcopy", &[&s.url, path_str(&out)]);

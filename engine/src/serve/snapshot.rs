@@ -372,8 +372,9 @@ impl Snapshot {
             self.reader.read_range(i, from, to).await
         };
         match r {
-            Ok(bytes) if bytes.len() == dst.len() => {
-                dst.copy_from_slice(&bytes);
+            Ok(got) if got.bytes.len() == dst.len() => {
+                dst.copy_from_slice(&got.bytes);
+                add(&self.stats.ranged_hedges, got.hedged as u64);
                 true
             }
             Ok(_) => false,

@@ -53,6 +53,8 @@ pub struct Stats {
     /// Ranged reads that gave up (agent down, slow or old, a shard missing or corrupt) and read
     /// the whole stripe instead.
     pub ranged_fallbacks: AtomicU64,
+    /// Data-shard ranges that were slow and rebuilt alongside from other shards.
+    pub ranged_hedges: AtomicU64,
     per_slot: Mutex<BTreeMap<usize, AgentProblems>>,
 }
 
@@ -105,6 +107,7 @@ impl Stats {
             ranged_reads: get(&self.ranged_reads),
             offsite_shards: get(&self.offsite_shards),
             ranged_fallbacks: get(&self.ranged_fallbacks),
+            ranged_hedges: get(&self.ranged_hedges),
             shard_problems: per_slot
                 .into_iter()
                 .map(|(slot, p)| {
@@ -154,6 +157,8 @@ pub struct Counters {
     pub offsite_shards: u64,
     /// Ranged reads that fell back to reading the whole stripe.
     pub ranged_fallbacks: u64,
+    /// Slow data-shard ranges rebuilt alongside from other shards.
+    pub ranged_hedges: u64,
     /// Shard problems per agent (`addr (id)`).
     pub shard_problems: BTreeMap<String, AgentProblems>,
 }
