@@ -11,9 +11,14 @@
 //!   The codec needs shards of an even length; [`crate::layout::Layout::shard_len`] rounds shard
 //!   lengths up to a multiple of 64 bytes, which also keeps its SIMD kernels on their fast path.
 //!
+//! A small range of one data shard (a degraded random read) is rebuilt with tables read off the
+//! decoder instead ([`small`]), which skips the decoder's fixed cost per call.
+//!
 //! Encoders and decoders keep their working memory (several MiB for 1 MiB shards) between
 //! stripes: a few per codec are pooled, instead of being allocated, faulted in and freed for
 //! every stripe.
+
+mod small;
 
 use std::sync::Mutex;
 
@@ -30,6 +35,7 @@ pub struct Codec {
     m: usize,
     encoders: Mutex<Vec<ReedSolomonEncoder>>,
     decoders: Mutex<Vec<ReedSolomonDecoder>>,
+    patterns: small::Patterns,
 }
 
 /// Takes a kept coder or makes one: `reset` reconfigures a kept one for `len`-byte shards.
@@ -65,6 +71,7 @@ impl Codec {
             m,
             encoders: Mutex::new(Vec::new()),
             decoders: Mutex::new(Vec::new()),
+            patterns: small::Patterns::default(),
         })
     }
 
@@ -125,6 +132,42 @@ impl Codec {
             shards[i] = Some(data);
         }
         Ok(())
+    }
+
+    /// Rebuilds data shard `want` (missing from `shards`: `k + m` entries of one length, a
+    /// multiple of 64, any `k` present). Up to [`small::SMALL_MAX`] bytes with tables read off
+    /// the decoder (the first `k` present shards are used), longer through the decoder.
+    pub fn rebuild_one(&self, shards: &[Option<&[u8]>], want: usize) -> Result<Vec<u8>> {
+        let len = shards.iter().flatten().next().map_or(0, |s| s.len());
+        if self.m == 1 || self.k == 1 || len > small::SMALL_MAX || want >= self.k {
+            let mut out = None;
+            self.reconstruct_with(shards, |i, bytes| {
+                if i == want {
+                    out = Some(bytes.to_vec());
+                }
+            })?;
+            return out.ok_or_else(|| Error::ShardCorrupt(format!("shard {want} was not rebuilt")));
+        }
+        if shards.len() != self.k + self.m {
+            return Err(Error::Invalid(format!(
+                "expected {} shards, got {}",
+                self.k + self.m,
+                shards.len()
+            )));
+        }
+        let helpers: Vec<usize> = (0..shards.len())
+            .filter(|&i| i != want && shards[i].is_some())
+            .take(self.k)
+            .collect();
+        if helpers.len() < self.k {
+            return Err(Error::NotEnoughShards {
+                have: helpers.len(),
+                need: self.k,
+            });
+        }
+        self.patterns
+            .get(self.k, self.m, want, &helpers)?
+            .apply(shards)
     }
 
     /// Rebuilds each missing *data* shard of `shards` (k + m entries of equal, even length,

@@ -214,13 +214,7 @@ impl StripeCodec {
         if let Some(Some(p)) = parts.get(want) {
             return Ok(p.to_vec());
         }
-        let mut out = None;
-        self.codec.reconstruct_with(parts, |i, bytes| {
-            if i == want {
-                out = Some(bytes.to_vec());
-            }
-        })?;
-        out.ok_or_else(|| Error::ShardCorrupt(format!("shard {want} was not rebuilt")))
+        self.codec.rebuild_one(parts, want)
     }
 
     /// Recomputes the parity of complete data payloads (for `verify`).
