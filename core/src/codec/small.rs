@@ -38,10 +38,13 @@ pub struct Pattern {
     tables: Vec<([u16; 256], [u16; 256])>,
 }
 
+/// A pattern's key: the shard rebuilt, and the shards it is rebuilt from.
+type PatternKey = (usize, Vec<usize>);
+
 /// Patterns already read off the decoder, by `(want, helpers)`.
 #[derive(Default)]
 pub struct Patterns {
-    kept: Mutex<HashMap<(usize, Vec<usize>), Arc<Pattern>>>,
+    kept: Mutex<HashMap<PatternKey, Arc<Pattern>>>,
 }
 
 impl Patterns {
@@ -129,7 +132,7 @@ impl Pattern {
             .collect::<Option<_>>()
             .ok_or_else(|| Error::Invalid("a helper shard is missing".into()))?;
         let len = parts.first().map_or(0, |p| p.len());
-        if len % 64 != 0 || parts.iter().any(|p| p.len() != len) {
+        if !len.is_multiple_of(64) || parts.iter().any(|p| p.len() != len) {
             return Err(Error::ShardCorrupt(
                 "shard ranges must be of one length, a multiple of 64 bytes".into(),
             ));
