@@ -207,8 +207,8 @@ mod tests {
     fn ragged_ranges_are_refused() {
         let patterns = Patterns::default();
         let p = patterns.get(4, 2, 0, &[1, 2, 3, 4]).unwrap();
-        let a = vec![0u8; 64];
-        let b = vec![0u8; 128];
+        let a = [0u8; 64];
+        let b = [0u8; 128];
         let shards = [
             None,
             Some(&a[..]),
