@@ -65,10 +65,10 @@ runs_of qemu-nbd fio_run "nbd://127.0.0.1:$port"
 kill "$qpid"; wait "$qpid" 2>/dev/null || true
 
 runs_of serve-healthy serve_fio
-grep -E '"(stripes_fetched|hedged_shards)"' "$work/serve.json" | tr -d ' \n'; echo
+grep -E '"(stripes_fetched|hedged_shards|ranged_hedges|ranged_fallbacks)"' "$work/serve.json" | tr -d ' \n'; echo
 stop_agents 2 5
 runs_of serve-degraded serve_fio
-grep -E '"(stripes_fetched|stripes_reconstructed|hedged_shards)"' "$work/serve.json" | tr -d ' \n'; echo
+grep -E '"(stripes_fetched|stripes_reconstructed|hedged_shards|ranged_hedges|ranged_fallbacks)"' "$work/serve.json" | tr -d ' \n'; echo
 
 read -r qi qp50 qp99 < "$work/best.qemu-nbd"
 echo "fio 4 KiB randread QD16, ${secs}s, $size_mib MiB export, best of $runs by IOPS"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Health figures for issue 6:
+# Health figures for issue 6 (and issue 18: repair >= 2x 171 MB/s, bytes read per byte rebuilt):
 #   repair throughput (MB/s of rebuilt shard files) after one of 7 agents holding a 1 GiB
 #     snapshot (k=4 m=2, all random data) is lost for good (killed, directory deleted);
 #   scrub rate and CPU cost on one agent: a full pass asked for with `sa-image scrub`, unlimited
@@ -74,4 +74,6 @@ read -r rw ru rs rrss < "$work/t_repair"
 echo "repair after losing 1 of $n agents (1 GiB snapshot): $(field 'd["shards_rebuilt"]' < "$work/repair.json") shards," \
   "$(field 'd["bytes_rebuilt"]' < "$work/repair.json") bytes rebuilt in $(field 'round(d["rebuild_seconds"],2)' < "$work/repair.json")s" \
   "= $(field 'round(d["rebuild_mb_per_s"],1)' < "$work/repair.json") MB/s; whole run ${rw}s, imager CPU ${ru}u+${rs}s, peak RSS $((rrss/1024)) MiB"
+echo "  bytes read per byte rebuilt: $(field 'round(d["bytes_read"] / d["bytes_rebuilt"], 2)' < "$work/repair.json");" \
+  "ratio to the issue-18 baseline of 171 MB/s: $(field 'round(d["rebuild_mb_per_s"] / 171, 2)' < "$work/repair.json")x (goal >= 2)"
 sa status --json > "$work/status1.json" && echo "status after repair: exit 0 (margin $(field 'd["snapshots"][0]["margin"]' < "$work/status1.json"))"

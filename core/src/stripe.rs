@@ -31,6 +31,11 @@ impl Payload {
         &self.0[SHARD_HEADER_LEN..]
     }
 
+    /// Bytes of the whole shard file, header and payload.
+    pub fn file_len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The whole checked shard file, header and payload (to store it elsewhere as it is).
     pub fn into_file(self) -> Vec<u8> {
         self.0

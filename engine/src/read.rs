@@ -145,6 +145,8 @@ pub struct StripeReader {
     offsite: Option<(crate::offsite::OffsiteStore, bool)>,
     /// Shards taken from the bucket so far, by every clone of this reader.
     offsite_used: Arc<AtomicU64>,
+    /// Bytes of good shard files received from agents by whole-stripe reads, by every clone.
+    fetched: Arc<AtomicU64>,
     /// Running mean (µs) of ranged fetches that came back before their hedge.
     range_mean_us: Arc<AtomicU64>,
 }
@@ -211,6 +213,7 @@ impl StripeReader {
             pool: None,
             offsite: None,
             offsite_used: Arc::new(AtomicU64::new(0)),
+            fetched: Arc::new(AtomicU64::new(0)),
             range_mean_us: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -239,6 +242,12 @@ impl StripeReader {
     pub fn with_cool_down(mut self, d: Duration) -> Self {
         self.cool_down = d;
         self
+    }
+
+    /// Bytes of good shard files whole-stripe reads received from agents so far, extra hedged
+    /// fetches included (by this reader and its clones).
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 
     /// Shards taken from the offsite tier so far (by this reader and its clones).
@@ -574,6 +583,8 @@ impl StripeReader {
             };
             match result {
                 Ok(p) => {
+                    self.fetched
+                        .fetch_add(p.file_len() as u64, Ordering::Relaxed);
                     payloads[idx] = Some(p);
                     good += 1;
                 }

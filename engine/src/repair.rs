@@ -111,6 +111,9 @@ pub struct RepairReport {
     pub shards_rebuilt: u64,
     /// Bytes of those shard files.
     pub bytes_rebuilt: u64,
+    /// Bytes of shard files read from agents to rebuild them (k per byte rebuilt with the
+    /// Reed-Solomon and XOR codes; more when hedged or failed fetches had to be replaced).
+    pub bytes_read: u64,
     /// Shards that could not be rebuilt or placed.
     pub shards_failed: u64,
     /// Absent shards left alone for now (`--watch`: their agent is missing for less than
@@ -212,9 +215,10 @@ pub async fn repair_pass(
     let outcomes = if opts.dry_run {
         rebuild::plan_only(&work)
     } else {
-        let (outcomes, bytes) = rebuild::rebuild_all(fleet, &work, &manifests, &census).await?;
-        report.bytes_rebuilt = bytes;
-        outcomes
+        let done = rebuild::rebuild_all(fleet, &work, &manifests, &census).await?;
+        report.bytes_rebuilt = done.bytes_stored;
+        report.bytes_read = done.bytes_read;
+        done.outcomes
     };
     report.rebuild_seconds = rebuild_started.elapsed().as_secs_f64();
     report.rebuild_mb_per_s = report.bytes_rebuilt as f64 / 1e6 / report.rebuild_seconds.max(1e-9);

@@ -107,11 +107,12 @@ pub fn print_repair(r: &RepairReport) {
         println!("nothing to repair: every shard is present, each stripe on distinct agents");
     } else if !r.dry_run {
         println!(
-            "{verb} {} shard(s), {} in {:.1}s ({:.1} MB/s); {} catalog copies written",
+            "{verb} {} shard(s), {} in {:.1}s ({:.1} MB/s, {} read); {} catalog copies written",
             r.shards_rebuilt,
             format_size(r.bytes_rebuilt),
             r.rebuild_seconds,
             r.rebuild_mb_per_s,
+            format_size(r.bytes_read),
             r.catalog_copies_written
         );
     }

@@ -122,6 +122,12 @@ fn lost_agent_is_repaired_and_two_more_may_go() {
     assert_eq!(code, 0, "{rep}");
     assert_eq!(u64_of(&rep, "shards_rebuilt"), lost_shards, "{rep}");
     assert_eq!(u64_of(&rep, "shards_failed"), 0, "{rep}");
+    // Each lost shard (one per stripe) was rebuilt from k = 4 shard files of its size.
+    assert_eq!(
+        u64_of(&rep, "bytes_read"),
+        4 * u64_of(&rep, "bytes_rebuilt"),
+        "{rep}"
+    );
     let s = &rep["snapshots"][0];
     assert_eq!(
         (u64_of(s, "revision_before"), u64_of(s, "revision_after")),

@@ -39,12 +39,20 @@ pub(super) fn plan_only(work: &[Work]) -> HashMap<usize, Placed> {
 
 /// Rebuilds every stripe of `work` that is not lost ([`PARALLEL`] at once) and syncs the agents
 /// written to. Returns per work item where its shards went, and the bytes stored.
+/// What [`rebuild_all`] did: per work item where its shards went, the bytes stored, and the
+/// bytes of shard files read from agents to rebuild them.
+pub(super) struct Rebuilt {
+    pub outcomes: HashMap<usize, Placed>,
+    pub bytes_stored: u64,
+    pub bytes_read: u64,
+}
+
 pub(super) async fn rebuild_all(
     fleet: &Fleet,
     work: &[Work],
     manifests: &[Manifest],
     census: &Census,
-) -> Result<(HashMap<usize, Placed>, u64)> {
+) -> Result<Rebuilt> {
     let mut outcomes: HashMap<usize, Placed> = HashMap::new();
     let mut bytes_total = 0;
     let mut readers: HashMap<usize, (StripeReader, Arc<StripeCodec>)> = HashMap::new();
@@ -105,7 +113,11 @@ pub(super) async fn rebuild_all(
             ))
         })?;
     }
-    Ok((outcomes, bytes_total))
+    Ok(Rebuilt {
+        outcomes,
+        bytes_stored: bytes_total,
+        bytes_read: readers.values().map(|(r, _)| r.bytes_fetched()).sum(),
+    })
 }
 
 /// Reads stripe `stripe` from k good shards, encodes it again and stores the shards `targets`
