@@ -145,7 +145,7 @@ async fn rebuild(
         }
     };
     let c2 = codec.clone();
-    let encoded = match tokio::task::spawn_blocking(move || c2.encode(id, plain)).await {
+    let mut encoded = match tokio::task::spawn_blocking(move || c2.encode(id, plain)).await {
         Ok(e) if e.id == id => e,
         Ok(_) => return (fail_all("re-encoded stripe has another id".into()), 0),
         Err(e) => return (fail_all(format!("encode task: {e}")), 0),
@@ -157,7 +157,8 @@ async fn rebuild(
             (None, _) => Err("no reachable agent outside the stripe has room".to_string()),
             (Some(_), None) => Err("target agent went away".to_string()),
             (Some(t), Some(c)) => {
-                let file = encoded.shards[idx].clone();
+                // Each index is stored once: the file moves out, no copy.
+                let file = std::mem::take(&mut encoded.shards[idx]);
                 let len = file.len() as u64;
                 match c.put_shard(&codec.key(&id, idx), file).await {
                     Ok(()) => {
