@@ -22,8 +22,10 @@
 //! stripes: a data shard's range that has not come back after [`StripeReader::range_hedge`]
 //! (four times the running mean of ranged fetches, at least [`RANGE_HEDGE_MIN`], at most the
 //! hedge delay) is rebuilt from `k` other shards alongside, and the first answer wins; when the
-//! rebuild wins, the slow agent cools down, so one PC on a slow link costs a few reads about
-//! 10 ms, not every read its queue. When a fetch is slower than the hedge delay, an agent is too
+//! rebuild wins, ranged reads leave the slow agent alone for the cool-down time, so one PC on a
+//! slow link costs a few reads about 10 ms, not every read its queue. Whole-stripe reads keep
+//! using it (they hedge on their own, longer delay): a busy machine that delays one small range
+//! must not make every stripe of a sequential copy reconstruct. When a fetch is slower than the hedge delay, an agent is too
 //! old for `GET_RANGE`, or a shard is missing or corrupt, it fails and the caller reads the
 //! whole stripe (which hedges, reconstructs and reports the problem).
 //!
@@ -400,7 +402,9 @@ impl StripeReader {
             },
             r = &mut rebuild => match r {
                 Ok(b) => {
-                    self.cool_down(slot);
+                    // Ranged reads only: a whole-stripe read hedges on its own delay, and a
+                    // cooled agent would make every whole stripe of a busy copy reconstruct.
+                    self.keep_ranges_off(slot, self.cool_down);
                     Ok((b, true))
                 }
                 Err(_) => direct.await.map(|b| (b, true)),
@@ -447,6 +451,14 @@ impl StripeReader {
         Ok(whole[p.off - a..p.off - a + p.len].to_vec())
     }
 
+    /// Ranged reads leave the agent in `slot` alone for `d` (whole-stripe reads still use it).
+    fn keep_ranges_off(&self, slot: usize, d: Duration) {
+        if let Some(t) = self.no_ranges.get(slot) {
+            let until = self.now_ms() + d.as_millis() as u64;
+            t.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
     /// The connection to use for ranged reads from `slot`: none when the agent is absent, down
     /// or cooling, or failed a ranged read lately.
     fn range_client(&self, slot: usize) -> Option<AgentClient> {
@@ -485,10 +497,7 @@ impl StripeReader {
                 }
                 Ok(Err(e)) => {
                     if !matches!(e, Error::ShardMissing | Error::ShardCorrupt(_)) {
-                        if let Some(t) = me.no_ranges.get(slot) {
-                            let until = me.now_ms() + NO_RANGES_FOR.as_millis() as u64;
-                            t.store(until, Ordering::Relaxed);
-                        }
+                        me.keep_ranges_off(slot, NO_RANGES_FOR);
                     }
                     Err(e)
                 }
