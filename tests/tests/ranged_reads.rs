@@ -101,7 +101,11 @@ fn a_frozen_agent_costs_ranged_reads_one_short_hedge_not_a_fallback() {
     // Thawed, within the cool-down of the last hedge: whole-stripe reads (a sequential copy)
     // still ask it for its data shards; only ranged reads leave it alone for a while.
     let out = c.path("copy.raw");
-    client_ok(&c, "nbdcopy", &[&s.url, out.to_str().expect("a UTF-8 path")]);
+    client_ok(
+        &c,
+        "nbdcopy",
+        &[&s.url, out.to_str().expect("a UTF-8 path")],
+    );
     assert_eq!(sha256(&out), img.sha256(), "copy differs");
     let report = s.stop();
     assert!(u64_of(&report, "ranged_reads") >= n / 2, "{report}");
