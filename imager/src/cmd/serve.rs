@@ -103,7 +103,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub cache: Option<String>,
     /// A read whose k shards have not all arrived after this gets one more shard fetched
-    /// alongside (a slow PC is hedged around), e.g. 300ms [default: 300ms].
+    /// alongside (a slow PC is hedged around), e.g. 300ms [default: 300ms]. Small ranged reads
+    /// hedge sooner: after 4x their mean fetch time, at least 10ms, at most this.
     #[arg(long, value_name = "DURATION")]
     pub hedge_after: Option<String>,
     /// Print the counters as one JSON object when stopping.
