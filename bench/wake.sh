@@ -25,6 +25,8 @@ pids=()
 ns_names=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  # An agent the wake harness started on a magic packet is the harness's child, not in pids.
+  pkill -f -- "--dir $work/a" 2>/dev/null || true
   wait 2>/dev/null || true
   for i in 1 2 3 4 5 6; do del_pc "$i"; done
   rm -rf "$work"
