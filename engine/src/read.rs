@@ -25,9 +25,9 @@
 //! rebuild wins, ranged reads leave the slow agent alone for the cool-down time, so one PC on a
 //! slow link costs a few reads about 10 ms, not every read its queue. Whole-stripe reads keep
 //! using it (they hedge on their own, longer delay): a busy machine that delays one small range
-//! must not make every stripe of a sequential copy reconstruct. When a fetch is slower than the hedge delay, an agent is too
-//! old for `GET_RANGE`, or a shard is missing or corrupt, it fails and the caller reads the
-//! whole stripe (which hedges, reconstructs and reports the problem).
+//! must not make every stripe of a sequential copy reconstruct. When a fetch is slower than the
+//! hedge delay, an agent is too old for `GET_RANGE`, or a shard is missing or corrupt, it fails
+//! and the caller reads the whole stripe (which hedges, reconstructs and reports the problem).
 //!
 //! An agent whose link went silent costs the first fetch the stall timeout; after that its
 //! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
@@ -366,7 +366,8 @@ impl StripeReader {
 
     /// One data-shard range of a ranged read, with whether it was hedged: fetched from its
     /// agent, or rebuilt from `k` others when that agent is not usable, or both at once when the
-    /// fetch is slower than `hedge` (the first answer wins; a winning rebuild cools the agent).
+    /// fetch is slower than `hedge` (the first answer wins; a winning rebuild keeps ranged reads
+    /// off the agent for the cool-down time).
     async fn range_piece(
         &self,
         p: RangePiece,
