@@ -6,7 +6,10 @@
 //! first (the write that crosses the bound makes the group durable before it answers). One group
 //! costs one `syncfs(2)` on Linux (file data, renames and directories of the agent's filesystem
 //! in one journal commit) and, on other systems, a data sync of each file followed by an `fsync`
-//! of each directory touched. The bounds keep the list small whatever the size of a snapshot and
+//! of each directory touched. On Linux each file's writeback starts as soon as it is written
+//! (`files::start_writeback`), so the disk works while the next shards arrive and a group's
+//! sync waits for little more than the journal: a snapshot of 1% of a disk commits in about 5 ms
+//! instead of 30 (`bench/incremental-bitmap.sh`). The bounds keep the list small whatever the size of a snapshot and
 //! keep the final `SYNC` short.
 //!
 //! What this changes on a crash, and why it is safe: a shard written after the last group may be
