@@ -22,9 +22,11 @@ use crate::error::{Error, Result};
 use crate::volume::Volume;
 pub use nbd::NbdSource;
 
-/// Stripes whose reads are in flight at once on an NBD connection (each split into requests of
-/// the connection's largest read): enough to keep the connection busy between stripes.
-pub const NBD_STRIPES_AHEAD: usize = 2;
+/// Stripes whose reads are in flight at once on an NBD connection (a stripe of up to 4 MiB is
+/// one request, see [`nbd::MAX_READ_REQUEST`]): a disk behind the export reads scattered stripes
+/// about twice as fast with 4 reads waiting as with 1 (`qemu-nbd` on a cold qcow2), and the
+/// memory held stays 4 stripes.
+pub const NBD_STRIPES_AHEAD: usize = 4;
 
 /// A snapshot source.
 pub enum Source {

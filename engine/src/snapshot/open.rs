@@ -45,7 +45,7 @@ pub(super) async fn open(opts: &SnapshotOptions) -> Result<Opened> {
     }
     if is_nbd_uri(&text) {
         let method = consistency::plan(&opts.consistency, &opts.source, true, &[]).await?;
-        let nbd = NbdSource::connect(&text, opts.dirty_bitmap.as_deref()).await?;
+        let nbd = NbdSource::connect(&text, opts.dirty_bitmap.as_deref(), opts.stripe_size).await?;
         return Ok(Opened {
             source: Source::Nbd(nbd),
             mounted_rw: Vec::new(),

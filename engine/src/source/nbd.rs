@@ -30,6 +30,11 @@ pub fn bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
 }
 
+/// The largest read request a snapshot sends. Against `qemu-nbd` on a cold qcow2, 4 reads of
+/// 4 MiB in flight read scattered stripes as fast as 8 to 16 reads of 1 MiB, or faster, and a
+/// stripe read in one request needs no copy into its buffer.
+pub const MAX_READ_REQUEST: u32 = 4 << 20;
+
 /// An open NBD export.
 pub struct NbdSource {
     client: Client,
@@ -39,8 +44,10 @@ pub struct NbdSource {
 impl NbdSource {
     /// Connects to `uri` asking for `base:allocation` and, when given, the dirty bitmap `bitmap`
     /// (contexts the server does not offer are simply not granted), and checks the export is a
-    /// whole number of sectors.
-    pub async fn connect(uri: &str, bitmap: Option<&str>) -> Result<NbdSource> {
+    /// whole number of sectors. Reads go out in requests of up to `stripe_size` bytes (at least
+    /// 1 MiB, at most [`MAX_READ_REQUEST`], and no more than the server takes): a stripe of 4 MiB
+    /// or less is one request, read straight into its buffer.
+    pub async fn connect(uri: &str, bitmap: Option<&str>, stripe_size: u32) -> Result<NbdSource> {
         let parsed = NbdUri::parse(uri).map_err(|e| {
             Error::invalid(format!(
                 "{uri}: {e}; an NBD source is nbd://HOST[:PORT]/EXPORT or \
@@ -52,6 +59,7 @@ impl NbdSource {
         let config = ClientConfig {
             meta_contexts,
             request_timeout: Duration::from_secs(120),
+            max_read_request: stripe_size.clamp(1 << 20, MAX_READ_REQUEST),
             ..ClientConfig::default()
         };
         let client = Client::connect(&parsed, &config)
