@@ -6,12 +6,17 @@
 //!
 //! [`frames`] is one process-wide pool for the bodies of large agent frames (shard files on both
 //! ends of a `GET_SHARD`): a restore's profile showed a sixth of its CPU in the kernel zeroing
-//! freshly faulted pages for them. It keeps at most [`FRAME_POOL_BYTES`].
+//! freshly faulted pages for them. It keeps at most [`FRAME_POOL_BYTES`], and a long-running
+//! process gives them back once it is idle ([`BufferPool::trim_idle`]: the agent, after
+//! [`FRAME_POOL_IDLE`] without a large frame).
 
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Bytes the process-wide frame pool keeps at most.
 pub const FRAME_POOL_BYTES: usize = 48 << 20;
+/// How long the agent's frame pool may go unused before its buffers are freed.
+pub const FRAME_POOL_IDLE: Duration = Duration::from_secs(30);
 /// Buffers smaller than this are not worth pooling (the allocator serves them from warm pages).
 pub const FRAME_POOL_MIN: usize = 64 << 10;
 
@@ -33,6 +38,8 @@ pub struct BufferPool {
 struct Free {
     bufs: Vec<Vec<u8>>,
     bytes: usize,
+    /// When a buffer was last taken or given (None: never).
+    used: Option<Instant>,
 }
 
 impl BufferPool {
@@ -63,6 +70,7 @@ impl BufferPool {
         }
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            free.used = Some(Instant::now());
             // The most recently returned buffer that is large enough, else the last one.
             let at = free
                 .bufs
@@ -88,10 +96,32 @@ impl BufferPool {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.used = Some(Instant::now());
         if free.bufs.len() < self.max && free.bytes + cap <= self.max_bytes {
             free.bytes += cap;
             free.bufs.push(buf);
         }
+    }
+}
+
+impl BufferPool {
+    /// Frees every buffer kept if the pool has not been used for `idle`; returns the bytes
+    /// freed. A long-running process (the agent) calls it now and then, so the memory of a busy
+    /// hour goes back to the system once the work is over.
+    pub fn trim_idle(&self, idle: Duration) -> usize {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.used.is_some_and(|t| t.elapsed() < idle) {
+            return 0;
+        }
+        let bytes = free.bytes;
+        free.bufs = Vec::new();
+        free.bytes = 0;
+        bytes
+    }
+
+    /// Bytes of the free buffers kept.
+    pub fn kept_bytes(&self) -> usize {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 }
 
@@ -114,6 +144,19 @@ mod tests {
             pool.take(10).capacity() >= 10,
             "a new one when none is free"
         );
+    }
+
+    #[test]
+    fn an_idle_pool_gives_its_buffers_back() {
+        let pool = BufferPool::with_bytes(1 << 20, 100);
+        pool.give(Vec::with_capacity(1000));
+        pool.give(Vec::with_capacity(2000));
+        assert!(pool.kept_bytes() >= 3000);
+        assert_eq!(pool.trim_idle(Duration::from_secs(3600)), 0, "just used");
+        assert!(pool.kept_bytes() >= 3000);
+        assert!(pool.trim_idle(Duration::ZERO) >= 3000, "idle long enough");
+        assert_eq!(pool.kept_bytes(), 0);
+        assert_eq!(pool.take(500).capacity(), 500, "nothing kept to reuse");
     }
 
     #[test]

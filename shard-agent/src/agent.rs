@@ -103,6 +103,17 @@ async fn serve(cfg: AgentConfig, shutdown: Shutdown, priority: Option<&'static s
     // Nothing more goes to stdout: a parent may stop reading after this line, and a later
     // print would then fail (the identity is in the log line above).
     println!("listening on {local}");
+    // The frame pool keeps up to 48 MiB after a restore or a snapshot; an idle PC gets it back.
+    tokio::spawn(async {
+        let idle = sa_core::pool::FRAME_POOL_IDLE;
+        loop {
+            tokio::time::sleep(idle).await;
+            let freed = sa_core::pool::frames().trim_idle(idle);
+            if freed > 0 {
+                tracing::debug!("idle: {} of frame buffers freed", format_size(freed as u64));
+            }
+        }
+    });
     let scrub = shard_agent::scrub::Scrubber::new(store.clone(), cfg.scrub_rate);
     tokio::spawn(scrub.clone().run());
     let mut server =
