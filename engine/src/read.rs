@@ -33,6 +33,8 @@
 //! client fails at once for a while (`sa_core::store::remote::health`), so restore, which asks
 //! in plain order, reads every later stripe around it at no cost.
 
+mod until;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,6 +45,7 @@ use sa_core::store::{AgentClient, ShardRead};
 use sa_core::stripe::{Payload, StripeCodec};
 use sa_core::Error;
 use tokio::task::JoinSet;
+use until::Until;
 
 /// What went wrong with one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -133,16 +136,16 @@ pub struct StripeReader {
     /// Per agent-table slot, its connection; a slot empty at the start may be filled once
     /// later by an agent that woke up ([`StripeReader::join`]).
     slots: Arc<Vec<OnceLock<AgentClient>>>,
-    /// Per slot: until when (ms since `epoch`) the agent counts as unreachable; 0 = healthy.
-    cooling: Arc<Vec<AtomicU64>>,
-    epoch: Instant,
+    /// Per slot: until when the agent counts as unreachable (cooling down).
+    cooling: Until,
     hedge: Option<Duration>,
     cool_down: Duration,
     /// Where decoded stripes' buffers come from (serve recycles evicted cache entries).
     pool: Option<Arc<BufferPool>>,
-    /// Per slot: until when (ms since `epoch`) ranged reads skip the agent (it failed one for a
-    /// reason other than a missing or corrupt shard, e.g. an agent too old for `GET_RANGE`).
-    no_ranges: Arc<Vec<AtomicU64>>,
+    /// Per slot: until when ranged reads skip the agent (it failed one for a reason other than a
+    /// missing or corrupt shard, e.g. an agent too old for `GET_RANGE`, or was slower than a
+    /// rebuild).
+    no_ranges: Until,
     /// The bucket asked for shards the agents cannot give, and whether it is the only source.
     offsite: Option<(crate::offsite::OffsiteStore, bool)>,
     /// Shards taken from the bucket so far, by every clone of this reader.
@@ -190,8 +193,9 @@ impl StripeReader {
         manifest: Arc<Manifest>,
         slots: Vec<Option<AgentClient>>,
     ) -> Self {
-        let cooling = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
-        let no_ranges = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
+        let epoch = Instant::now();
+        let cooling = Until::new(epoch, slots.len());
+        let no_ranges = Until::new(epoch, slots.len());
         StripeReader {
             no_ranges,
             codec,
@@ -209,7 +213,6 @@ impl StripeReader {
                     .collect(),
             ),
             cooling,
-            epoch: Instant::now(),
             hedge: None,
             cool_down: COOL_DOWN,
             pool: None,
@@ -264,29 +267,17 @@ impl StripeReader {
         self.slots.get(slot).is_some_and(|c| c.set(client).is_ok())
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     /// Whether the agent in `slot` is known to be unreachable (not connected, or failed within
     /// the last cool-down time).
     pub fn slot_down(&self, slot: usize) -> bool {
         match self.slots.get(slot).map(OnceLock::get) {
-            Some(Some(_)) => self
-                .cooling
-                .get(slot)
-                .is_some_and(|c| c.load(Ordering::Relaxed) > self.now_ms()),
+            Some(Some(_)) => self.cooling.holds(slot),
             _ => true,
         }
     }
 
     fn cool_down(&self, slot: usize) {
-        if let Some(c) = self.cooling.get(slot) {
-            c.store(
-                self.now_ms() + self.cool_down.as_millis() as u64,
-                Ordering::Relaxed,
-            );
-        }
+        self.cooling.hold(slot, self.cool_down);
     }
 
     /// Reads plaintext bytes `from..to` of stripe `i` through its sealed chunks alone (see the
@@ -454,20 +445,13 @@ impl StripeReader {
 
     /// Ranged reads leave the agent in `slot` alone for `d` (whole-stripe reads still use it).
     fn keep_ranges_off(&self, slot: usize, d: Duration) {
-        if let Some(t) = self.no_ranges.get(slot) {
-            let until = self.now_ms() + d.as_millis() as u64;
-            t.fetch_max(until, Ordering::Relaxed);
-        }
+        self.no_ranges.hold(slot, d);
     }
 
     /// The connection to use for ranged reads from `slot`: none when the agent is absent, down
     /// or cooling, or failed a ranged read lately.
     fn range_client(&self, slot: usize) -> Option<AgentClient> {
-        let skip = self
-            .no_ranges
-            .get(slot)
-            .is_some_and(|t| t.load(Ordering::Relaxed) > self.now_ms());
-        if skip || self.slot_down(slot) {
+        if self.no_ranges.holds(slot) || self.slot_down(slot) {
             return None;
         }
         self.slots.get(slot).and_then(OnceLock::get).cloned()
