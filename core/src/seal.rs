@@ -92,22 +92,11 @@ impl Keys {
     /// Seals `plain` (a stripe's plaintext, whose format-2 id is `id`) chunk by chunk into the
     /// start of `out`, which must hold [`sealed_len`]`(SEAL_CHUNKED, plain.len())` bytes.
     pub fn seal_chunks(&self, id: &StripeId, plain: &[u8], out: &mut [u8]) {
-        let mut at = 0;
-        self.seal_chunks_with(id, plain, |bytes| {
-            out[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-        });
-    }
-
-    /// Seals `plain` as [`Keys::seal_chunks`] does, handing the sealed stream to `emit` in order,
-    /// a chunk's ciphertext then its tag (so it can go straight into several buffers: the data
-    /// shards of [`crate::stripe::StripeCodec::encode`]).
-    pub fn seal_chunks_with(&self, id: &StripeId, plain: &[u8], mut emit: impl FnMut(&[u8])) {
         let count = plain.len().div_ceil(CHUNK_LEN);
         let mut nonces = self.chunk_nonces(id, 0);
-        let mut ct = [0u8; CHUNK_LEN];
         for (j, chunk) in plain.chunks(CHUNK_LEN).enumerate() {
-            let ct = &mut ct[..chunk.len()];
+            let at = j * SEALED_CHUNK_LEN;
+            let (ct, rest) = out[at..].split_at_mut(chunk.len());
             ct.copy_from_slice(chunk);
             let mut n = [0u8; NONCE_LEN];
             nonces.fill(&mut n);
@@ -120,8 +109,7 @@ impl Keys {
                     ct,
                 )
                 .expect("AES-GCM seals any chunk");
-            emit(ct);
-            emit(tag.as_ref());
+            rest[..TAG_LEN].copy_from_slice(tag.as_ref());
         }
     }
 

@@ -77,35 +77,19 @@ pub struct ShardHeader {
 /// Builds a whole shard file: header + payload.
 pub fn encode_shard(key: &ShardKey, k: u8, m: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = crate::pool::frames().take(SHARD_HEADER_LEN + payload.len());
-    out.resize(SHARD_HEADER_LEN, 0);
+    out.extend_from_slice(&SHARD_MAGIC);
+    out.extend_from_slice(&SHARD_VERSION.to_le_bytes());
+    out.extend_from_slice(&(SHARD_HEADER_LEN as u16).to_le_bytes());
+    out.extend_from_slice(&[k, m, key.index, 0]);
+    out.extend_from_slice(&key.volume);
+    out.extend_from_slice(&key.stripe);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&[0u8; 20]);
+    let hcrc = crc32c::crc32c(&out[..92]);
+    out.extend_from_slice(&hcrc.to_le_bytes());
     out.extend_from_slice(payload);
-    write_header(key, k, m, &mut out);
     out
-}
-
-/// Writes the header of a shard file into its first [`SHARD_HEADER_LEN`] bytes; the payload is
-/// the rest of `file`, already in place (so a payload made straight into its file needs no copy).
-pub fn write_header(key: &ShardKey, k: u8, m: u8, file: &mut [u8]) {
-    let (head, payload) = file.split_at_mut(SHARD_HEADER_LEN);
-    let payload_len = u32::try_from(payload.len()).expect("a shard payload fits in 4 GiB");
-    let fields: [&[u8]; 9] = [
-        &SHARD_MAGIC,
-        &SHARD_VERSION.to_le_bytes(),
-        &(SHARD_HEADER_LEN as u16).to_le_bytes(),
-        &[k, m, key.index, 0],
-        &key.volume,
-        &key.stripe,
-        &payload_len.to_le_bytes(),
-        &crc32c::crc32c(payload).to_le_bytes(),
-        &[0u8; 20],
-    ];
-    let mut at = 0;
-    for f in fields {
-        head[at..at + f.len()].copy_from_slice(f);
-        at += f.len();
-    }
-    let hcrc = crc32c::crc32c(&head[..at]);
-    head[at..at + 4].copy_from_slice(&hcrc.to_le_bytes());
 }
 
 /// Parses and checks a shard header (magic, version, header crc). Does not read the payload.

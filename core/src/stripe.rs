@@ -11,7 +11,7 @@ use crate::keys::Keys;
 use crate::layout::Layout;
 use crate::layout::RangePlan;
 use crate::seal::{sealed_len, StripeId, SEAL_CHUNKED, TAG_LEN};
-use crate::shard::{encode_shard, open_shard, write_header, ShardKey, VolumeId, SHARD_HEADER_LEN};
+use crate::shard::{encode_shard, open_shard, ShardKey, VolumeId, SHARD_HEADER_LEN};
 
 /// Encodes and decodes the stripes of one volume under one key and layout.
 pub struct StripeCodec {
@@ -83,58 +83,28 @@ impl StripeCodec {
 
     /// Encrypts a stripe (given its id), splits it into `k` data shards, adds `m` parity shards
     /// and frames each.
-    ///
-    /// Format 2 seals straight into the data shards' files (header room first, each payload
-    /// filled in order, the last padded with zeroes), so the sealed stripe is never a buffer of
-    /// its own: one stripe-sized allocation and one copy fewer per stripe.
     pub fn encode(&self, id: StripeId, mut buf: Vec<u8>) -> EncodedStripe {
         let shard_len = self.layout.shard_len(buf.len());
         let k = self.layout.k as usize;
-        let file_len = SHARD_HEADER_LEN + shard_len;
-        let mut files: Vec<Vec<u8>> = (0..k)
-            .map(|_| {
-                let mut f = crate::pool::frames().take(file_len);
-                f.resize(SHARD_HEADER_LEN, 0);
-                f
-            })
-            .collect();
         if self.layout.seal == SEAL_CHUNKED {
-            let mut at = 0;
-            self.keys.seal_chunks_with(&id, &buf, |mut bytes| {
-                while !bytes.is_empty() {
-                    let f = &mut files[at];
-                    let n = bytes.len().min(file_len - f.len());
-                    f.extend_from_slice(&bytes[..n]);
-                    bytes = &bytes[n..];
-                    if f.len() == file_len {
-                        at += 1;
-                    }
-                }
-            });
+            let mut sealed = vec![0u8; shard_len * k];
+            self.keys.seal_chunks(&id, &buf, &mut sealed);
+            buf = sealed;
         } else {
             self.keys.seal_stripe(&id, &mut buf);
-            for (f, part) in files.iter_mut().zip(buf.chunks(shard_len)) {
-                f.extend_from_slice(part);
-            }
+            buf.resize(shard_len * k, 0);
         }
-        for f in &mut files {
-            f.resize(file_len, 0);
-        }
-        let parity = {
-            let data: Vec<&[u8]> = files.iter().map(|f| &f[SHARD_HEADER_LEN..]).collect();
-            self.codec.encode(&data)
-        };
+        let data: Vec<&[u8]> = buf.chunks(shard_len).collect();
+        let parity = self.codec.encode(&data);
         let (k8, m8) = (self.layout.k, self.layout.m);
-        for (i, f) in files.iter_mut().enumerate() {
-            write_header(&self.key(&id, i), k8, m8, f);
-        }
-        files.extend(
-            parity
-                .iter()
-                .enumerate()
-                .map(|(j, p)| encode_shard(&self.key(&id, k + j), k8, m8, p)),
-        );
-        EncodedStripe { id, shards: files }
+        let shards = data
+            .iter()
+            .copied()
+            .chain(parity.iter().map(|p| p.as_slice()))
+            .enumerate()
+            .map(|(i, payload)| encode_shard(&self.key(&id, i), k8, m8, payload))
+            .collect();
+        EncodedStripe { id, shards }
     }
 
     /// Checks a fetched shard file for shard `index` of stripe `id`.
@@ -267,47 +237,6 @@ mod tests {
     fn encode_decode_with_losses() {
         for seal in [crate::seal::SEAL_WHOLE, SEAL_CHUNKED] {
             encode_decode_with_losses_in(seal);
-        }
-    }
-
-    /// `encode` seals straight into the shard files; the files must be byte for byte those of
-    /// sealing the stripe into one buffer, zero-padding it, splitting it and framing each part
-    /// (how every stored shard was made before), for both formats, whole and short stripes.
-    #[test]
-    fn encoding_into_the_shard_files_matches_sealing_then_splitting() {
-        let keys = Arc::new(MasterKey::from_bytes([5; 32]).derive());
-        for seal in [crate::seal::SEAL_WHOLE, SEAL_CHUNKED] {
-            for (k, m) in [(4u8, 2u8), (3, 3), (1, 1)] {
-                let layout = Layout::new(1 << 20, 256 * 1024, k, m)
-                    .unwrap()
-                    .with_seal(seal)
-                    .unwrap();
-                let sc = StripeCodec::new(keys.clone(), layout, [9; 16]).unwrap();
-                for len in [256 * 1024, 256 * 1024 - 512, 4096 * 3 + 512, 512] {
-                    let plain: Vec<u8> = (0..len).map(|i| (i * 131 % 253) as u8).collect();
-                    let id = sc.stripe_id(&plain);
-                    let shard_len = layout.shard_len(len);
-                    let mut sealed = vec![0u8; shard_len * k as usize];
-                    if seal == SEAL_CHUNKED {
-                        keys.seal_chunks(&id, &plain, &mut sealed);
-                    } else {
-                        let mut b = plain.clone();
-                        keys.seal_stripe(&id, &mut b);
-                        sealed[..b.len()].copy_from_slice(&b);
-                    }
-                    let data: Vec<&[u8]> = sealed.chunks(shard_len).collect();
-                    let parity = sc.codec.encode(&data);
-                    let want: Vec<Vec<u8>> = data
-                        .iter()
-                        .copied()
-                        .chain(parity.iter().map(|p| p.as_slice()))
-                        .enumerate()
-                        .map(|(i, p)| encode_shard(&sc.key(&id, i), k, m, p))
-                        .collect();
-                    let got = sc.encode(id, plain);
-                    assert_eq!(got.shards, want, "seal {seal}, k {k} m {m}, {len} bytes");
-                }
-            }
         }
     }
 
