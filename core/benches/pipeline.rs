@@ -14,6 +14,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use sa_core::codec::Codec;
 use sa_core::keys::MasterKey;
 use sa_core::layout::Layout;
+use sa_core::seal::SEAL_CHUNKED;
 use sa_core::stripe::StripeCodec;
 
 const SHARD: usize = 1 << 20;
@@ -107,6 +108,17 @@ fn stages(c: &mut Criterion) {
     g.bench_function("memcpy_baseline", |b| b.iter(|| black_box(stripe.clone())));
     g.bench_function("encode_whole_stripe", |b| {
         b.iter(|| black_box(sc.encode(id, stripe.clone())))
+    });
+    // Seal format 2 (chunks of 4 KiB, each with its tag): what snapshots write by default.
+    let chunked = StripeCodec::new(
+        keys.clone(),
+        layout.with_seal(SEAL_CHUNKED).unwrap(),
+        [0; 16],
+    )
+    .unwrap();
+    let cid = chunked.stripe_id(&stripe);
+    g.bench_function("encode_whole_stripe_chunked", |b| {
+        b.iter(|| black_box(chunked.encode(cid, stripe.clone())))
     });
     g.finish();
 }
