@@ -102,9 +102,7 @@ impl BufferPool {
             free.bufs.push(buf);
         }
     }
-}
 
-impl BufferPool {
     /// Frees every buffer kept if the pool has not been used for `idle`; returns the bytes
     /// freed. A long-running process (the agent) calls it now and then, so the memory of a busy
     /// hour goes back to the system once the work is over.

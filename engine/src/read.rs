@@ -193,9 +193,8 @@ impl StripeReader {
         manifest: Arc<Manifest>,
         slots: Vec<Option<AgentClient>>,
     ) -> Self {
-        let epoch = Instant::now();
-        let cooling = Until::new(epoch, slots.len());
-        let no_ranges = Until::new(epoch, slots.len());
+        let cooling = Until::new(slots.len());
+        let no_ranges = Until::new(slots.len());
         StripeReader {
             no_ranges,
             codec,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// One deadline per agent-table slot, in milliseconds since a common epoch (0: none).
+/// One deadline per agent-table slot, in milliseconds since the set was made (0: none).
 #[derive(Clone)]
 pub(super) struct Until {
     epoch: Instant,
@@ -13,10 +13,10 @@ pub(super) struct Until {
 }
 
 impl Until {
-    /// No deadline for any of `slots` slots, counted from `epoch`.
-    pub(super) fn new(epoch: Instant, slots: usize) -> Self {
+    /// No deadline for any of `slots` slots.
+    pub(super) fn new(slots: usize) -> Self {
         Until {
-            epoch,
+            epoch: Instant::now(),
             slots: Arc::new((0..slots).map(|_| AtomicU64::new(0)).collect()),
         }
     }
@@ -46,7 +46,7 @@ mod tests {
 
     #[test]
     fn a_deadline_holds_until_it_passes_and_never_shortens() {
-        let u = Until::new(Instant::now(), 2);
+        let u = Until::new(2);
         assert!(!u.holds(0) && !u.holds(1) && !u.holds(7));
         u.hold(0, Duration::from_secs(3600));
         u.hold(0, Duration::ZERO);

@@ -9,8 +9,8 @@
 //! of each directory touched. On Linux each file's writeback starts as soon as it is written
 //! (`files::start_writeback`), so the disk works while the next shards arrive and a group's
 //! sync waits for little more than the journal: a snapshot of 1% of a disk commits in about 5 ms
-//! instead of 30 (`bench/incremental-bitmap.sh`). The bounds keep the list small whatever the size of a snapshot and
-//! keep the final `SYNC` short.
+//! instead of 30 (`bench/incremental-bitmap.sh`). The bounds keep the list small whatever the
+//! size of a snapshot and keep the final `SYNC` short.
 //!
 //! What this changes on a crash, and why it is safe: a shard written after the last group may be
 //! at its name with its data not on disk (empty, or torn). Nothing committed refers to it yet:
